@@ -1,0 +1,47 @@
+# Every set-up step lives here: `make demo` and `make test` work on a fresh Debian 12 machine as root.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# Debian's python3 sees python3-nftables (the libnftables binding, not on PyPI): the venv inherits it.
+SYSPY := /usr/bin/python3
+APT_PACKAGES := nftables python3-nftables python3-venv iproute2 iptables util-linux
+STAMP := $(VENV)/.installed
+
+.PHONY: all deps venv test unit integration lint demo bench clean
+
+all: test
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml | deps
+	$(SYSPY) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@$(PY) -c 'import nftables' || { echo "libnftables binding not importable from $(VENV)"; exit 1; }
+	touch $@
+
+venv: deps $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check daemon tests
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/pytest -q tests/unit
+
+test: venv lint
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+demo: venv
+	$(PY) -m interceptd.demo
+
+bench: venv
+	$(PY) tests/bench/bench_apply.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info daemon/*.egg-info

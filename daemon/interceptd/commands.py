@@ -1,0 +1,75 @@
+"""The subcommands: glue between config, render, the kernel and the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import host, install, status
+from .config import Config
+from .host import HostFacts
+from .kernel import NftKernel
+from .nftjson import Existing, transaction
+from .render import render
+from .validate import run as run_validation
+
+_IPV6_CHOICE = {"auto": None, "on": True, "off": False}
+
+
+def facts_for(config: Config, ipv6: str = "auto") -> HostFacts:
+    return host.detect(config, ipv6_override=_IPV6_CHOICE[ipv6])
+
+
+def print_render(config: Config, facts: HostFacts) -> None:
+    print(json.dumps(transaction(render(config, facts), Existing.empty()), indent=2))
+
+
+def cmd_render(args: argparse.Namespace, config: Config) -> int:
+    print_render(config, facts_for(config, args.ipv6))
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace, config: Config) -> int:
+    if config.cleanup_only:
+        return cmd_cleanup(args, config)
+    if config.dry_run:
+        # Istio's nft backend applies for real in dry-run; interceptd never touches the kernel.
+        print_render(config, facts_for(config))
+        return 0
+    if not config.skip_rule_apply:
+        ruleset = render(config, facts_for(config))
+        applied = install.apply(NftKernel(), ruleset)
+        rules = sum(len(c.rules) for c in ruleset.chains)
+        print(f"interceptd: applied table inet {ruleset.table}: {len(ruleset.chains)} chains, {rules} rules, "
+              f"{len(ruleset.sets)} sets in {applied.duration_s * 1000:.1f} ms", file=sys.stderr)
+    if config.run_validation:
+        return cmd_validate(args, config)
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace, config: Config) -> int:
+    existed = install.remove(NftKernel(), config.table)
+    print(f"interceptd: table inet {config.table} {'removed' if existed else 'was not installed'}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    listing = NftKernel().list_table(config.table)
+    if listing is None:
+        print(f"interceptd: table inet {config.table} is not installed", file=sys.stderr)
+        return 3
+    stats = status.chain_stats(listing)
+    if args.json:
+        print(json.dumps(status.as_json(config.table, stats), indent=2))
+    else:
+        print(status.format_table(config.table, stats, status.set_elements(listing)))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, config: Config) -> int:
+    run_validation(config, facts_for(config))
+    print("interceptd: validation passed: the redirect works", file=sys.stderr)
+    return 0
+

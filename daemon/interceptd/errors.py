@@ -1,0 +1,39 @@
+"""One exception type per failure kind; the CLI edge maps each to a message and an exit code."""
+
+
+class InterceptdError(Exception):
+    """Base of every error interceptd reports to a user."""
+
+    exit_code = 1
+
+
+class ConfigError(InterceptdError):
+    """A flag, environment variable or TOML key has a bad value. Nothing was touched."""
+
+    exit_code = 2
+
+
+class NotSupportedError(ConfigError):
+    """The configuration turns on a feature this build does not implement yet."""
+
+
+class HostError(InterceptdError):
+    """A fact about the host (addresses, resolv.conf, users) could not be read."""
+
+
+class BindingMissingError(InterceptdError):
+    """The libnftables Python binding (Debian's python3-nftables) is not importable."""
+
+
+class KernelRefusedError(InterceptdError):
+    """libnftables refused a transaction; the kernel kept the previous ruleset."""
+
+
+class LockedError(InterceptdError):
+    """Another interceptd instance holds the lock for this table."""
+
+
+class ValidationFailedError(InterceptdError):
+    """The redirect self-test (--run-validation) failed."""
+
+    exit_code = 126

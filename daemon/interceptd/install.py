@@ -1,0 +1,38 @@
+"""Apply and remove a ruleset: read our table, build one transaction, hand it to the kernel.
+
+Shared by `apply`, `cleanup`, the agent and the node daemon, so all of them install exactly alike.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .kernel import Json, Kernel
+from .model import Ruleset
+from .nftjson import Existing, deletion, normalise, transaction
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What the kernel held right after our apply: the reference for drift detection."""
+
+    ruleset: Ruleset
+    listing: list[Json]  # normalised
+    duration_s: float
+
+
+def apply(kernel: Kernel, ruleset: Ruleset) -> Applied:
+    started = time.monotonic()
+    current = kernel.list_table(ruleset.table, ruleset.family)
+    existing = Existing.empty() if current is None else Existing.from_listing(current)
+    kernel.apply(transaction(ruleset, existing))
+    after = kernel.list_table(ruleset.table, ruleset.family) or []
+    return Applied(ruleset, normalise(after), time.monotonic() - started)
+
+
+def remove(kernel: Kernel, table: str, family: str = "inet") -> bool:
+    """Delete interceptd's table; True if it existed."""
+    existed = kernel.list_table(table, family) is not None
+    kernel.apply(deletion(table, family))
+    return existed

@@ -1,0 +1,267 @@
+"""Parsers for option values, shared by flags, environment variables and TOML keys.
+
+Each parser takes the text form istio-iptables uses and returns a typed value or raises ValueError with a
+short reason; the caller adds which flag, variable or key it came from.
+"""
+
+from __future__ import annotations
+
+import grp
+import ipaddress
+import pwd
+import re
+from dataclasses import dataclass
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_BOOL_TRUE = {"1", "t", "T", "true", "TRUE", "True"}
+_BOOL_FALSE = {"0", "f", "F", "false", "FALSE", "False"}
+# Linux dev_valid_name(): 1..15 bytes, not "." or "..", no '/', ':' or white space. Quotes and other
+# characters nft's parser would choke on are refused too, so a name can never smuggle syntax.
+_IFNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,15}$")
+_ID_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?$")
+_TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True, order=True)
+class PortRange:
+    """A port or an inclusive range of ports ("8000-9000" is accepted, as nft accepts it in Istio)."""
+
+    first: int
+    last: int
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.first <= port <= self.last
+
+
+def split_list(text: str) -> list[str]:
+    """istio-iptables list syntax: split on ',', drop empty elements, no trimming."""
+    return [item for item in text.split(",") if item != ""]
+
+
+def parse_bool(text: str) -> bool:
+    if text in _BOOL_TRUE:
+        return True
+    if text in _BOOL_FALSE:
+        return False
+    raise ValueError("not a boolean (use true or false)")
+
+
+def parse_port(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError("not a port number")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError("port out of range 1-65535")
+    return port
+
+
+def parse_port_range(text: str) -> PortRange:
+    first, sep, last = text.partition("-")
+    if not sep:
+        port = parse_port(text)
+        return PortRange(port, port)
+    lo, hi = parse_port(first), parse_port(last)
+    if lo > hi:
+        raise ValueError("port range is reversed")
+    return PortRange(lo, hi)
+
+
+def parse_ports(text: str) -> tuple[PortRange, ...]:
+    return tuple(parse_port_range(item) for item in split_list(text))
+
+
+def parse_inbound_ports(text: str) -> tuple[PortRange, ...] | None:
+    """`*` (every port: returned as None) or a port list; `*` must be the whole value."""
+    if text == "*":
+        return None
+    if "*" in text:
+        raise ValueError("'*' must be the whole value")
+    return parse_ports(text)
+
+
+def parse_cidr(text: str) -> IPNetwork:
+    if text != text.strip() or text == "" or "*" in text:
+        raise ValueError(f"{text!r} is not a CIDR")
+    try:
+        # Host bits are allowed, as in Istio (10.0.0.1/8 means 10.0.0.0/8).
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a CIDR") from None
+
+
+def parse_cidrs(text: str) -> tuple[IPNetwork, ...]:
+    if text.strip() == "*":
+        raise ValueError("'*' is not allowed here (it would exclude every destination)")
+    return tuple(parse_cidr(item) for item in split_list(text))
+
+
+def parse_include_cidrs(text: str) -> tuple[IPNetwork, ...] | None:
+    """`*` (every destination: returned as None) or a CIDR list."""
+    if text == "*":
+        return None
+    return tuple(parse_cidr(item) for item in split_list(text))
+
+
+def parse_ifname(text: str) -> str:
+    if not _IFNAME.match(text) or text in (".", ".."):
+        raise ValueError(f"{text!r} is not a valid interface name (1-15 characters of A-Z a-z 0-9 _ . - @ +)")
+    return text
+
+
+def parse_ifnames(text: str) -> tuple[str, ...]:
+    return tuple(parse_ifname(item) for item in split_list(text))
+
+
+def parse_id_names(text: str) -> tuple[str, ...]:
+    """A list of user or group names or numbers; names are resolved later, against the right database."""
+    items = split_list(text)
+    for item in items:
+        if not (item.isdigit() or _ID_NAME.match(item)):
+            raise ValueError(f"{item!r} is neither a number nor a valid name")
+        if item.isdigit() and int(item) > 0xFFFFFFFE:
+            raise ValueError(f"{item!r} is out of range")
+    return tuple(items)
+
+
+def resolve_uid(name: str) -> int:
+    if name.isdigit():
+        return int(name)
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        raise ValueError(f"unknown user {name!r}") from None
+
+
+def resolve_gid(name: str) -> int:
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ValueError(f"unknown group {name!r}") from None
+
+
+def parse_mode(text: str) -> str:
+    """Istio treats every value but TPROXY as REDIRECT; interceptd refuses anything else."""
+    if text in ("", "REDIRECT"):
+        return "REDIRECT"
+    if text == "TPROXY":
+        return "TPROXY"
+    raise ValueError("unknown interception mode (use REDIRECT or TPROXY)")
+
+
+def parse_u32(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError("not a decimal number")
+    value = int(text)
+    if not 1 <= value <= 0xFFFFFFFF:
+        raise ValueError("out of range 1-4294967295")
+    return value
+
+
+def parse_route_table(text: str) -> int:
+    value = parse_u32(text)
+    if value in (253, 254, 255):
+        raise ValueError("tables 253-255 are the kernel's default, main and local tables")
+    return value
+
+
+def parse_uint16(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise ValueError("not a number 0-65535")
+    return int(text)
+
+
+def parse_duration(text: str) -> float:
+    """Go duration syntax ("5s", "1m30s", "250ms"), in seconds."""
+    pos, total = 0, 0.0
+    for part in _DURATION_PART.finditer(text):
+        if part.start() != pos:
+            break
+        total += float(part.group(1)) * _DURATION_UNIT[part.group(2)]
+        pos = part.end()
+    if pos != len(text) or not text:
+        raise ValueError("not a duration (e.g. 5s, 1m30s, 250ms)")
+    return total
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = parse_duration(text)
+    if not 0 < value <= 86400:
+        raise ValueError("must be between 0 and 86400 seconds")
+    return value
+
+
+def parse_loopback_cidr(text: str) -> ipaddress.IPv4Network:
+    net = parse_cidr(text)
+    if not isinstance(net, ipaddress.IPv4Network) or not net.is_loopback or not 8 <= net.prefixlen <= 32:
+        raise ValueError("must be an IPv4 loopback prefix with a mask of 8 to 32")
+    return net
+
+
+def parse_owner_groups(text: str) -> tuple[str, ...] | None:
+    """`*` (every group: None) or a list of group names/numbers; an empty list is kept (Istio's quirk)."""
+    if text == "*":
+        return None
+    return parse_id_names(text)
+
+
+def parse_iptables_binary(text: str) -> str:
+    if text not in ("", "legacy", "nft"):
+        raise ValueError("must be '', 'legacy' or 'nft'")
+    return text
+
+
+def parse_table_name(text: str) -> str:
+    if not _TABLE_NAME.match(text):
+        raise ValueError("must start with a letter and hold only letters, digits, '_' and '-' (max 64)")
+    return text
+
+
+def parse_log_level(text: str) -> str:
+    level = text.lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ValueError("must be debug, info, warning or error")
+    return level
+
+
+def parse_log_format(text: str) -> str:
+    if text not in ("auto", "json", "console"):
+        raise ValueError("must be auto, json or console")
+    return text
+
+
+def parse_address(text: str) -> tuple[str, int] | None:
+    """HOST:PORT or [V6]:PORT, for the metrics listener; an empty text turns the listener off."""
+    if text == "":
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be HOST:PORT")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError(f"{host!r} is not an IP address") from None
+        host = "127.0.0.1"
+    return host, parse_port(port)
+
+
+def parse_path(text: str) -> str:
+    if not text or "\0" in text:
+        raise ValueError("not a path")
+    return text
+
+
+def parse_text(text: str) -> str:
+    return text
