@@ -176,8 +176,9 @@ def _serve(label: str, tcp_ports: Iterable[int], udp_ports: Iterable[int], ready
             with conn:
                 local = conn.getsockname()
                 try:
-                    odst_host, odst_port = original_dst(conn)
-                    odst = f"{odst_host}:{odst_port}"
+                    orig = original_dst(conn)
+                    # Without NAT conntrack still answers, with the connection's own destination.
+                    odst = "-" if orig == tuple(local[:2]) else f"{orig[0]}:{orig[1]}"
                 except OSError:
                     odst = "-"
                 if transparent:
