@@ -11,6 +11,7 @@ learns which listener took it and where it was going (SO_ORIGINAL_DST, as Envoy 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import itertools
 import os
@@ -35,6 +36,7 @@ _counter = itertools.count()
 _created: list[str] = []
 
 sys.path.insert(0, str(ROOT / "daemon"))
+
 from interceptd.sockopt import original_dst  # noqa: E402
 
 
@@ -166,7 +168,7 @@ def _serve(label: str, tcp_ports: Iterable[int], udp_ports: Iterable[int], ready
             sock = key.fileobj
             assert isinstance(sock, socket.socket)
             if key.data == "udp":
-                data, peer = sock.recvfrom(512)
+                _data, peer = sock.recvfrom(512)
                 sock.sendto(f"{label} {sock.getsockname()[1]} {peer[0]}\n".encode(), peer)
                 continue
             try:
@@ -183,10 +185,8 @@ def _serve(label: str, tcp_ports: Iterable[int], udp_ports: Iterable[int], ready
                     odst = "-"
                 if transparent:
                     odst = f"{local[0]}:{local[1]}"
-                try:
+                with contextlib.suppress(OSError):
                     conn.sendall(f"{label} {sock.getsockname()[1]} {odst} {peer[0]}\n".encode())
-                except OSError:
-                    pass
 
 
 @dataclass
