@@ -142,7 +142,7 @@ def test_every_option_has_a_flag_toml_key_and_help() -> None:
 
 
 def test_cli_accepts_istio_spellings() -> None:
-    args, c = cli.parse(["apply", "-p=15002", "--redirect-dns=false", "--capture-all-dns", "-n",
+    _args, c = cli.parse(["apply", "-p=15002", "--redirect-dns=false", "--capture-all-dns", "-n",
                          "--log_output_level=default:info", "--log_as_json", "-i", "*", "-b", "*"])
     assert c.envoy_port == 15002 and not c.redirect_dns and c.capture_all_dns and c.dry_run
     assert c.service_cidr is None and c.inbound_ports is None
