@@ -37,3 +37,7 @@ class ValidationFailedError(InterceptdError):
     """The redirect self-test (--run-validation) failed."""
 
     exit_code = 126
+
+
+class ListenError(InterceptdError):
+    """The metrics listener could not bind its address (in use, not local, no permission)."""
