@@ -38,7 +38,7 @@ test: venv lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 demo: venv
-	$(PY) -m interceptd.demo
+	$(PY) tests/demo.py
 
 bench: venv
 	$(PY) tests/bench/bench_apply.py
