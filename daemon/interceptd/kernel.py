@@ -27,6 +27,9 @@ class Kernel(Protocol):
     def list_table(self, table: str, family: str = "inet") -> list[Json] | None:
         """The table's JSON listing (objects, with counter values), or None when it does not exist."""
 
+    def list_counters(self, table: str, family: str = "inet") -> list[Json] | None:
+        """Only the table's named counters (a scrape: its size does not grow with the sets), or None."""
+
 
 def describe_command(cmd: Json) -> str:
     """`add rule inet interceptd istio-output "proxy-uid-return"`: how an error names a failing command."""
@@ -90,12 +93,18 @@ class NftKernel:
         return f"command {lo} of {len(cmds)} ({describe_command(cmds[lo - 1])})"
 
     def list_table(self, table: str, family: str = "inet") -> list[Json] | None:
+        return self._list(f"list table {family} {table}")
+
+    def list_counters(self, table: str, family: str = "inet") -> list[Json] | None:
+        return self._list(f"list counters table {family} {table}")
+
+    def _list(self, command: str) -> list[Json] | None:
         with self._lock:
-            rc, out, err = self._nft.cmd(f"list table {family} {table}")
+            rc, out, err = self._nft.cmd(command)
         if rc != 0:
             if "No such file or directory" in str(err):
                 return None
-            raise KernelRefusedError(f"cannot list table {family} {table}: {_one_line(str(err))}")
+            raise KernelRefusedError(f"cannot {command}: {_one_line(str(err))}")
         items: list[Json] = json.loads(out)["nftables"]
         return [item for item in items if "metainfo" not in item]
 
@@ -181,6 +190,10 @@ class FakeKernel:
         items += [{"chain": copy.deepcopy(c)} for c in t["chains"].values()]
         items += [{"rule": copy.deepcopy(r)} for r in t["rules"]]
         return items
+
+    def list_counters(self, table: str, family: str = "inet") -> list[Json] | None:
+        t = self.tables.get((family, table))
+        return None if t is None else [{"counter": copy.deepcopy(c)} for c in t["counters"].values()]
 
     def count(self, table: str, counter: str, packets: int, nbytes: int) -> None:
         """Simulate traffic hitting a rule."""

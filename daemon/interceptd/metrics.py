@@ -1,8 +1,9 @@
 """Prometheus metrics read at scrape time, and the small HTTP server for /metrics, /healthz and /readyz.
 
-No background poller: each scrape lists interceptd's table once (one libnftables call) and turns the
-named counters into fresh metric families, so the numbers are as current as the scrape and cost nothing
-between scrapes. The agent's own numbers come from a snapshot of AgentState.
+No background poller: each scrape lists interceptd's named counters once (one libnftables call, only
+interceptd's table; no rules or sets, so the answer does not grow with the lists) and turns them into
+fresh metric families: the numbers are as current as the scrape and cost nothing between scrapes. A
+counter's name "<chain>/<rule>" carries both labels. The agent's own numbers come from a snapshot of AgentState.
 
 nat chains see only the first packet of a connection: their "packets" count connections.
 """
@@ -31,7 +32,7 @@ from . import __version__
 from .errors import InterceptdError, ListenError
 from .kernel import Json, Kernel
 from .state import CHECK_RESULTS, CHECK_TRIGGERS, TRIGGERS, AgentState
-from .status import chain_stats
+from .status import counters
 
 RESULTS = ("success", "error")
 Key = tuple[str, str]  # (chain, rule); rule "entry" is the chain's own counter
@@ -66,13 +67,12 @@ class Monotonic:
 
 
 def kernel_counters(listing: list[Json]) -> dict[Key, tuple[int, int]]:
-    """(chain, rule) -> (packets, bytes) for every chain's entry and every deciding rule."""
-    values: dict[Key, tuple[int, int]] = {}
-    for chain in chain_stats(listing):
-        values[(chain.name, "entry")] = (chain.packets, chain.bytes)
-        for rule in chain.rules:
-            values[(chain.name, rule.rule)] = (rule.packets, rule.bytes)
-    return values
+    """(chain, rule) -> (packets, bytes) from the named counters "<chain>/<rule>" (rule "entry": the chain)."""
+    out: dict[Key, tuple[int, int]] = {}
+    for name, value in counters(listing).items():
+        chain, _, rule = name.partition("/")
+        out[(chain, rule)] = value
+    return out
 
 
 class Collector:
@@ -107,7 +107,7 @@ class Collector:
 
     def _kernel_families(self, table: str) -> list[Metric]:
         try:
-            listing = self.kernel.list_table(table, self.family)
+            listing = self.kernel.list_counters(table, self.family)
         except InterceptdError:
             self.errors += 1
             return []

@@ -24,7 +24,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 class CountingKernel(FakeKernel):
-    """Records every list_table call, and can fail them."""
+    """Records every listing, and can fail them."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -33,9 +33,13 @@ class CountingKernel(FakeKernel):
 
     def list_table(self, table: str, family: str = "inet") -> list[Json] | None:
         self.listed.append((family, table))
-        if self.fail_lists:
-            raise KernelRefusedError("cannot list table (fake)")
         return super().list_table(table, family)
+
+    def list_counters(self, table: str, family: str = "inet") -> list[Json] | None:
+        self.listed.append((family, table))
+        if self.fail_lists:
+            raise KernelRefusedError("cannot list counters (fake)")
+        return super().list_counters(table, family)
 
 
 CAPTURE_ALL = {"service_cidr": "*", "inbound_ports": "*"}
