@@ -25,12 +25,24 @@ class BindingMissingError(InterceptdError):
     """The libnftables Python binding (Debian's python3-nftables) is not importable."""
 
 
+class RoutingError(InterceptdError):
+    """An `ip rule`, route or lo address (TPROXY routing, ::6) could not be changed over netlink."""
+
+
+class PreflightError(InterceptdError):
+    """The host lacks something interceptd needs (libnftables, a kernel feature); nothing was changed."""
+
+
 class KernelRefusedError(InterceptdError):
     """libnftables refused a transaction; the kernel kept the previous ruleset."""
 
 
 class LockedError(InterceptdError):
     """Another interceptd instance holds the lock for this table."""
+
+
+class UnexplainableError(InterceptdError):
+    """The installed table holds something `explain` cannot evaluate (not written by this interceptd)."""
 
 
 class ValidationFailedError(InterceptdError):

@@ -133,6 +133,7 @@ class Ruleset:
     sets: tuple[NamedSet, ...] = ()
     family: str = "inet"
     routes: tuple[PolicyRoute, ...] = field(default=())
+    lo_addresses: tuple[str, ...] = ()  # IPv6 addresses put on lo (Istio's ::6 passthrough source)
 
     def chain(self, name: str) -> Chain:
         for chain in self.chains:

@@ -10,7 +10,7 @@ import ipaddress
 from collections.abc import Iterable
 
 from .config import Config
-from .host import HostFacts
+from .host import HostFacts, IPAddress
 from .model import (
     Accept,
     Action,
@@ -154,9 +154,16 @@ class _Builder:
                             _m("tcp dport", addr[1]), Return()))
         return out
 
+    def cidr_families(self, nets: Iterable[IPNetwork]) -> list[int]:
+        """The enabled families that have CIDRs in the list (IPv6 ones are dropped when IPv6 is off)."""
+        return [version for version in self.families if any(n.version == version for n in nets)]
+
     def dns_servers(self) -> dict[int, SetRef]:
-        return {4: self.named("dns-servers-v4", "ipv4_addr", [ipaddress.ip_network(a) for a in self.f.dns_v4]),
-                6: self.named("dns-servers-v6", "ipv6_addr", [ipaddress.ip_network(a) for a in self.f.dns_v6])}
+        """One set per enabled family that has resolv.conf servers."""
+        servers: dict[int, tuple[IPAddress, ...]] = {4: self.f.dns_v4, 6: self.f.dns_v6}
+        return {version: self.named(f"dns-servers-v{version}", f"ipv{version}_addr",
+                                    [ipaddress.ip_network(a) for a in servers[version]])
+                for version in self.families if servers[version]}
 
     # -- nat ---------------------------------------------------------------------------------------
     def nat_prerouting(self) -> Chain:
@@ -168,7 +175,7 @@ class _Builder:
                 rules.append(rule("kube-virt-redirect", "TCP arriving on a kube-virt interface (-k) is outbound",
                                   _m("iifname", virt), Jump("istio-redirect")))
             else:
-                for version in self.families:
+                for version in self.cidr_families(c.service_cidr):
                     cidrs = self.cidrs(f"include-cidrs-v{version}", c.service_cidr, version)
                     rules.append(rule(f"kube-virt-redirect{self.sfx(version)}",
                                       "TCP from a kube-virt interface (-k) to an included CIDR (-i) is outbound",
@@ -257,12 +264,11 @@ class _Builder:
         for version in self.families:
             rules.append(rule(f"loopback-return{self.sfx(version)}", "loopback destinations are not captured",
                               _m(self.ip(version, "daddr"), self.loopback_dst(version)), Return()))
-        for version in self.families:
-            if any(n.version == version for n in c.service_exclude_cidr):
-                ref = self.cidrs(f"exclude-cidrs-v{version}", c.service_exclude_cidr, version)
-                rules.append(rule(f"exclude-cidrs-return{self.sfx(version)}",
-                                  "destinations excluded by -x are not captured",
-                                  _m(self.ip(version, "daddr"), ref), Return()))
+        for version in self.cidr_families(c.service_exclude_cidr):
+            ref = self.cidrs(f"exclude-cidrs-v{version}", c.service_exclude_cidr, version)
+            rules.append(rule(f"exclude-cidrs-return{self.sfx(version)}",
+                              "destinations excluded by -x are not captured",
+                              _m(self.ip(version, "daddr"), ref), Return()))
         if c.outbound_ports:
             ref = self.ports("outbound-ports", c.outbound_ports)
             rules.append(rule("redirect-outbound-ports", "TCP to a port listed in -q is captured",
@@ -271,12 +277,11 @@ class _Builder:
             rules.append(rule("redirect-outbound-all", "every other outbound TCP is captured (-i '*')",
                               Jump("istio-redirect")))
         else:
-            for version in self.families:
-                if any(n.version == version for n in c.service_cidr):
-                    ref = self.cidrs(f"include-cidrs-v{version}", c.service_cidr, version)
-                    rules.append(rule(f"redirect-outbound-cidrs{self.sfx(version)}",
-                                      "outbound TCP to a CIDR listed in -i is captured",
-                                      _m(self.ip(version, "daddr"), ref), Jump("istio-redirect")))
+            for version in self.cidr_families(c.service_cidr):
+                ref = self.cidrs(f"include-cidrs-v{version}", c.service_cidr, version)
+                rules.append(rule(f"redirect-outbound-cidrs{self.sfx(version)}",
+                                  "outbound TCP to a CIDR listed in -i is captured",
+                                  _m(self.ip(version, "daddr"), ref), Jump("istio-redirect")))
         return Chain("istio-output", tuple(rules))
 
     def istio_output_dns(self) -> Chain:
@@ -287,10 +292,9 @@ class _Builder:
             rules.append(rule("dns-redirect", why + " (any server)", TCP_UDP, _m("th dport", DNS_PORT), redirect))
         else:
             for version, ref in self.dns_servers().items():
-                if version in self.families:
-                    rules.append(rule(f"dns-redirect{self.sfx(version)}", why + " (resolv.conf servers)",
-                                      TCP_UDP, _m("th dport", DNS_PORT), _m(self.ip(version, "daddr"), ref),
-                                      redirect))
+                rules.append(rule(f"dns-redirect{self.sfx(version)}", why + " (resolv.conf servers)",
+                                  TCP_UDP, _m("th dport", DNS_PORT), _m(self.ip(version, "daddr"), ref),
+                                  redirect))
         return Chain("istio-output-dns", tuple(rules))
 
     # -- mangle (TPROXY, drop-invalid) -------------------------------------------------------------
@@ -335,7 +339,7 @@ class _Builder:
                               TCP, established, divert))
             rules.append(rule("tproxy-inbound-all", "every other inbound TCP port is captured (-b '*')",
                               TCP, Jump("istio-tproxy")))
-        else:
+        elif c.inbound_ports:
             ref = self.ports("inbound-ports", c.inbound_ports)
             rules.append(rule("divert-established", "packets of captured connections go to the listener",
                               _m("tcp dport", ref), established, divert))
@@ -386,9 +390,8 @@ class _Builder:
             rules.append(rule("app-dns-zone", "apps' DNS queries use zone 2", udp53, SetCtZone(2)))
         else:
             for version, ref in self.dns_servers().items():
-                if version in self.families:
-                    rules.append(rule(f"app-dns-zone{self.sfx(version)}", "apps' DNS queries use zone 2",
-                                      udp53, _m(self.ip(version, "daddr"), ref), SetCtZone(2)))
+                rules.append(rule(f"app-dns-zone{self.sfx(version)}", "apps' DNS queries use zone 2",
+                                  udp53, _m(self.ip(version, "daddr"), ref), SetCtZone(2)))
         return Chain("raw-output", tuple(rules), RAW_OUTPUT)
 
     def raw_prerouting(self) -> Chain:
@@ -398,9 +401,8 @@ class _Builder:
             rules.append(rule("dns-reply-zone", "resolver replies use zone 1", sport, SetCtZone(1)))
         else:
             for version, ref in self.dns_servers().items():
-                if version in self.families:
-                    rules.append(rule(f"dns-reply-zone{self.sfx(version)}", "resolver replies use zone 1",
-                                      sport, _m(self.ip(version, "saddr"), ref), SetCtZone(1)))
+                rules.append(rule(f"dns-reply-zone{self.sfx(version)}", "resolver replies use zone 1",
+                                  sport, _m(self.ip(version, "saddr"), ref), SetCtZone(1)))
         return Chain("raw-prerouting", tuple(rules), RAW_PREROUTING)
 
     def build(self) -> Ruleset:
@@ -428,7 +430,7 @@ class _Builder:
                 routes = tuple(PolicyRoute(v, c.inbound_tproxy_mark, c.inbound_tproxy_route_table)
                                for v in self.families)
         return Ruleset(c.table, tuple(chains), tuple(sorted(self.sets.values(), key=lambda s: s.name)),
-                       routes=routes)
+                       routes=routes, lo_addresses=(str(PASSTHROUGH_V6.network_address),) if self.f.ipv6 else ())
 
 
 def render(config: Config, facts: HostFacts) -> Ruleset:
