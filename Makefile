@@ -40,8 +40,10 @@ test: venv lint
 demo: venv
 	$(PY) tests/demo.py
 
+# The benchmarks compile their load generator (gcc); tests/bench/bench.py lists the knobs (BENCH_ONLY, ...).
 bench: venv
-	$(PY) tests/bench/bench_apply.py
+	@$(MAKE) --no-print-directory deps APT_PACKAGES="gcc libc6-dev iptables"
+	$(PY) tests/bench/bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info
