@@ -1,11 +1,12 @@
 """`make bench`: every benchmark in one run, a table on stdout, all figures as JSON in bench-results/.
 
 Environment knobs (for quick runs; the defaults are the full run, about 15 minutes on 2 cores):
-  BENCH_ONLY=apply,datapath,agent   which parts to run
+  BENCH_ONLY=apply,datapath,agent,scrape   which parts to run
   BENCH_REPS=5                      interleaved repetitions of each apply measurement
   BENCH_DP_REPS=3                   interleaved repetitions of each datapath measurement
   BENCH_DP_SECONDS=2                length of one datapath measurement
   BENCH_IDLE_SECONDS=60             the agent's idle CPU window
+  BENCH_SCRAPE_REPS=200             scrapes of /metrics per ruleset
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import sys
 import time
 
 import apply_bench
+import scrape_bench
 from common import Report
 
-PARTS = ("apply", "datapath", "agent")
+PARTS = ("apply", "datapath", "agent", "scrape")
 
 
 def _int(name: str, default: int) -> int:
@@ -39,6 +41,9 @@ def main() -> int:
     if "apply" in only:
         print("apply benchmark ...", flush=True)
         apply_bench.run(report, sizes=(10, 1000, 10000), n_ports=1000, reps=_int("BENCH_REPS", 5))
+    if "scrape" in only:
+        print("scrape benchmark ...", flush=True)
+        scrape_bench.run(report, reps=_int("BENCH_SCRAPE_REPS", 200))
     report.data["wall_s"] = time.monotonic() - started
     print(report.render())
     print(f"\nresults: {report.write()} ({report.data['wall_s']:.0f} s)")
