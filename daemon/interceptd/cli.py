@@ -27,6 +27,7 @@ NAT_NOTE = ("Counters: nat chains see only the first packet of each connection, 
 COMMANDS = {
     "render": "print the nftables JSON ruleset for the configuration (no root, no kernel)",
     "apply": "install the ruleset atomically and exit (init-container mode)",
+    "run": "install the ruleset and keep it in place: repair drift, reload on SIGHUP (agent mode)",
     "cleanup": "remove everything interceptd installed (its table and TPROXY routes)",
     "status": "show the installed chains and rules with packet and byte counters",
     "validate": "run the redirect self-test of --run-validation (exit 126 on failure)",
@@ -108,6 +109,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Config]:
         raise ConfigError("a command is needed: " + ", ".join(COMMANDS))
     flags = {o.key: getattr(args, o.key) for o in OPTIONS if getattr(args, o.key, None) is not None}
     flags.update(bools)
+    args.option_flags = flags  # `run` re-reads file and environment on SIGHUP; the flags stay
     return args, load_all(flags, config_path=args.config)
 
 

@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 
-from . import host, install, status
-from .config import Config
+from . import host, install, logs, status
+from .agent import Agent
+from .config import OPTIONS_BY_KEY, Config, load_all
+from .errors import ConfigError
 from .host import HostFacts
 from .kernel import NftKernel
 from .nftjson import Existing, transaction
@@ -46,6 +48,15 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     if config.run_validation:
         return cmd_validate(args, config)
     return 0
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    for key in ("dry_run", "cleanup_only", "skip_rule_apply", "run_validation"):
+        if getattr(config, key):
+            raise ConfigError(f"{OPTIONS_BY_KEY[key].flag} cannot be used with run")
+    logs.configure(config.log_level, config.log_format)
+    agent = Agent(config, lambda: load_all(args.option_flags, config_path=args.config))
+    return agent.run()
 
 
 def cmd_cleanup(args: argparse.Namespace, config: Config) -> int:

@@ -1,0 +1,59 @@
+"""One agent per table and network namespace: an flock(2) on a file under the state directory.
+
+The kernel drops the lock when the process dies, so a crashed agent never blocks its successor. The file
+is opened with O_NOFOLLOW and O_NONBLOCK and must be a regular file: a symlink or FIFO planted in the
+state directory cannot redirect the write or hang the agent.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+
+from .errors import LockedError
+
+
+def netns_id() -> int:
+    """The inode of this process's network namespace: agents in other namespaces do not conflict."""
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def lock_path(state_dir: str, table: str) -> str:
+    return os.path.join(state_dir, f"{table}.net{netns_id()}.lock")
+
+
+class Lock:
+    def __init__(self, state_dir: str, table: str) -> None:
+        self.path = lock_path(state_dir, table)
+        self._table = table
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise LockedError naming the holder; writes our pid into the file."""
+        where = f"--state-dir {os.path.dirname(self.path)!r}"
+        try:
+            os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise LockedError(f"{where}: cannot open lock file {self.path!r}: {exc.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise LockedError(f"{where}: lock file {self.path!r} is not a regular file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                raise LockedError(f"another interceptd (pid {holder}) already keeps table inet {self._table} "
+                                  f"in this network namespace (lock {self.path!r})") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
