@@ -19,12 +19,13 @@ from types import FrameType
 
 from . import host, install, logs, reconcile
 from .config import OPTIONS_BY_KEY, Config
-from .errors import ConfigError, InterceptdError, KernelRefusedError
+from .errors import ConfigError, InterceptdError, KernelRefusedError, ListenError
 from .events import NftEvents
 from .host import HostFacts
 from .install import Applied
 from .kernel import Kernel, NftKernel
 from .lockfile import Lock
+from .metrics import MetricsServer
 from .model import Ruleset
 from .render import render
 from .sdnotify import Notifier
@@ -221,6 +222,12 @@ class Agent:
         """Lock, apply, loop until SIGTERM/SIGINT; returns the exit code."""
         lock = Lock(self.config.state_dir, self.config.table)
         lock.acquire()
+        try:  # before any change: a listener that cannot bind stops the start
+            address = self.config.metrics_address
+            metrics = MetricsServer(address, self.kernel, self.state).start() if address else None
+        except ListenError:
+            lock.release()
+            raise
         previous_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
         try:
@@ -233,6 +240,8 @@ class Agent:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self._stop()
+            if metrics is not None:
+                metrics.stop()
             lock.release()
         return 0
 
