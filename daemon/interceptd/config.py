@@ -138,7 +138,8 @@ OPTIONS: tuple[Option, ...] = (
          "bool", "run: remove the rules when the agent stops (default: keep them; fail closed).", "agent"),
     _opt("metrics_address", "metrics-address", None, ("INTERCEPTD_METRICS_ADDRESS",), v.parse_address,
          "127.0.0.1:15321", "str",
-         "run: HOST:PORT of /metrics, /healthz and /readyz ('' = off). Port 15321 is used by no mesh.",
+         "run: HOST:PORT of /metrics, /healthz and /readyz ('' = off). Port 15321 is used by no mesh. "
+         "A non-loopback address exempts the port from inbound capture.",
          "agent"),
     _opt("state_dir", "state-dir", None, ("INTERCEPTD_STATE_DIR",), v.parse_path, "/run/interceptd", "str",
          "run: directory of the lock file.", "agent"),
@@ -239,6 +240,8 @@ def read_toml(path: str) -> dict[str, object]:
         raise ConfigError(f"--config: file {path!r} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config {path!r}: TOML syntax error: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path!r}: not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise ConfigError(f"--config {path!r}: cannot read: {exc.strerror}") from None
     for key in data:

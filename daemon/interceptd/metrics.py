@@ -31,6 +31,7 @@ from prometheus_client.metrics_core import (
 from . import __version__
 from .errors import InterceptdError, ListenError
 from .kernel import Json, Kernel
+from .reconcile import REASONS
 from .state import CHECK_RESULTS, CHECK_TRIGGERS, TRIGGERS, AgentState
 from .status import counters
 
@@ -135,7 +136,8 @@ class Collector:
 
 
 def agent_families(state: AgentState) -> list[Metric]:
-    """The agent's own health, from a snapshot; every known label combination is present from the start."""
+    """The agent's own health, from a snapshot; every known label combination is present from the start
+    (at 0), so the first repair or error is an increase Prometheus can see, not a new series."""
     applies = CounterMetricFamily("interceptd_applies", "Ruleset applies, by what triggered them and result.",
                                   labels=["trigger", "result"])
     for key in _keys(state.applies, TRIGGERS, RESULTS):
@@ -147,8 +149,8 @@ def agent_families(state: AgentState) -> list[Metric]:
         checks.add_metric(list(key), state.reconcile_checks[key])
     repairs = CounterMetricFamily("interceptd_drift_repairs", "Drift found in the kernel and repaired, by reason.",
                                   labels=["reason"])
-    for reason, count in sorted(state.drift_repairs.items()):
-        repairs.add_metric([reason], count)
+    for reason in sorted({*REASONS, *state.drift_repairs}):
+        repairs.add_metric([reason], state.drift_repairs[reason])
     reloads = CounterMetricFamily("interceptd_config_reloads", "Configuration reloads (SIGHUP), by result.",
                                   labels=["result"])
     for result in RESULTS:

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from interceptd import config, install
+from interceptd import cli, config, install
 from interceptd.errors import KernelRefusedError, ListenError
 from interceptd.host import HostFacts
 from interceptd.kernel import FakeKernel, Json
@@ -154,6 +154,7 @@ def test_agent_state_families() -> None:
     assert got[("interceptd_applies_total", (("result", "success"), ("trigger", "repair")))] == 2
     assert got[("interceptd_applies_total", (("result", "error"), ("trigger", "reload")))] == 0  # pre-filled
     assert got[("interceptd_drift_repairs_total", (("reason", "table missing"),))] == 2
+    assert got[("interceptd_drift_repairs_total", (("reason", "rule removed"),))] == 0  # pre-filled
     assert got[("interceptd_reconcile_checks_total", (("result", "drift"), ("trigger", "event")))] == 2
     assert got[("interceptd_reconcile_checks_total", (("result", "match"), ("trigger", "timer")))] == 0
     assert got[("interceptd_apply_duration_seconds_bucket", (("le", "0.005"),))] == 1
@@ -225,3 +226,11 @@ def test_private_registry_has_no_default_python_collectors() -> None:
     body = generate_latest(registry(kernel, state)).decode()
     assert "python_gc_objects_collected_total" not in body and "python_info" not in body
     assert "process_cpu_seconds_total" in body
+
+
+def test_run_help_says_nat_chains_count_connections(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["run", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert " ".join(cli.NAT_NOTE.split()) in shown
+    assert "count connections" in cli.NAT_NOTE
