@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from . import host, install, logs, status
+from . import host, install, logs, preflight, status
 from .agent import Agent
 from .config import OPTIONS_BY_KEY, Config, load_all
 from .errors import ConfigError
@@ -40,8 +40,11 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
         print_render(config, facts_for(config))
         return 0
     if not config.skip_rule_apply:
-        ruleset = render(config, facts_for(config))
-        applied = install.apply(NftKernel(), ruleset)
+        facts = facts_for(config)
+        kernel = NftKernel()
+        preflight.run(config, facts.ipv6, kernel)
+        ruleset = render(config, facts)
+        applied = install.apply(kernel, ruleset)
         rules = sum(len(c.rules) for c in ruleset.chains)
         print(f"interceptd: applied table inet {ruleset.table}: {len(ruleset.chains)} chains, {rules} rules, "
               f"{len(ruleset.sets)} sets in {applied.duration_s * 1000:.1f} ms", file=sys.stderr)
@@ -84,3 +87,8 @@ def cmd_validate(args: argparse.Namespace, config: Config) -> int:
     print("interceptd: validation passed: the redirect works", file=sys.stderr)
     return 0
 
+
+def cmd_explain(args: argparse.Namespace, config: Config) -> int:
+    from . import explaincmd
+
+    return explaincmd.run(args, config, facts_for(config))

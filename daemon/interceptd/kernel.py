@@ -92,6 +92,17 @@ class NftKernel:
                 lo = mid + 1
         return f"command {lo} of {len(cmds)} ({describe_command(cmds[lo - 1])})"
 
+    def version(self) -> str:
+        """libnftables' version, from the metainfo of a listing of table names only (never their rules)."""
+        with self._lock:
+            rc, out, err = self._nft.cmd("list tables inet")
+        if rc != 0:
+            raise KernelRefusedError(f"cannot list tables: {_one_line(str(err))}")
+        for item in json.loads(out)["nftables"]:
+            if "metainfo" in item:
+                return str(item["metainfo"]["version"])
+        return "unknown"
+
     def list_table(self, table: str, family: str = "inet") -> list[Json] | None:
         return self._list(f"list table {family} {table}")
 
