@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from . import __version__
+from . import __version__, explaincmd
 from .config import OPTIONS, Config, Option, load_all
 from .errors import ConfigError, InterceptdError
 
@@ -31,12 +31,14 @@ COMMANDS = {
     "cleanup": "remove everything interceptd installed (its table and TPROXY routes)",
     "status": "show the installed chains and rules with packet and byte counters",
     "validate": "run the redirect self-test of --run-validation (exit 126 on failure)",
+    "explain": "where would this connection go, and why: the path through the rules and the verdict",
 }
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise ConfigError(message)
+        # argparse quotes stray arguments verbatim: escape control characters so the error stays one line.
+        raise ConfigError("".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message))
 
 
 def _names(option: Option) -> list[str]:
@@ -96,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_options(p)
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
+            p.add_argument("--explain-top", metavar="N", nargs="?", type=int, const=10,
+                           help="the N busiest rules by counter (default 10), one line each on what they mean")
+        if name == "explain":
+            explaincmd.add_arguments(p)
         if name == "render":
             p.add_argument("--ipv6", choices=("auto", "on", "off"), default="auto",
                            help="assume IPv6 on or off instead of reading the namespace's addresses")

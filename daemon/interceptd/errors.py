@@ -45,6 +45,16 @@ class UnexplainableError(InterceptdError):
     """The installed table holds something `explain` cannot evaluate (not written by this interceptd)."""
 
 
+class NotInstalledError(InterceptdError):
+    """A command needs interceptd's table in this namespace and it is not there."""
+
+    exit_code = 3
+
+
+class TraceError(InterceptdError):
+    """`explain --kernel` could not take the kernel's trace of its probe connection."""
+
+
 class ValidationFailedError(InterceptdError):
     """The redirect self-test (--run-validation) failed."""
 
