@@ -74,6 +74,11 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     if listing is None:
         print(f"interceptd: table inet {config.table} is not installed", file=sys.stderr)
         return 3
+    if args.explain_top is not None:
+        from . import explaincmd
+
+        print(explaincmd.explain_top(config, facts_for(config), listing, args.explain_top))
+        return 0
     stats = status.chain_stats(listing)
     if args.json:
         print(json.dumps(status.as_json(config.table, stats), indent=2))

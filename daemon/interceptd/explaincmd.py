@@ -19,8 +19,11 @@ from .config import Config
 from .errors import ConfigError, NotInstalledError
 from .explain import Connection, Explanation, IPAddress, as_json, borrow_why, explain, format_text
 from .host import HostFacts
+from .kernel import Json
 from .model import Ruleset
 from .nftparse import parse_listing
+from .render import render
+from .status import chain_stats
 from .values import parse_port, resolve_gid, resolve_uid
 
 
@@ -137,7 +140,6 @@ def connection(args: argparse.Namespace) -> Connection:
 def ruleset_for(args: argparse.Namespace, config: Config, facts: HostFacts) -> Ruleset:
     """The configured ruleset, or (--from-kernel) the installed one with the configured rules' meanings."""
     from .kernel import NftKernel
-    from .render import render
 
     rendered = render(config, facts)
     if not args.from_kernel:
@@ -186,3 +188,21 @@ def run(args: argparse.Namespace, config: Config, facts: HostFacts) -> int:
               "output above", file=sys.stderr)
         return 1
     return 0
+
+
+def explain_top(config: Config, facts: HostFacts, listing: list[Json], n: int) -> str:
+    """`status --explain-top N`: the busiest deciding rules by packet count, each with what it means."""
+    known = borrow_why(parse_listing(config.table, listing), render(config, facts))
+    whys = {(c.name, r.name): r.why for c in known.chains for r in c.rules}
+    hooks = {c.name: c.hook.type for c in known.chains if c.hook is not None}
+    rules = sorted((r for c in chain_stats(listing) for r in c.rules if r.packets),
+                   key=lambda r: (-r.packets, r.chain, r.rule))[:n]
+    if not rules:
+        return f"no rule of table inet {config.table} has counted anything yet"
+    lines = [f"{'packets':>10}  rule: what it means"]
+    for r in rules:
+        why = whys.get((r.chain, r.rule)) or f"(not in the configured ruleset) {r.text}"
+        lines.append(f"{r.packets:>10}  {r.chain}/{r.rule}: {why}")
+    if any(kind == "nat" for kind in hooks.values()):
+        lines.append("nat chains see only the first packet of a connection: their counts are connections.")
+    return "\n".join(lines)
