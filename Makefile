@@ -7,7 +7,7 @@ SYSPY := /usr/bin/python3
 APT_PACKAGES := nftables python3-nftables python3-venv iproute2 iptables util-linux prometheus containernetworking-plugins systemd
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps venv test unit integration lint demo bench clean
+.PHONY: all deps venv test unit integration lint demo bench clean docs image-test
 
 all: test
 
@@ -44,6 +44,19 @@ demo: venv
 bench: venv
 	@$(MAKE) --no-print-directory deps APT_PACKAGES="gcc libc6-dev iptables"
 	$(PY) tests/bench/bench.py
+
+# Regenerate config/interceptd.toml and README.md's reference from the option table and the CLI's parser.
+docs: venv
+	$(PY) -m interceptd.docs write .
+
+# The Containerfile's install steps on a debootstrap'd Debian 12 root (no container engine runs here).
+# The base root is cached in $(IMAGE_TEST_CACHE); delete it to start cold.
+IMAGE_TEST_CACHE := .cache/image-test
+image-test: venv
+	$(VENV)/bin/hadolint Containerfile
+	@command -v debootstrap >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
+	tests/image/image-test.sh $(IMAGE_TEST_CACHE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info
