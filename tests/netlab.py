@@ -140,7 +140,7 @@ def udp_request(host: str, port: int, timeout: float = 2.0) -> str:
 
 
 def _serve(label: str, tcp_ports: Iterable[int], udp_ports: Iterable[int], ready_fd: int,
-           transparent: bool, v6: bool) -> None:
+           transparent: bool, v6: bool, uid: int | None = None) -> None:
     sel = selectors.DefaultSelector()
     families = [socket.AF_INET, socket.AF_INET6] if v6 else [socket.AF_INET]
     for family in families:
@@ -161,6 +161,10 @@ def _serve(label: str, tcp_ports: Iterable[int], udp_ports: Iterable[int], ready
                 u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             u.bind((any_addr, port))
             sel.register(u, selectors.EVENT_READ, "udp")
+    if uid is not None:  # bound as root (port 53 too), then run as this uid/gid, like a proxy or DNS agent
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
     os.write(ready_fd, b"1")
     os.close(ready_fd)
     while True:
@@ -200,6 +204,7 @@ class Server:
     transparent: bool = False
     v6: bool = False
     pid: int = 0
+    uid: int | None = None  # run as this uid and gid once bound
 
     def start(self) -> Server:
         rfd, wfd = os.pipe()
@@ -208,7 +213,7 @@ class Server:
             os.close(rfd)
             try:
                 enter(self.ns)
-                _serve(self.label, self.tcp_ports, self.udp_ports, wfd, self.transparent, self.v6)
+                _serve(self.label, self.tcp_ports, self.udp_ports, wfd, self.transparent, self.v6, self.uid)
             finally:
                 os._exit(1)
         os.close(wfd)
@@ -239,6 +244,7 @@ class Lab:
     peer_ip: str = "192.0.2.1"
     pod_ip6: str = "2001:db8::2"
     peer_ip6: str = "2001:db8::1"
+    extra: list[str] = field(default_factory=list)  # namespaces made by attach()
 
     def __enter__(self) -> Lab:
         try:
@@ -265,13 +271,26 @@ class Lab:
         for server in self.servers:
             server.stop()
         self.servers.clear()
-        for ns in (self.pod, self.peer):
+        for ns in (self.pod, self.peer, *self.extra):
             if ns:
                 delete_ns(ns)
+        self.extra.clear()
+
+    def attach(self, pod_if: str, pod_cidr: str, ns_cidr: str) -> str:
+        """One more namespace (e.g. a KubeVirt VM) behind a veth `pod_if` of the pod; its default route is the pod."""
+        ns = new_ns("-vm")
+        self.extra.append(ns)
+        sh("ip", "link", "add", pod_if, "type", "veth", "peer", "name", "eth0", "netns", ns, ns=self.pod)
+        sh("ip", "addr", "add", pod_cidr, "dev", pod_if, ns=self.pod)
+        sh("ip", "addr", "add", ns_cidr, "dev", "eth0", ns=ns)
+        sh("ip", "link", "set", pod_if, "up", ns=self.pod)
+        sh("ip", "link", "set", "eth0", "up", ns=ns)
+        sh("ip", "route", "add", "default", "via", pod_cidr.split("/")[0], ns=ns)
+        return ns
 
     def serve(self, ns: str, label: str, tcp: Iterable[int] = (), udp: Iterable[int] = (),
-              transparent: bool = False) -> Server:
-        server = Server(ns, label, tuple(tcp), tuple(udp), transparent, self.v6).start()
+              transparent: bool = False, uid: int | None = None) -> Server:
+        server = Server(ns, label, tuple(tcp), tuple(udp), transparent, self.v6, uid=uid).start()
         self.servers.append(server)
         return server
 
