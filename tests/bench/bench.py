@@ -3,8 +3,8 @@
 Environment knobs (for quick runs; the defaults are the full run, about 15 minutes on 2 cores):
   BENCH_ONLY=apply,datapath,agent,scrape   which parts to run
   BENCH_REPS=5                      interleaved repetitions of each apply measurement
-  BENCH_DP_REPS=3                   interleaved repetitions of each datapath measurement
-  BENCH_DP_SECONDS=2                length of one datapath measurement
+  BENCH_DP_REPS=5                   interleaved repetitions of each datapath measurement
+  BENCH_DP_SECONDS=1.5                length of one datapath measurement
   BENCH_IDLE_SECONDS=60             the agent's idle CPU window
   BENCH_SCRAPE_REPS=200             scrapes of /metrics per ruleset
 """
@@ -16,6 +16,7 @@ import sys
 import time
 
 import apply_bench
+import datapath_bench
 import scrape_bench
 from common import Report
 
@@ -44,6 +45,10 @@ def main() -> int:
     if "scrape" in only:
         print("scrape benchmark ...", flush=True)
         scrape_bench.run(report, reps=_int("BENCH_SCRAPE_REPS", 200))
+    if "datapath" in only:
+        print("datapath benchmark ...", flush=True)
+        datapath_bench.run(report, sizes=(0, 1000, 10000), reps=_int("BENCH_DP_REPS", 5),
+                           seconds=float(os.environ.get("BENCH_DP_SECONDS", "1.5")), threads=8, listener_threads=2)
     report.data["wall_s"] = time.monotonic() - started
     print(report.render())
     print(f"\nresults: {report.write()} ({report.data['wall_s']:.0f} s)")
