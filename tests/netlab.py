@@ -19,6 +19,7 @@ import pickle
 import selectors
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
 INTERCEPTD = str(VENV_BIN / "interceptd")
 CLONE_NEWNET = 0x40000000
+IP_PKTINFO = 8  # linux/in.h; Python's socket module lacks the constant
 _libc = ctypes.CDLL(None, use_errno=True)
 _counter = itertools.count()
 _created: list[str] = []
@@ -142,6 +144,10 @@ def udp_request(host: str, port: int, timeout: float = 2.0) -> str:
 def _serve(label: str, tcp_ports: Iterable[int], udp_ports: Iterable[int], ready_fd: int,
            transparent: bool, v6: bool, uid: int | None = None) -> None:
     sel = selectors.DefaultSelector()
+    if uid is not None:  # before the sockets exist: nft's skuid/skgid is the uid/gid that created the socket
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
     families = [socket.AF_INET, socket.AF_INET6] if v6 else [socket.AF_INET]
     for family in families:
         any_addr = "::" if family == socket.AF_INET6 else "0.0.0.0"
@@ -159,12 +165,11 @@ def _serve(label: str, tcp_ports: Iterable[int], udp_ports: Iterable[int], ready
             u = socket.socket(family, socket.SOCK_DGRAM)
             if family == socket.AF_INET6:
                 u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                u.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             u.bind((any_addr, port))
             sel.register(u, selectors.EVENT_READ, "udp")
-    if uid is not None:  # bound as root (port 53 too), then run as this uid/gid, like a proxy or DNS agent
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
     os.write(ready_fd, b"1")
     os.close(ready_fd)
     while True:
@@ -172,8 +177,8 @@ def _serve(label: str, tcp_ports: Iterable[int], udp_ports: Iterable[int], ready
             sock = key.fileobj
             assert isinstance(sock, socket.socket)
             if key.data == "udp":
-                _data, peer = sock.recvfrom(512)
-                sock.sendto(f"{label} {sock.getsockname()[1]} {peer[0]}\n".encode(), peer)
+                _data, anc, _flags, peer = sock.recvmsg(512, 256)
+                sock.sendmsg([f"{label} {sock.getsockname()[1]} {peer[0]}\n".encode()], _reply_from(anc), 0, peer)
                 continue
             try:
                 conn, peer = sock.accept()
@@ -193,6 +198,16 @@ def _serve(label: str, tcp_ports: Iterable[int], udp_ports: Iterable[int], ready
                     conn.sendall(f"{label} {sock.getsockname()[1]} {odst} {peer[0]}\n".encode())
 
 
+def _reply_from(ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    """Answer a datagram from the address it was sent to, as a server bound to that address would."""
+    for level, kind, data in ancillary:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO:  # in_pktinfo: ifindex, spec_dst, addr
+            return [(level, kind, struct.pack("=i4s4s", 0, data[8:12], bytes(4)))]
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO:  # in6_pktinfo: addr, ifindex
+            return [(level, kind, data[:16] + struct.pack("=i", 0))]
+    return []
+
+
 @dataclass
 class Server:
     """A forked listener inside a namespace (see the module docstring for what it answers)."""
@@ -204,7 +219,7 @@ class Server:
     transparent: bool = False
     v6: bool = False
     pid: int = 0
-    uid: int | None = None  # run as this uid and gid once bound
+    uid: int | None = None  # run as this uid and gid (ports above 1023 only)
 
     def start(self) -> Server:
         rfd, wfd = os.pipe()
