@@ -6,6 +6,7 @@ Environment knobs (for quick runs; the defaults are the full run, about 15 minut
   BENCH_DP_REPS=5                   interleaved repetitions of each datapath measurement
   BENCH_DP_SECONDS=1.5                length of one datapath measurement
   BENCH_IDLE_SECONDS=60             the agent's idle CPU window
+  BENCH_DRIFTS=100                  drifts injected into the running agent (repair latency)
   BENCH_SCRAPE_REPS=200             scrapes of /metrics per ruleset
 """
 
@@ -15,6 +16,7 @@ import os
 import sys
 import time
 
+import agent_bench
 import apply_bench
 import datapath_bench
 import scrape_bench
@@ -49,6 +51,10 @@ def main() -> int:
         print("datapath benchmark ...", flush=True)
         datapath_bench.run(report, sizes=(0, 1000, 10000), reps=_int("BENCH_DP_REPS", 5),
                            seconds=float(os.environ.get("BENCH_DP_SECONDS", "1.5")), threads=8, listener_threads=2)
+    if "agent" in only:
+        print("agent benchmark ...", flush=True)
+        agent_bench.run(report, drifts=_int("BENCH_DRIFTS", 100),
+                        idle_s=float(os.environ.get("BENCH_IDLE_SECONDS", "60")))
     report.data["wall_s"] = time.monotonic() - started
     print(report.render())
     print(f"\nresults: {report.write()} ({report.data['wall_s']:.0f} s)")
