@@ -142,7 +142,14 @@ OPTIONS: tuple[Option, ...] = (
          "A non-loopback address exempts the port from inbound capture.",
          "agent"),
     _opt("state_dir", "state-dir", None, ("INTERCEPTD_STATE_DIR",), v.parse_path, "/run/interceptd", "str",
-         "run: directory of the lock file.", "agent"),
+         "run, node: directory of the lock file; node: also of its socket and per-namespace state.", "agent"),
+    _opt("netns_dir", "netns-dir", None, ("INTERCEPTD_NETNS_DIR",), v.parse_optional_path, "/run/netns", "str",
+         "node: directory of network namespace files to keep intercepted, each with this configuration "
+         "('' = none; CNI-registered namespaces are kept either way).", "agent"),
+    _opt("netns_config_dir", "netns-config-dir", None, ("INTERCEPTD_NETNS_CONFIG_DIR",), v.parse_path,
+         "/etc/interceptd/netns.d", "str",
+         "node: per-namespace drop-ins: NAME.toml here overrides the configuration's keys for namespace NAME.",
+         "agent"),
     _opt("log_level", "log-level", None, ("INTERCEPTD_LOG_LEVEL",), v.parse_log_level, "info", "str",
          "debug, info, warning or error.", "agent"),
     _opt("log_format", "log-format", None, ("INTERCEPTD_LOG_FORMAT",), v.parse_log_format, "auto", "str",
@@ -199,6 +206,8 @@ class Config:
     cleanup_on_exit: bool
     metrics_address: tuple[str, int] | None
     state_dir: str
+    netns_dir: str
+    netns_config_dir: str
     log_level: str
     log_format: str
 

@@ -33,6 +33,10 @@ class PreflightError(InterceptdError):
     """The host lacks something interceptd needs (libnftables, a kernel feature); nothing was changed."""
 
 
+class NamespaceError(InterceptdError):
+    """A network namespace file is missing, is not a network namespace, or cannot be entered."""
+
+
 class KernelRefusedError(InterceptdError):
     """libnftables refused a transaction; the kernel kept the previous ruleset."""
 

@@ -263,5 +263,10 @@ def parse_path(text: str) -> str:
     return text
 
 
+def parse_optional_path(text: str) -> str:
+    """A path, or '' for "none"."""
+    return parse_path(text) if text else ""
+
+
 def parse_text(text: str) -> str:
     return text
