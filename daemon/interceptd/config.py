@@ -290,14 +290,15 @@ def load(flags: Mapping[str, str], env: Mapping[str, str], toml: Mapping[str, ob
     uid_names: tuple[str, ...] = raw["proxy_uid"] or (_default_uid(raw["envoy_user"]),)
     gid_names: tuple[str, ...] = raw["proxy_gid"] or uid_names
     raw["proxy_uid"] = _resolve(uid_names, v.resolve_uid, "proxy_uid", "--proxy-uid")
-    raw["proxy_gid"] = _resolve(gid_names, v.resolve_gid, "proxy_gid", "--proxy-gid")
+    gid_flag = "--proxy-gid" if raw["proxy_gid"] else "--proxy-gid, which defaults to the --proxy-uid list"
+    raw["proxy_gid"] = _resolve(gid_names, v.resolve_gid, "proxy_gid", gid_flag)
     groups = raw["outbound_owner_groups"]
     if groups is not None:
         raw["outbound_owner_groups"] = _resolve(groups, v.resolve_gid, "outbound_owner_groups",
-                                                "ISTIO_OUTBOUND_OWNER_GROUPS")
+                                                "--outbound-owner-groups")
     raw["outbound_owner_groups_exclude"] = _resolve(raw["outbound_owner_groups_exclude"], v.resolve_gid,
                                                     "outbound_owner_groups_exclude",
-                                                    "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE")
+                                                    "--outbound-owner-groups-exclude")
     return Config(**raw)
 
 
