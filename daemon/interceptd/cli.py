@@ -26,7 +26,8 @@ NAT_NOTE = ("Counters: nat chains see only the first packet of each connection, 
 
 COMMANDS = {
     "render": "print the nftables JSON ruleset for the configuration (no root, no kernel)",
-    "apply": "install the ruleset atomically and exit (init-container mode)",
+    "apply": "install the ruleset atomically and exit (init-container mode); a re-apply also removes the "
+             "chains, sets and TPROXY routes the new configuration no longer needs",
     "run": "install the ruleset and keep it in place: repair drift, reload on SIGHUP (agent mode)",
     "cleanup": "remove everything interceptd installed (its table and TPROXY routes)",
     "status": "show the installed chains and rules with packet and byte counters",
