@@ -21,7 +21,7 @@ REASONS = ("table missing", "chain deleted", "chain flushed", "chain changed", "
 MAX_DETAILS = 12
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Difference:
     reason: str  # one of REASONS: low cardinality, a metric label
     detail: str  # for the log: names the chain, rule or set
