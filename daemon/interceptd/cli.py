@@ -33,6 +33,7 @@ COMMANDS = {
     "status": "show the installed chains and rules with packet and byte counters",
     "validate": "run the redirect self-test of --run-validation (exit 126 on failure)",
     "explain": "where would this connection go, and why: the path through the rules and the verdict",
+    "node": "keep interception in every pod network namespace of the node (CNI registrations, --netns-dir)",
 }
 
 
@@ -99,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_options(p)
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
+            p.add_argument("--netns", metavar="NAME", help="show the table of a namespace the node agent keeps "
+                           "(its name, or a namespace file's path)")
             p.add_argument("--explain-top", metavar="N", nargs="?", type=int, const=10,
                            help="the N busiest rules by counter (default 10), one line each on what they mean")
         if name == "explain":
@@ -128,6 +131,10 @@ def _print_error(exc: InterceptdError) -> int:
 def run_command(argv: Sequence[str]) -> int:
     from . import commands
 
+    if argv[:1] == ["istio-iptables"]:
+        # Istio's injection template runs `<image entrypoint> istio-iptables ARGS` (pilot-agent's spelling):
+        # with interceptd's image as the proxy-init image, that is `interceptd istio-iptables ARGS`.
+        argv = ["apply", *argv[1:]]
     try:
         args, config = parse(argv)
         handler: Callable[[argparse.Namespace, Config], int] = getattr(commands, f"cmd_{args.command}")
@@ -145,9 +152,8 @@ def main() -> None:
 def istio_iptables_main() -> None:
     """`istio-iptables ARGS`: Istio's init-container command line, unchanged."""
     argv = sys.argv[1:]
-    if argv[:1] == ["istio-iptables"]:  # `pilot-agent istio-iptables ...` spelled through the alias
-        argv = argv[1:]
-    sys.exit(run_command(["apply", *argv]))
+    # `istio-iptables istio-iptables ...` (pilot-agent's spelling through the alias) is run_command's case.
+    sys.exit(run_command(argv if argv[:1] == ["istio-iptables"] else ["apply", *argv]))
 
 
 def dumps(document: object) -> str:
