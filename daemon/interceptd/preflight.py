@@ -76,12 +76,15 @@ def needed(config: Config, ipv6: bool) -> list[Feature]:
     return features
 
 
-def document(feature: Feature) -> Json:
-    table = {"family": "inet", "name": PROBE_TABLE}
-    chain = {"family": "inet", "table": PROBE_TABLE, "name": "probe", "type": feature.hook[0],
-             "hook": feature.hook[1], "prio": feature.hook[2], "policy": "accept"}
-    rule = {"family": "inet", "table": PROBE_TABLE, "chain": "probe", "expr": list(feature.expr)}
-    return {"nftables": [{"add": {"table": table}}, {"add": {"chain": chain}}, {"add": {"rule": rule}}]}
+def document(features: list[Feature]) -> Json:
+    """One check-mode transaction probing the features, each in a base chain of its own."""
+    cmds: list[Json] = [{"add": {"table": {"family": "inet", "name": PROBE_TABLE}}}]
+    for n, feature in enumerate(features):
+        where = {"family": "inet", "table": PROBE_TABLE}
+        cmds.append({"add": {"chain": {**where, "name": f"probe{n}", "type": feature.hook[0],
+                                       "hook": feature.hook[1], "prio": feature.hook[2], "policy": "accept"}}})
+        cmds.append({"add": {"rule": {**where, "chain": f"probe{n}", "expr": list(feature.expr)}}})
+    return {"nftables": cmds}
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -95,9 +98,15 @@ def run(config: Config, ipv6: bool, probe: Probe) -> None:
         wanted = ".".join(map(str, MIN_LIBNFTABLES))
         raise PreflightError(f"libnftables {version} is too old: interceptd needs {wanted} or newer "
                              "(Debian 12's nftables and python3-nftables packages have 1.0.6)")
-    for feature in needed(config, ipv6):
+    features = needed(config, ipv6)
+    try:
+        probe.check(document(features))  # the usual case: one transaction, all there
+        return
+    except KernelRefusedError:
+        pass
+    for feature in features:  # something is missing: find out what, one feature at a time
         try:
-            probe.check(document(feature))
+            probe.check(document([feature]))
         except KernelRefusedError as exc:
             reason = str(exc).rpartition(": ")[2] or str(exc)
             if "Could not process" in str(exc) or "Operation not supported" in str(exc):

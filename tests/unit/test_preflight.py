@@ -36,7 +36,8 @@ def cfg(**flags: str) -> Config:
 def test_everything_present_passes_and_probes_only_what_is_needed() -> None:
     probe = Probe()
     preflight.run(cfg(), False, probe)
-    assert len(probe.checked) == 2 and not any("tproxy" in c for c in probe.checked)
+    assert len(probe.checked) == 1 and "redirect" in probe.checked[0] and "skuid" in probe.checked[0]
+    assert "tproxy" not in probe.checked[0] and "zone" not in probe.checked[0]
     probe = Probe()
     preflight.run(cfg(inbound_interception_mode="TPROXY", redirect_dns="true"), True, probe)
     joined = " ".join(probe.checked)
