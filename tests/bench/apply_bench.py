@@ -28,6 +28,7 @@ from common import (
     summary,
     timed,
     toml_text,
+    with_retries,
 )
 from netlab import INTERCEPTD, Lab, call_in
 
@@ -107,6 +108,9 @@ class Bench:
         }
 
     def sample(self, name: str, prepare: Callable[[], Callable[[], None]], loaded: bool) -> float:
+        return with_retries(lambda: self._sample(name, prepare, loaded), name)
+
+    def _sample(self, name: str, prepare: Callable[[], Callable[[], None]], loaded: bool) -> float:
         self.reset()
         if loaded:
             # The same ruleset already in place (bare json_cmd re-applies over interceptd's own table).

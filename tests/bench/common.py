@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent.parent
@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "daemon"))
 
 from interceptd.config import Config, load  # noqa: E402
 
+T = TypeVar("T")
 RESULTS_DIR = ROOT / "bench-results"
 BENCH_NET = ipaddress.ip_network("198.18.0.0/15")
 MAX_CIDRS = BENCH_NET.num_addresses // 8
@@ -67,6 +68,20 @@ def interleaved(contenders: dict[str, Callable[[], float]], reps: int) -> dict[s
         for name, fn in contenders.items():
             out[name].append(fn())
     return out
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 3, pause: float = 2.0) -> T:
+    """Retry a step that failed for a reason outside the benchmark (e.g. a parallel `make` re-creating .venv,
+    which briefly hides Debian's nftables binding); the last failure propagates."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except (RuntimeError, AssertionError) as exc:
+            if attempt == attempts:
+                raise
+            print(f"note: {what} failed ({str(exc)[:200]}); retrying", flush=True)
+            time.sleep(pause)
+    raise AssertionError("unreachable")
 
 
 def timed(fn: Callable[[], object]) -> float:

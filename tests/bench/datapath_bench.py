@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import istio_layout
-from common import BENCH_DIR, Report, bench_config, bench_settings, percentile, ratio, toml_text
+from common import (
+    BENCH_DIR,
+    Report,
+    bench_config,
+    bench_settings,
+    percentile,
+    ratio,
+    toml_text,
+    with_retries,
+)
 from netlab import Lab, sh
 
 OUT_DST = ("198.51.100.1", 8080)
@@ -125,7 +134,7 @@ def _sweep(dp: Datapath, installers: dict[str, Callable[[], None]], reps: int) -
     for _ in range(reps):
         for name, install in installers.items():
             dp.reset()
-            install()
+            with_retries(install, f"installing {name}")
             for direction in ("outbound", "inbound"):
                 samples.setdefault(f"{name}/{direction}", []).append(dp.measure(direction, name != "no rules"))
     dp.reset()
