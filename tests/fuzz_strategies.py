@@ -65,6 +65,10 @@ _VALID: dict[str, SearchStrategy[str]] = {
     "parse_loopback_cidr": st.tuples(st.ip_addresses(v=4, network="127.0.0.0/8"), st.integers(0, 32))
     .map(lambda t: f"{t[0]}/{t[1]}"),
     "parse_table_name": st.from_regex(r"\A[A-Za-z][A-Za-z0-9_-]{0,70}\Z"),
+    "parse_log_level": st.sampled_from(["debug", "INFO", "warning", "error"]),
+    "parse_log_format": st.sampled_from(["auto", "json", "console"]),
+    "parse_iptables_binary": st.sampled_from(["", "legacy", "nft"]),
+    "parse_path": st.from_regex(r"\A/[a-z0-9/._-]{0,30}\Z"),
     "parse_address": st.tuples(st.ip_addresses(), st.integers(0, 65536))
     .map(lambda t: f"[{t[0]}]:{t[1]}" if t[0].version == 6 else f"{t[0]}:{t[1]}"),
 }
@@ -73,9 +77,11 @@ ANY_TEXT = st.one_of(st.sampled_from(SMUGGLE), st.text(max_size=40),
                      st.text(alphabet="0123456789,-*/.:abcdef ", max_size=30))
 
 
-def value_for(option: Option, nul: bool = False) -> SearchStrategy[str]:
+def value_for(option: Option, nul: bool = False, hostile: bool = True) -> SearchStrategy[str]:
     """Text for one option: mostly plausible, often hostile. Argv and environ cannot hold NUL; TOML can."""
     valid = _VALID.get(option.parse.__name__, st.text(max_size=20))
+    if not hostile:
+        return valid.map(lambda t: t.replace("\0", ""))
     other = st.sampled_from(sorted(_VALID)).flatmap(lambda name: _VALID[name])
     text = st.one_of(valid, valid, other, ANY_TEXT)
     return text if nul else text.map(lambda t: t.replace("\0", ""))
@@ -99,6 +105,15 @@ def toml_value(draw: st.DrawFn, option: Option) -> Any:
     return {"x": draw(st.integers())}
 
 
+def _typed(option: Option, text: str) -> Any:
+    """The TOML value a careful user would write for this text: booleans and numbers unquoted."""
+    if option.kind == "bool":
+        return text in ("1", "t", "T", "true", "TRUE", "True")
+    if option.kind == "int" and text.isdigit():
+        return int(text)
+    return text
+
+
 def toml_text(data: dict[str, Any]) -> str:
     """A tiny TOML writer (the stdlib only reads TOML): keys are quoted, strings JSON-escaped."""
     return "".join(f"{json.dumps(k)} = {_toml_literal(v)}\n" for k, v in data.items())
@@ -119,8 +134,10 @@ def _toml_literal(value: Any) -> str:
 
 
 @st.composite
-def inputs(draw: st.DrawFn) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
-    """Flags (option key -> text), environment and a TOML mapping, each setting a few options."""
+def inputs(draw: st.DrawFn, hostile: bool = True) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
+    """Flags (option key -> text), environment and a TOML mapping, each setting a few options.
+
+    hostile=False keeps to plausible values, so most examples parse (for the sample checked by nft)."""
     chosen = draw(st.lists(st.sampled_from(OPTIONS), max_size=8, unique_by=lambda o: o.key))
     flags: dict[str, str] = {}
     env: dict[str, str] = {}
@@ -128,12 +145,13 @@ def inputs(draw: st.DrawFn) -> tuple[dict[str, str], dict[str, str], dict[str, A
     for option in chosen:
         where = draw(st.sampled_from(["flag", "env", "toml"] if option.envs else ["flag", "toml"]))
         if where == "flag":
-            flags[option.key] = draw(value_for(option))
+            flags[option.key] = draw(value_for(option, hostile=hostile))
         elif where == "env":
-            env[draw(st.sampled_from(option.envs))] = draw(value_for(option))
+            env[draw(st.sampled_from(option.envs))] = draw(value_for(option, hostile=hostile))
         else:
-            toml[option.key] = draw(toml_value(option))
-    if draw(st.booleans()):
+            toml[option.key] = draw(toml_value(option) if hostile else value_for(option, hostile=False)
+                                    .map(lambda t, o=option: _typed(o, t)))
+    if hostile and draw(st.booleans()):
         toml[draw(st.sampled_from(["nope", "envoy-port", "table.x", "", "ENVOY_PORT"]))] = 1
     return flags, env, toml
 
