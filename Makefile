@@ -7,7 +7,7 @@ SYSPY := /usr/bin/python3
 APT_PACKAGES := nftables python3-nftables python3-venv iproute2 iptables util-linux prometheus containernetworking-plugins systemd
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps venv test unit integration lint demo bench clean docs image-test
+.PHONY: all deps venv test unit integration lint demo bench clean docs image-test fuzz
 
 all: test
 
@@ -36,6 +36,11 @@ unit: venv
 
 test: venv lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+# 10x the CI budget of the config fuzz (100,000+ examples), with fresh randomness instead of a fixed seed.
+fuzz: venv
+	FUZZ_PROFILE=fuzz FUZZ_EXAMPLES=10 $(VENV)/bin/pytest -q -p no:cacheprovider --hypothesis-show-statistics \
+	  tests/unit/test_fuzz_config.py tests/integration/test_hardening_fuzz_nft.py
 
 demo: venv
 	$(PY) tests/demo.py
