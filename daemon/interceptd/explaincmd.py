@@ -34,10 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="a local process connects out (default)")
     way.add_argument("--inbound", dest="direction", action="store_const", const="inbound",
                      help="a connection arrives from outside the pod")
-    g.add_argument("--protocol", choices=("tcp", "udp"), default="tcp")
+    g.add_argument("--protocol", choices=("tcp", "udp"), default="tcp", help="default: tcp")
     g.add_argument("--dst", metavar="ADDR:PORT", help="destination ([v6]:port for IPv6)")
-    g.add_argument("--dst-addr", metavar="ADDR")
-    g.add_argument("--dst-port", metavar="PORT")
+    g.add_argument("--dst-addr", metavar="ADDR", help="destination address (instead of --dst)")
+    g.add_argument("--dst-port", metavar="PORT", help="destination port (with --dst-addr)")
     g.add_argument("--src", metavar="ADDR[:PORT]", help="source (default: what the route picks)")
     g.add_argument("--uid", help="socket owner, name or number (outbound; default: yours)")
     g.add_argument("--gid", help="socket group, name or number (outbound; default: yours)")
