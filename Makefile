@@ -40,7 +40,7 @@ test: venv lint
 # 10x the CI budget of the config fuzz (100,000+ examples), with fresh randomness instead of a fixed seed.
 fuzz: venv
 	FUZZ_PROFILE=fuzz FUZZ_EXAMPLES=10 $(VENV)/bin/pytest -q -p no:cacheprovider --hypothesis-show-statistics \
-	  tests/unit/test_fuzz_config.py tests/integration/test_hardening_fuzz_nft.py
+	  tests/unit/test_fuzz_config.py tests/integration/test_hardening_fuzz_nft.py tests/integration/test_explain_kernel.py
 
 demo: venv
 	$(PY) tests/demo.py
