@@ -12,12 +12,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from netlab import VENV_BIN, delete_ns, new_ns, sh
+from netlab import VENV_BIN, delete_ns, new_ns, sh, wait_until
 
 CNI_BIN = "/usr/lib/cni"
 INTERCEPTD_CNI = str(VENV_BIN / "interceptd-cni")
@@ -107,7 +112,7 @@ def table_listing(ns: str, table: str = "interceptd") -> str | None:
 
 @dataclass
 class NsDir:
-    """A directory of network namespace files, each with a dummy interface and a documentation address."""
+    """A directory of network namespace files, each with a documentation address (on lo: no module needed)."""
 
     path: str = ""
     names: list[str] = field(default_factory=list)
@@ -117,13 +122,12 @@ class NsDir:
         return self
 
     def add(self, name: str, address: str) -> str:
-        """Create namespace `name` (address like 198.51.100.7/32 on a dummy interface); returns its file."""
+        """Create namespace `name` with `address` (like 198.51.100.7/32); returns its file."""
         file = os.path.join(self.path, name)
         open(file, "w").close()
         self.names.append(name)
         subprocess.run(["unshare", f"--net={file}", "sh", "-c",
-                        f"ip link set lo up && ip link add d0 type dummy && ip addr add {address} dev d0 "
-                        f"&& ip link set d0 up"], check=True, capture_output=True)
+                        f"ip link set lo up && ip addr add {address} dev lo"], check=True, capture_output=True)
         return file
 
     def remove(self, name: str) -> None:
@@ -134,6 +138,14 @@ class NsDir:
         if name in self.names:
             self.names.remove(name)
 
+    def bind(self, name: str, netns_file: str) -> str:
+        """Show an existing namespace (e.g. a netlab pod) in this directory too, under `name`."""
+        file = os.path.join(self.path, name)
+        open(file, "w").close()
+        self.names.append(name)
+        subprocess.run(["mount", "--bind", netns_file, file], check=True, capture_output=True)
+        return file
+
     def run_in(self, name: str, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["nsenter", f"--net={os.path.join(self.path, name)}", *cmd], check=check, text=True,
                               capture_output=True)
@@ -142,3 +154,75 @@ class NsDir:
         for name in list(self.names):
             self.remove(name)
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class NodeAgent:
+    """`interceptd node` as a subprocess in the host namespace (it only ever enters the namespaces it is given)."""
+
+    state_dir: str
+    netns_dir: str = ""
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    proc: subprocess.Popen[str] | None = None
+    log_path: str = ""
+
+    def start(self, wait_ready: float = 60.0) -> NodeAgent:
+        self.port = self.port or free_port()
+        self.log_path = os.path.join(self.state_dir, f"agent-{time.monotonic_ns()}.log")
+        os.makedirs(self.state_dir, exist_ok=True)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "INTERCEPTD_STATE_DIR": self.state_dir,
+               "INTERCEPTD_NETNS_DIR": self.netns_dir, "INTERCEPTD_METRICS_ADDRESS": f"127.0.0.1:{self.port}",
+               "INTERCEPTD_LOG_FORMAT": "json", "INTERCEPTD_RECONCILE_INTERVAL": "2", **self.env}
+        with open(self.log_path, "w", encoding="utf-8") as log:
+            self.proc = subprocess.Popen([str(VENV_BIN / "interceptd"), "node", *self.args], env=env, stderr=log,
+                                         stdout=subprocess.DEVNULL, text=True)
+        if wait_ready and not wait_until(lambda: self.get("/readyz")[0] == 200, wait_ready, 0.1):
+            raise AssertionError(f"node agent not ready: {self.get('/readyz')} {self.logs()[-2000:]}")
+        return self
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError as exc:
+            return 0, str(exc)
+
+    def metrics(self) -> dict[str, float]:
+        """`name{labels}` -> value, from the text exposition."""
+        status, text = self.get("/metrics")
+        assert status == 200, text
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.logs().splitlines() if line.startswith("{")]
+
+    def logs(self) -> str:
+        with open(self.log_path, encoding="utf-8") as fh:
+            return fh.read()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> NodeAgent:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

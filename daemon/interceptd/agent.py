@@ -32,7 +32,9 @@ from .sdnotify import Notifier
 from .state import AgentState
 
 # A reload cannot move the agent to another table, lock or listener: those need a restart.
-RESTART_KEYS = ("table", "state_dir", "metrics_address")
+RESTART_KEYS = ("table", "state_dir", "metrics_address", "own_table")
+NO_PERSIST = ("libnftables or the kernel cannot set the persist flag: the owned table goes away when this agent "
+              "exits (stop, crash or restart), and traffic is not captured until the next start")
 SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
 
@@ -232,6 +234,11 @@ class Agent:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
         try:
             self._set_events(self.config.kernel_events)  # before the first apply: no change goes unseen
+            if self.config.own_table:  # the owner is this agent's libnftables context, for its lifetime
+                flags = self.kernel.own(self.config.table)
+                persist = "persist" in flags
+                (self.log.info if persist else self.log.warning)("own-table", flags=list(flags),
+                                                                 note="" if persist else NO_PERSIST)
             self.apply_desired("start")
             self._loop()
         finally:
@@ -285,12 +292,19 @@ class Agent:
                 install.remove(self.kernel, self.config.table)
             except KernelRefusedError as exc:
                 error = str(exc)
+        self.close()
+        self._event("error" if error else "info", "stop", started, [], error,
+                    removed=self.config.cleanup_on_exit and error is None)
+
+    def close(self) -> None:
+        """Release the loop's and the kernel events' descriptors; the rules are not touched.
+
+        The node agent, which drives many agents from its own loop, closes one when its namespace goes.
+        """
         self._set_events(False)
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
-        self._event("error" if error else "info", "stop", started, [], error,
-                    removed=self.config.cleanup_on_exit and error is None)
 
     def _reconfigure(self, config: Config) -> None:
         """Take over the agent settings of a reloaded configuration."""

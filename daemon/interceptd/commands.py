@@ -35,6 +35,9 @@ def cmd_render(args: argparse.Namespace, config: Config) -> int:
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     if config.cleanup_only:
         return cmd_cleanup(args, config)
+    if config.own_table:
+        raise ConfigError("--own-table needs `interceptd run`: an owned table belongs to the process that made it, "
+                          "and apply exits at once")
     if config.dry_run:
         # Istio's nft backend applies for real in dry-run; interceptd never touches the kernel.
         print_render(config, facts_for(config))
@@ -53,11 +56,16 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace, config: Config) -> int:
+def _start_agent(config: Config, command: str) -> None:
+    """The one-shot flags make no sense for an agent that keeps the rules; then set up its logging."""
     for key in ("dry_run", "cleanup_only", "skip_rule_apply", "run_validation"):
         if getattr(config, key):
-            raise ConfigError(f"{OPTIONS_BY_KEY[key].flag} cannot be used with run")
+            raise ConfigError(f"{OPTIONS_BY_KEY[key].flag} cannot be used with {command}")
     logs.configure(config.log_level, config.log_format)
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    _start_agent(config, "run")
     agent = Agent(config, lambda: load_all(args.option_flags, config_path=args.config))
     return agent.run()
 
@@ -69,10 +77,26 @@ def cmd_cleanup(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_node(args: argparse.Namespace, config: Config) -> int:
+    from .node import Node, dir_config_loader
+
+    _start_agent(config, "node")
+    return Node(config, dir_config_loader(args.option_flags, args.config, config.netns_config_dir)).run()
+
+
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    listing = NftKernel().list_table(config.table)
+    kernel, table = NftKernel(), config.table
+    if args.netns:
+        from .node import agent_view, locate
+
+        if args.explain_top is not None:
+            raise ConfigError("--explain-top cannot be used with --netns: run it inside the namespace")
+        path, table = locate(config, args.netns)
+        kernel = NftKernel(netns=path)
+        print(f"network namespace {args.netns} ({path}); {agent_view(config, args.netns)}")
+    listing = kernel.list_table(table)
     if listing is None:
-        print(f"interceptd: table inet {config.table} is not installed", file=sys.stderr)
+        print(f"interceptd: table inet {table} is not installed", file=sys.stderr)
         return 3
     if args.explain_top is not None:
         from . import explaincmd
@@ -81,9 +105,9 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         return 0
     stats = status.chain_stats(listing)
     if args.json:
-        print(json.dumps(status.as_json(config.table, stats), indent=2))
+        print(json.dumps(status.as_json(table, stats), indent=2))
     else:
-        print(status.format_table(config.table, stats, status.set_elements(listing)))
+        print(status.format_table(table, stats, status.set_elements(listing)))
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 from typing import Any, Protocol
 
@@ -27,6 +28,9 @@ class Kernel(Protocol):
     def list_table(self, table: str, family: str = "inet") -> list[Json] | None:
         """The table's JSON listing (objects, with counter values), or None when it does not exist."""
 
+    def own(self, table: str, family: str = "inet") -> tuple[str, ...]:
+        """Make the table owned by this kernel context (created if missing); returns the flags read back."""
+
     def list_counters(self, table: str, family: str = "inet") -> list[Json] | None:
         """Only the table's named counters (a scrape: its size does not grow with the sets), or None."""
 
@@ -44,19 +48,32 @@ def describe_command(cmd: Json) -> str:
 
 
 class NftKernel:
-    """libnftables through Debian's python3-nftables, in the network namespace the process is in."""
+    """libnftables through Debian's python3-nftables, in the caller's network namespace or in `netns`.
 
-    def __init__(self) -> None:
+    A libnftables context binds to the namespace its thread is in when it is created, so one made inside
+    `netns` (a namespace file) keeps working there from any thread: the node agent holds one per pod.
+    """
+
+    def __init__(self, netns: str = "") -> None:
         try:
             import nftables
         except ImportError:
             raise BindingMissingError(BINDING_HINT) from None
-        self._nft = nftables.Nftables()
+        self.netns = netns  # routes.router_for puts the TPROXY routes in the same namespace
+        if netns:
+            from .netns import entered
+
+            with entered(netns):
+                self._nft = nftables.Nftables()
+        else:
+            self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
         self._nft.set_handle_output(False)
         self._lock = threading.Lock()  # one libnftables context is not safe for concurrent use
+        self._owned: set[tuple[str, str]] = set()  # tables this context created with the owner flag
 
     def _run(self, document: Json, dry_run: bool = False) -> tuple[int, str]:
+        document = self._for_owned(document)
         with self._lock:
             self._nft.set_dry_run(dry_run)
             try:
@@ -65,11 +82,77 @@ class NftKernel:
                 self._nft.set_dry_run(False)
         return rc, str(err).strip()
 
+    def _text(self, command: str, dry_run: bool = False) -> tuple[int, str, str]:
+        """A command in nft's text syntax, with text output: the only way to set and read table flags."""
+        with self._lock:
+            self._nft.set_json_output(False)
+            self._nft.set_dry_run(dry_run)
+            try:
+                rc, out, err = self._nft.cmd(command)
+            finally:
+                self._nft.set_json_output(True)
+                self._nft.set_dry_run(False)
+        return rc, str(out), str(err).strip()
+
+    def _for_owned(self, document: Json) -> Json:
+        """Drop `add table` for tables we own: it would ask to clear the owner flag, which the kernel refuses."""
+        if not self._owned:
+            return document
+        return {"nftables": [cmd for cmd in document["nftables"] if not (
+            "add" in cmd and "table" in cmd["add"] and _ref(cmd["add"]["table"]) in self._owned)]}
+
     def apply(self, document: Json) -> None:
         rc, err = self._run(document)
         if rc != 0:
+            hint = ""
+            if "Operation not permitted" in err and any("owner" in self.table_flags(name, fam)
+                                                        for fam, name in _tables(document)):
+                hint = " (the table is owned by another process: an agent running with --own-table; stop it first)"
             raise KernelRefusedError(f"libnftables refused the transaction, nothing was changed: "
-                                     f"{self._culprit(document)}: {_one_line(err)}")
+                                     f"{self._culprit(document)}: {_one_line(err)}{hint}")
+        for cmd in document["nftables"]:
+            if "delete" in cmd and "table" in cmd["delete"]:
+                self._owned.discard(_ref(cmd["delete"]["table"]))
+
+    def persist_supported(self) -> bool:
+        """Can this libnftables and kernel keep an owned table after its owner exits (flag `persist`)?"""
+        rc, _out, _err = self._text("add table inet interceptd-probe { flags owner, persist; }", dry_run=True)
+        return rc == 0
+
+    def own(self, table: str, family: str = "inet") -> tuple[str, ...]:
+        """Make the table owned by this context: no other process can then flush, edit or delete it.
+
+        A missing table is created with the flag. An existing one cannot gain it, so it is replaced in one
+        text transaction by a copy of itself (its own listing, counters included) that carries the flag:
+        traffic never sees an empty table. The flags are read back: some versions ignore what they lack.
+        """
+        if (family, table) in self._owned:
+            return self.table_flags(table, family)
+        flags = "owner, persist" if self.persist_supported() else "owner"
+        rc, listing, err = self._text(f"list table {family} {table}")
+        if rc != 0 and "No such file or directory" not in err:
+            raise KernelRefusedError(f"cannot list table {family} {table}: {_one_line(err)}")
+        if rc != 0:
+            script = f"add table {family} {table} {{ flags {flags}; }}"
+        elif "owner" in _flags_of(listing):
+            raise KernelRefusedError(f"table {family} {table} is already owned by another process")
+        else:
+            head, _, body = listing.partition("\n")
+            script = f"delete table {family} {table}\n{head}\n\tflags {flags}\n{body}"
+        rc, _out, err = self._text(script)
+        if rc != 0:
+            raise KernelRefusedError(f"cannot make table {family} {table} owned (flags {flags}): {_one_line(err)}")
+        self._owned.add((family, table))
+        got = self.table_flags(table, family)
+        if "owner" not in got:
+            self._owned.discard((family, table))
+            raise KernelRefusedError(f"table {family} {table}: the kernel did not keep the owner flag")
+        return got
+
+    def table_flags(self, table: str, family: str = "inet") -> tuple[str, ...]:
+        """The table's flags from the text listing (libnftables 1.0.6 prints garbage for them in JSON)."""
+        rc, listing, _err = self._text(f"list table {family} {table}")
+        return _flags_of(listing) if rc == 0 else ()
 
     def check(self, document: Json) -> None:
         """libnftables' check mode: the kernel validates the whole transaction and commits nothing."""
@@ -98,13 +181,29 @@ class NftKernel:
             rc, out, err = self._nft.cmd("list tables inet")
         if rc != 0:
             raise KernelRefusedError(f"cannot list tables: {_one_line(str(err))}")
-        for item in json.loads(out)["nftables"]:
-            if "metainfo" in item:
-                return str(item["metainfo"]["version"])
-        return "unknown"
+        # Not json.loads: an owned table's flags make libnftables 1.0.6 print garbage further on.
+        match = re.search(r'"metainfo": \{"version": "([^"]+)"', str(out))
+        return match.group(1) if match else "unknown"
 
     def list_table(self, table: str, family: str = "inet") -> list[Json] | None:
-        return self._list(f"list table {family} {table}")
+        """A table with flags is listed piece by piece: libnftables 1.0.6 prints a table's flags in JSON from
+        freed memory (garbage, invalid JSON or no output at all), and only the table object carries them."""
+        if (family, table) not in self._owned:
+            try:
+                items = self._list(f"list table {family} {table}")
+                if items is None or (items and "flags" not in items[0].get("table", {"flags": None})):
+                    return items
+            except ValueError:
+                pass
+        rc, listing, err = self._text(f"list table {family} {table}")
+        if rc != 0:
+            if "No such file or directory" in err:
+                return None
+            raise KernelRefusedError(f"cannot list table {family} {table}: {_one_line(err)}")
+        commands = [f"list counters table {family} {table}", f"list sets table {family} {table}",
+                    *(f"list chain {family} {table} {name}" for name in _CHAIN.findall(listing))]
+        items = self._list("\n".join(commands)) or []
+        return [{"table": {"family": family, "name": table}}, *items]
 
     def list_counters(self, table: str, family: str = "inet") -> list[Json] | None:
         return self._list(f"list counters table {family} {table}")
@@ -116,8 +215,36 @@ class NftKernel:
             if "No such file or directory" in str(err):
                 return None
             raise KernelRefusedError(f"cannot {command}: {_one_line(str(err))}")
-        items: list[Json] = json.loads(out)["nftables"]
+        items: list[Json] = []
+        decoder, text, pos = json.JSONDecoder(), str(out).strip(), 0
+        while pos < len(text):  # several commands print one document each
+            document, pos = decoder.raw_decode(text, pos)
+            items += document["nftables"]
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
         return [item for item in items if "metainfo" not in item]
+
+
+_FLAGS = re.compile(r"^\tflags (.+)$", re.M)
+_CHAIN = re.compile(r"^\tchain (\S+) \{$", re.M)
+
+
+def _flags_of(listing: str) -> tuple[str, ...]:
+    match = _FLAGS.search(listing.partition("\n\n")[0])  # the table's own lines, before its first object
+    return tuple(f.strip() for f in match.group(1).split(",")) if match else ()
+
+
+def _ref(obj: Json) -> tuple[str, str]:
+    return str(obj.get("family", "")), str(obj.get("name", ""))
+
+
+def _tables(document: Json) -> set[tuple[str, str]]:
+    out = set()
+    for cmd in document["nftables"]:
+        ((_verb, body),) = cmd.items()
+        ((kind, obj),) = body.items()
+        out.add(_ref(obj) if kind == "table" else (str(obj.get("family", "")), str(obj.get("table", ""))))
+    return out
 
 
 def _one_line(text: str) -> str:
@@ -186,6 +313,10 @@ class FakeKernel:
                 t["counters"].setdefault(name, {**copy.deepcopy(obj), "packets": 0, "bytes": 0})
             else:
                 del t["counters"][name]
+
+    def own(self, table: str, family: str = "inet") -> tuple[str, ...]:
+        self.tables.setdefault((family, table), {"chains": {}, "sets": {}, "counters": {}, "rules": []})
+        return ("owner",)
 
     def list_table(self, table: str, family: str = "inet") -> list[Json] | None:
         t = self.tables.get((family, table))

@@ -231,10 +231,11 @@ class MetricsServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], kernel: Kernel, state: AgentState) -> None:
+    def __init__(self, address: tuple[str, int], kernel: Kernel | CollectorRegistry, state: AgentState) -> None:
+        """`kernel`: one table's kernel, or a ready registry (the node agent's, over many namespaces)."""
         self.address_family = socket.AF_INET6 if ipaddress.ip_address(address[0]).version == 6 else socket.AF_INET
         self.state = state
-        self.registry = registry(kernel, state)
+        self.registry = kernel if isinstance(kernel, CollectorRegistry) else registry(kernel, state)
         try:
             super().__init__(address, _Handler)
         except OSError as exc:

@@ -80,3 +80,37 @@ def entered(path: str) -> Iterator[None]:
                 os._exit(70)
     finally:
         os.close(home)
+
+
+IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x4, 0x40, 0x80, 0x100, 0x200
+
+
+class DirWatch:
+    """inotify on one directory: readable when an entry appears, goes or changes (the caller rescans).
+
+    `ip netns add` creates the file before it bind-mounts the namespace on it (no event for the mount), so
+    a caller finding a plain file must look again shortly; netns.identity tells the two apart.
+    """
+
+    def __init__(self, path: str) -> None:
+        fd: int = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        mask = IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+        if _libc.inotify_add_watch(fd, os.fsencode(path), mask) < 0:
+            err = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(err, f"inotify_add_watch {path!r}: {os.strerror(err)}")
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._fd, 65536):
+                pass
+
+    def close(self) -> None:
+        os.close(self._fd)

@@ -86,6 +86,10 @@ def read(state_dir: str, name: str) -> Record | None:
     return record if record.source in SOURCES and isinstance(record.settings, dict) else None
 
 
+def exists(state_dir: str, name: str) -> bool:
+    return os.path.exists(_file(state_dir, name))
+
+
 def remove(state_dir: str, name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(_file(state_dir, name))

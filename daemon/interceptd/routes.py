@@ -90,15 +90,21 @@ def remove(router: Router) -> list[Entry]:
 
 
 class Netlink:
-    """The current network namespace, through pyroute2."""
+    """The caller's network namespace, or the one at `netns` (a namespace file), through pyroute2."""
 
-    def __init__(self, addresses: Iterable[str] = ("::6",)) -> None:
+    def __init__(self, addresses: Iterable[str] = ("::6",), netns: str = "") -> None:
         self._addresses = tuple(addresses)  # which addresses on lo `owned` reports
+        self._netns = netns
 
     def _ipr(self) -> Any:
         from pyroute2 import IPRoute
 
-        return IPRoute()
+        if not self._netns:
+            return IPRoute()
+        from .netns import entered
+
+        with entered(self._netns):  # the netlink socket stays bound to the namespace it was opened in
+            return IPRoute()
 
     def owned(self) -> set[Entry]:
         out: set[Entry] = set()
@@ -181,5 +187,5 @@ def router_for(kernel: object) -> Router:
     from .kernel import NftKernel
 
     if isinstance(kernel, NftKernel):
-        return Netlink()
+        return Netlink(netns=kernel.netns)
     return _FAKES.setdefault(kernel, FakeRouter())
