@@ -323,8 +323,49 @@ def run(env: Mapping[str, str], stdin: str) -> tuple[int, dict[str, Any]]:
         return 1, error
 
 
+def install_conflist(conf_dir: str, plugin: dict[str, Any]) -> str:
+    """Chain `plugin` last in the node's network: the first .conflist in name order, the one runtimes use.
+
+    Re-running replaces the earlier entry (an upgrade), so the chain never holds interceptd-cni twice.
+    """
+    try:
+        names = sorted(n for n in os.listdir(conf_dir) if n.endswith(".conflist"))
+    except OSError as exc:
+        raise ConfigError(f"CNI configuration directory {conf_dir!r}: {exc.strerror}") from None
+    if not names:
+        raise ConfigError(f"CNI configuration directory {conf_dir!r}: no .conflist to chain into (is the "
+                          f"network plugin installed yet?)")
+    path = os.path.join(conf_dir, names[0])
+    try:
+        with open(path, encoding="utf-8") as fh:
+            conf = json.load(fh)
+        plugins = [p for p in conf["plugins"] if p.get("type") != plugin["type"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path!r}: not a CNI conflist: {exc}") from None
+    conf["plugins"] = [*plugins, plugin]
+    tmp = f"{path}.interceptd.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(conf, fh, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
 def main() -> NoReturn:
+    """The CNI protocol; or `install CONF_DIR [SETTINGS_JSON]`, the DaemonSet's init step."""
+    if sys.argv[1:2] == ["install"] and len(sys.argv) in (3, 4):
+        try:
+            own = json.loads(sys.argv[3]) if len(sys.argv) == 4 else {}
+            path = install_conflist(sys.argv[2], {"type": "interceptd-cni", "interceptd": own})
+        except (ConfigError, ValueError) as exc:
+            print(f"interceptd-cni: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        print(f"interceptd-cni: chained into {path}", file=sys.stderr)
+        sys.exit(0)
     code, out = run(os.environ, sys.stdin.read() if not sys.stdin.isatty() else "")
     if out or code:
         print(json.dumps(out))
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

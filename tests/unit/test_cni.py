@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import json
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +88,18 @@ def test_del_needs_no_netns_and_version_needs_no_config() -> None:
     assert cni.parse_request({**ENV, "CNI_COMMAND": "DEL", "CNI_NETNS": ""}, CONF).netns_path == ""
     rc, out = cni.run({"CNI_COMMAND": "VERSION"}, "")
     assert rc == 0 and out["supportedVersions"] == list(cni.SUPPORTED_VERSIONS)
+
+
+def test_install_chains_into_the_first_conflist_once(tmp_path: Path) -> None:
+    first = {"cniVersion": "1.0.0", "name": "k8s", "plugins": [{"type": "bridge"}, {"type": "portmap"}]}
+    (tmp_path / "10-k8s.conflist").write_text(json.dumps(first))
+    (tmp_path / "20-other.conflist").write_text(json.dumps({**first, "name": "other"}))
+    plugin = {"type": "interceptd-cni", "interceptd": {"state_dir": "/run/interceptd"}}
+    for _ in range(2):  # an upgrade re-runs the init step
+        assert cni.install_conflist(str(tmp_path), plugin) == str(tmp_path / "10-k8s.conflist")
+    chained = json.loads((tmp_path / "10-k8s.conflist").read_text())
+    assert [p["type"] for p in chained["plugins"]] == ["bridge", "portmap", "interceptd-cni"]
+    assert json.loads((tmp_path / "20-other.conflist").read_text())["plugins"] == first["plugins"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no .conflist"):
+        cni.install_conflist(str(tmp_path / "empty"), plugin)
