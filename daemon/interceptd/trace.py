@@ -142,9 +142,10 @@ def _trace_socket() -> socket.socket:
     return sock
 
 
-def _drain(sock: socket.socket, quiet_s: float) -> list[TraceEvent]:
+def _drain(sock: socket.socket, quiet_s: float, first_s: float = 2.0) -> list[TraceEvent]:
+    """Events until none came for quiet_s; on a loaded host the first may take longer (softirq backlog)."""
     events: list[TraceEvent] = []
-    while select.select([sock], [], [], quiet_s)[0]:
+    while select.select([sock], [], [], quiet_s if events else first_s)[0]:
         events += parse_messages(sock.recv(65536))
     return events
 
