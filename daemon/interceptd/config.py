@@ -136,6 +136,10 @@ OPTIONS: tuple[Option, ...] = (
          "run: react to nftables change events at once (else only the periodic check).", "agent"),
     _opt("cleanup_on_exit", "cleanup-on-exit", None, ("INTERCEPTD_CLEANUP_ON_EXIT",), v.parse_bool, "false",
          "bool", "run: remove the rules when the agent stops (default: keep them; fail closed).", "agent"),
+    _opt("own_table", "own-table", None, ("INTERCEPTD_OWN_TABLE",), v.parse_bool, "false", "bool",
+         "run: create the table with nftables' owner flag, so no other process can flush, edit or delete it "
+         "(drift becomes impossible). Without the persist flag (libnftables < 1.1, kernel < 6.9) the table also "
+         "goes away when the agent exits: traffic is not captured until it starts again.", "agent"),
     _opt("metrics_address", "metrics-address", None, ("INTERCEPTD_METRICS_ADDRESS",), v.parse_address,
          "127.0.0.1:15321", "str",
          "run: HOST:PORT of /metrics, /healthz and /readyz ('' = off). Port 15321 is used by no mesh. "
@@ -204,6 +208,7 @@ class Config:
     reconcile_interval: float
     kernel_events: bool
     cleanup_on_exit: bool
+    own_table: bool
     metrics_address: tuple[str, int] | None
     state_dir: str
     netns_dir: str

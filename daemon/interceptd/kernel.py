@@ -200,6 +200,7 @@ class NftKernel:
             if "No such file or directory" in err:
                 return None
             raise KernelRefusedError(f"cannot list table {family} {table}: {_one_line(err)}")
+        # One command each: in one buffer, libnftables 1.0.6 filters its cache for the first `list chain` only.
         commands = [f"list counters table {family} {table}", f"list sets table {family} {table}",
                     *(f"list chain {family} {table} {name}" for name in _CHAIN.findall(listing))]
         items = self._list("\n".join(commands)) or []
@@ -215,13 +216,7 @@ class NftKernel:
             if "No such file or directory" in str(err):
                 return None
             raise KernelRefusedError(f"cannot {command}: {_one_line(str(err))}")
-        items: list[Json] = []
-        decoder, text, pos = json.JSONDecoder(), str(out).strip(), 0
-        while pos < len(text):  # several commands print one document each
-            document, pos = decoder.raw_decode(text, pos)
-            items += document["nftables"]
-            while pos < len(text) and text[pos].isspace():
-                pos += 1
+        items: list[Json] = json.loads(out)["nftables"] if out else []
         return [item for item in items if "metainfo" not in item]
 
 
