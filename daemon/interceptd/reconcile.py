@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+from . import routes
 from .install import Applied
 from .kernel import Json, Kernel
 from .nftjson import normalise
 
 # Reasons, most severe first: a repair is counted under the first reason of its differences.
-REASONS = ("table missing", "chain deleted", "chain flushed", "chain changed", "chain added", "rule removed",
-           "rule added", "rule changed", "rules reordered", "set deleted", "set changed", "set added",
+REASONS = ("table missing", "routes missing", "chain deleted", "chain flushed", "chain changed", "chain added",
+           "rule removed", "rule added", "rule changed", "rules reordered", "set deleted", "set changed", "set added",
            "counter deleted", "counter added", "object changed")
 MAX_DETAILS = 12
 
@@ -36,10 +37,15 @@ def check(kernel: Kernel, applied: Applied) -> list[Difference]:
 
     The one place drift is decided: checks of other kernel state (TPROXY policy routes) belong here.
     """
-    listing = kernel.list_table(applied.ruleset.table, applied.ruleset.family)
+    ruleset = applied.ruleset
+    out = []
+    if ruleset.routes or ruleset.lo_addresses:
+        out = [Difference("routes missing", f"`{entry}` is missing")
+               for entry in routes.missing(ruleset, routes.router_for(kernel))]
+    listing = kernel.list_table(ruleset.table, ruleset.family)
     if listing is None:
-        return [Difference("table missing", f"table {applied.ruleset.family} {applied.ruleset.table} is missing")]
-    return compare(applied.listing, normalise(listing))
+        return [Difference("table missing", f"table {ruleset.family} {ruleset.table} is missing"), *out]
+    return sorted(out + compare(applied.listing, normalise(listing)), key=lambda d: d.rank)
 
 
 def primary_reason(differences: list[Difference]) -> str:

@@ -340,3 +340,18 @@ def test_cleanup_on_exit_removes_the_rules(start: Any, pod: Lab, sig: int) -> No
     assert time.monotonic() - started < 2.0 and agent.proc.returncode == 0
     assert sh("nft", "list", "table", "inet", "interceptd", ns=pod.pod, check=False).returncode != 0
     assert not intercepted(pod)
+
+
+def test_deleted_tproxy_policy_rule_is_repaired_by_events(start: Any, pod: Lab) -> None:
+    agent = start("-m", "TPROXY", "-b", "*", "-i", "198.51.100.0/24", "--reconcile-interval", "60")
+    rule = ["ip", "rule", "del", "fwmark", "1337", "lookup", "133"]
+    assert "lookup 133" in sh("ip", "rule", "show", ns=pod.pod).stdout
+    before = len(agent.events("repair"))
+    t0 = time.time()
+    sh(*rule, ns=pod.pod)
+    assert wait_until(lambda: len(agent.events("repair")) > before, timeout=2.0), agent.log_text()
+    event = agent.events("repair")[before]
+    assert event["seen_by"] == "event" and "`ip rule fwmark 1337 lookup 133` is missing" in event["drift"], event
+    assert utc(event["timestamp"]) - t0 < 1.0
+    assert "fwmark 0x539 lookup 133" in sh("ip", "rule", "show", ns=pod.pod).stdout
+    assert intercepted(pod)  # outbound capture is REDIRECT in TPROXY mode too
