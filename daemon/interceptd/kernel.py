@@ -203,8 +203,7 @@ class NftKernel:
         # One command each: in one buffer, libnftables 1.0.6 filters its cache for the first `list chain` only.
         commands = [f"list counters table {family} {table}", f"list sets table {family} {table}",
                     *(f"list chain {family} {table} {name}" for name in _CHAIN.findall(listing))]
-        items = self._list("\n".join(commands)) or []
-        return [{"table": {"family": family, "name": table}}, *items]
+        return [{"table": {"family": family, "name": table}}, *(i for c in commands for i in self._list(c) or [])]
 
     def list_counters(self, table: str, family: str = "inet") -> list[Json] | None:
         return self._list(f"list counters table {family} {table}")
