@@ -46,6 +46,23 @@ def test_event_filter_survives_truncation() -> None:
     assert events.concerns(struct.pack("=IHHII", 4, 0, 0, 0, 0), b"interceptd", inet)  # malformed: check
 
 
+def rt_message(msg_type: int, header: bytes, *attrs: bytes) -> bytes:
+    body = header + b"".join(attrs)
+    return struct.pack("=IHHII", 16 + len(body), msg_type, 0, 1, 0) + body
+
+
+def test_route_event_filter_only_wakes_for_what_interceptd_owns() -> None:
+    rule_hdr = struct.pack("=BBBBBBBBI", 2, 0, 0, 0, 133, 0, 0, 1, 0)
+    ours = rt_message(events.RTM_DELRULE, rule_hdr, attr(events.FRA_PROTOCOL, bytes([245])))
+    foreign = rt_message(events.RTM_DELRULE, rule_hdr, attr(events.FRA_PROTOCOL, bytes([4])))
+    route = struct.pack("=BBBBBBBBI", 2, 0, 0, 0, 133, 245, 254, 2, 0)
+    kernel_route = struct.pack("=BBBBBBBBI", 2, 24, 0, 0, 254, 2, 253, 1, 0)
+    assert events.concerns_routes(foreign + ours)
+    assert not events.concerns_routes(foreign + rt_message(events.RTM_NEWROUTE, kernel_route))
+    assert events.concerns_routes(rt_message(events.RTM_DELROUTE, route))
+    assert events.concerns_routes(rt_message(events.RTM_DELADDR, b"\0" * 8))
+
+
 def receiver(tmp_path: Path) -> tuple[socket.socket, str]:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     path = str(tmp_path / "notify")
