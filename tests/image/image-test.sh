@@ -1,8 +1,8 @@
 #!/bin/bash
 # `make image-test`: run the Containerfile's install step (config/container/install.sh --image) on a real
 # Debian 12 root built by debootstrap, then use the result as the image would be used: --version, render,
-# the istio-iptables alias, apply/status/cleanup with nothing but CAP_NET_ADMIN on a read-only root in a
-# network namespace of our own, and the HEALTHCHECK command.
+# and, with nothing but CAP_NET_ADMIN on a read-only root in a network namespace of our own, the
+# istio-iptables alias, status, cleanup, and `interceptd run` answering the HEALTHCHECK command and /readyz.
 #
 #   image-test.sh CACHE_DIR    the debootstrap'd base is kept in CACHE_DIR/bookworm and reused;
 #                              DEBIAN_MIRROR overrides the mirror (default: the one this machine's apt uses)
@@ -67,8 +67,8 @@ if [ -r /etc/ssl/certs/ca-certificates.crt ]; then
 	cp /etc/ssl/certs/ca-certificates.crt "$root/tmp/host-ca.crt"
 	build_env+=(PIP_CERT=/tmp/host-ca.crt)
 fi
-# A private mount namespace: /proc and /dev vanish with it, whatever happens.
-unshare --mount --propagation private -- bash -euc '
+# Private mount and PID namespaces: /proc, /dev and any process left behind vanish with them.
+unshare --mount --pid --fork --propagation private -- bash -euc '
 	root=$1; shift
 	mount -t proc proc "$root/proc"
 	mount --rbind /dev "$root/dev"
@@ -100,43 +100,59 @@ python3 - "$cache/render.json" <<-'CHECK'
 	print(f"{len(rules)} rules rendered")
 	CHECK
 
-step "apply / status / cleanup: only CAP_NET_ADMIN, read-only root, own network namespace"
-# The namespace (and everything installed in it) disappears when unshare exits.
-unshare --net --mount --propagation private -- bash -euc '
+# The HEALTHCHECK's command, from the Containerfile's exec-form `HEALTHCHECK ... CMD [...]` line.
+healthcheck=$(python3 -c '
+import json
+for line in open("Containerfile"):
+    if line.startswith("HEALTHCHECK"):
+        print("\n".join(json.loads(line.split(" CMD ", 1)[1])))
+')
+[ "$(wc -l <<<"$healthcheck")" -gt 1 ] || fail "no HEALTHCHECK CMD [...] line in Containerfile"
+
+step "as in a pod: only CAP_NET_ADMIN, read-only root, a network namespace of our own"
+# The namespaces, the mounts, everything installed in them and every process left (a new PID namespace)
+# disappear when unshare exits.
+HEALTHCHECK=$healthcheck unshare --net --mount --pid --fork --propagation private -- bash -euc '
 	root=$1; shift
+	mapfile -t healthcheck <<<"$HEALTHCHECK"
 	ip link set lo up
 	ip link add d0 type veth peer name d1
 	ip addr add 192.0.2.2/24 dev d0
 	ip link set d0 up
+	mkdir -p "$root/run/interceptd"
 	mount --bind "$root" "$root"
 	mount -o remount,bind,ro "$root"
 	mount -t proc proc "$root/proc"
+	mount -t tmpfs -o size=1m tmpfs "$root/run/interceptd"  # the pod spec'"'"'s emptyDir (--state-dir)
 	as_pod() { chroot "$root" setpriv --bounding-set=-all,+net_admin --inh-caps=-all -- "$@"; }
+	say() { printf "\n-- %s\n" "$*"; }
+
+	say "istio-iptables ARGS, status, cleanup"
 	as_pod istio-iptables "$@"
 	as_pod interceptd status
 	as_pod interceptd cleanup
 	if as_pod interceptd status 2>/dev/null; then echo "status after cleanup: table still there" >&2; exit 1; fi
-' image-test "$root" "${istio_args[@]}"
 
-step "HEALTHCHECK command: fails with nothing listening, passes against a /healthz that answers"
-healthcheck=$(python3 -c '
-import json, sys
-for line in open("Containerfile"):
-    if line.startswith("HEALTHCHECK"):
-        print("\0".join(json.loads(line.split(" CMD ", 1)[1])))
-' | tr '\0' '\n')
-mapfile -t healthcheck <<<"$healthcheck"
-[ "${#healthcheck[@]}" -gt 1 ] || fail "no HEALTHCHECK CMD [...] line in Containerfile"
-unshare --net --mount --propagation private -- bash -euc '
-	root=$1; shift
-	ip link set lo up
-	mount -t proc proc "$root/proc"
-	if chroot "$root" "$@" 2>/dev/null; then echo "healthcheck passed with nothing listening" >&2; exit 1; fi
-	mkdir -p "$root/tmp/www" && touch "$root/tmp/www/healthz"
-	chroot "$root" python3 -m http.server --bind 127.0.0.1 --directory /tmp/www 15321 2>/dev/null &
-	trap "kill $!" EXIT
-	for _ in $(seq 50); do chroot "$root" "$@" 2>/dev/null && exit 0; sleep 0.1; done
-	echo "healthcheck never passed" >&2; exit 1
-' image-test "$root" "${healthcheck[@]}"
+	say "HEALTHCHECK fails while no agent runs"
+	if as_pod "${healthcheck[@]}" 2>/dev/null; then echo "healthcheck passed with no agent" >&2; exit 1; fi
+
+	say "interceptd run: HEALTHCHECK and /readyz pass; the rules stay after SIGTERM"
+	# Not through as_pod: $! must be the agent itself (chroot and setpriv exec it), not a subshell.
+	chroot "$root" setpriv --bounding-set=-all,+net_admin --inh-caps=-all -- interceptd run --log-format console "$@" &
+	agent=$!
+	trap "kill $agent 2>/dev/null || true" EXIT
+	for _ in $(seq 100); do as_pod "${healthcheck[@]}" 2>/dev/null && break; sleep 0.1; done
+	as_pod "${healthcheck[@]}"
+	for _ in $(seq 100); do
+		as_pod "${healthcheck[0]}" -c "import urllib.request as u; u.urlopen(\"http://127.0.0.1:15321/readyz\", timeout=2)" \
+			2>/dev/null && break
+		sleep 0.1
+	done
+	as_pod "${healthcheck[0]}" -c "import urllib.request as u; print(u.urlopen(\"http://127.0.0.1:15321/readyz\").read().decode())"
+	kill -TERM "$agent"
+	wait "$agent" || { echo "the agent exited with status $? on SIGTERM" >&2; exit 1; }
+	as_pod interceptd status >/dev/null || { echo "the rules did not survive the agent" >&2; exit 1; }
+	as_pod interceptd cleanup
+' image-test "$root" "${istio_args[@]}"
 
 step "passed"
