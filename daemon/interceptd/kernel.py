@@ -201,7 +201,9 @@ class NftKernel:
                 return None
             raise KernelRefusedError(f"cannot list table {family} {table}: {_one_line(err)}")
         # One command each: in one buffer, libnftables 1.0.6 filters its cache for the first `list chain` only.
-        commands = [f"list counters table {family} {table}", f"list sets table {family} {table}",
+        # One set at a time: its `list sets table` lists the sets of every table of the family.
+        commands = [f"list counters table {family} {table}",
+                    *(f"list set {family} {table} {name}" for name in _SET.findall(listing)),
                     *(f"list chain {family} {table} {name}" for name in _CHAIN.findall(listing))]
         return [{"table": {"family": family, "name": table}}, *(i for c in commands for i in self._list(c) or [])]
 
@@ -221,6 +223,7 @@ class NftKernel:
 
 _FLAGS = re.compile(r"^\tflags (.+)$", re.M)
 _CHAIN = re.compile(r"^\tchain (\S+) \{$", re.M)
+_SET = re.compile(r"^\tset (\S+) \{$", re.M)
 
 
 def _flags_of(listing: str) -> tuple[str, ...]:

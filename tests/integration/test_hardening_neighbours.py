@@ -12,11 +12,15 @@ solicitations and MLD reports on the lab's link.
 from __future__ import annotations
 
 import re
+import signal
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from netlab import Lab, sh
+from gaplab import CONFIG_A, CONFIG_B, AgentProc
+from netlab import Lab, call_in, sh, wait_until
 
 KUBE_PROXY = """
 table {fam} kube-proxy {{
@@ -92,7 +96,7 @@ IPTABLES = [
      "--to-destination", "198.51.100.8:9"],
     ["iptables-nft", "-N", "KUBE-FIREWALL"],
     ["iptables-nft", "-A", "KUBE-FIREWALL", "-s", "198.51.100.0/24", "-p", "tcp", "--dport", "9", "-j", "DROP"],
-    ["iptables-nft", "-A", "INPUT", "-j", "KUBE-FIREWALL"],
+    ["iptables-nft", "-A", "INPUT", "-s", "198.51.100.0/24", "-j", "KUBE-FIREWALL"],
     ["ip6tables-nft", "-A", "OUTPUT", "-d", "2001:db8:9::/48", "-p", "udp", "--dport", "9", "-j", "REJECT"],
     ["iptables-legacy", "-t", "mangle", "-A", "PREROUTING", "-s", "198.51.100.0/24", "-p", "tcp", "--dport", "9",
      "-j", "MARK", "--set-mark", "9"],
@@ -173,3 +177,41 @@ def test_one_shot_commands_leave_neighbours_byte_identical(lab: Lab, neighbours:
         step()
         assert_untouched(lab, neighbours, what)
     assert neighbour_tables(lab) == neighbour_tables(lab, ours="")  # and ours is gone again
+
+
+def _scrape(path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:15321{path}", timeout=5) as response:
+            return response.status, response.read().decode()[:200]
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()[:200]
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["agent", "agent-own-table"])
+def test_agent_operations_leave_neighbours_byte_identical(lab: Lab, neighbours: dict[str, str], tmp_path: Path,
+                                                          own: bool) -> None:
+    metrics = 'metrics_address = "127.0.0.1:15321"\n'
+    agent = AgentProc(lab, tmp_path, *(["--own-table"] if own else []))
+    agent.write_config(CONFIG_A.replace('metrics_address = ""\n', metrics))
+    lab.interceptd("apply", "-i", "203.0.113.0/24")  # a table to take over (own-table) or replace
+    agent.start()
+    try:
+        assert_untouched(lab, neighbours, "run")
+        for path in ("/metrics", "/readyz", "/healthz"):
+            code, body = call_in(lab.pod, _scrape, path)
+            assert code == 200, (path, body, agent.log.read_text())
+        assert_untouched(lab, neighbours, "metrics scrape")
+        agent.write_config(CONFIG_B.replace('metrics_address = ""\n', metrics))
+        agent.send(signal.SIGHUP)
+        assert wait_until(lambda: agent.events("reload") == 1)
+        assert_untouched(lab, neighbours, "reload")
+        if not own:  # an owned table cannot drift: the kernel refuses the flush
+            for verb in ("flush", "delete"):
+                repairs = agent.events("repair")
+                sh("nft", verb, "table", "inet", "interceptd", ns=lab.pod)
+                assert wait_until(lambda r=repairs: agent.events("repair") > r), agent.log.read_text()
+                assert_untouched(lab, neighbours, f"repair after {verb}")
+        agent.stop()
+        assert_untouched(lab, neighbours, "stop")
+    finally:
+        agent.stop(signal.SIGKILL)
