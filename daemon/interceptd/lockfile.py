@@ -1,8 +1,9 @@
 """One agent per table and network namespace: an flock(2) on a file under the state directory.
 
 The kernel drops the lock when the process dies, so a crashed agent never blocks its successor. The file
-is opened with O_NOFOLLOW and O_NONBLOCK and must be a regular file: a symlink or FIFO planted in the
-state directory cannot redirect the write or hang the agent.
+is opened with O_NOFOLLOW and O_NONBLOCK and must be a regular file with one link, owned by us: a symlink,
+hard link or FIFO planted in the state directory cannot redirect the write or hang the agent. The directory
+is created private (0700) and must be a real directory of ours that nobody else can write to.
 """
 
 from __future__ import annotations
@@ -31,15 +32,22 @@ class Lock:
 
     def acquire(self) -> None:
         """Take the lock or raise LockedError naming the holder; writes our pid into the file."""
-        where = f"--state-dir {os.path.dirname(self.path)!r}"
+        directory = os.path.dirname(self.path)
+        where = f"--state-dir {directory!r}"
         try:
-            os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            dir_stat = os.lstat(directory)
+            if (not stat.S_ISDIR(dir_stat.st_mode) or dir_stat.st_uid != os.geteuid()
+                    or dir_stat.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+                raise LockedError(f"{where}: must be a directory owned by uid {os.geteuid()} that no one else "
+                                  f"can write to (not a symlink)")
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise LockedError(f"{where}: cannot open lock file {self.path!r}: {exc.strerror}") from None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise LockedError(f"{where}: lock file {self.path!r} is not a regular file")
+            file_stat = os.fstat(fd)
+            if not stat.S_ISREG(file_stat.st_mode) or file_stat.st_nlink != 1 or file_stat.st_uid != os.geteuid():
+                raise LockedError(f"{where}: lock file {self.path!r} is not a regular file of ours with one link")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
