@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # Debian's python3 sees python3-nftables (the libnftables binding, not on PyPI): the venv inherits it.
 SYSPY := /usr/bin/python3
-APT_PACKAGES := nftables python3-nftables python3-venv iproute2 iptables util-linux prometheus containernetworking-plugins systemd
+APT_PACKAGES := nftables python3-nftables python3-venv iproute2 iptables util-linux prometheus containernetworking-plugins systemd libcap2-bin
 STAMP := $(VENV)/.installed
 
 .PHONY: all deps venv test unit integration lint demo bench clean docs image-test fuzz
