@@ -14,6 +14,7 @@ import selectors
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from types import FrameType
 
@@ -36,6 +37,9 @@ RESTART_KEYS = ("table", "state_dir", "metrics_address", "own_table")
 NO_PERSIST = ("libnftables or the kernel cannot set the persist flag: the owned table goes away when this agent "
               "exits (stop, crash or restart), and traffic is not captured until the next start")
 SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+# More repairs than this within the window means another controller keeps rewriting our table: repairing at
+# full speed would only burn CPU in a tug of war, so further repairs wait a growing delay (and say why).
+REPAIR_BURST, REPAIR_WINDOW_S = 100, 5.0  # 20 repairs a second, sustained
 
 
 class Backoff:
@@ -73,6 +77,8 @@ class Agent:
         self.applied: Applied | None = None  # the reference for drift checks; None until an apply succeeded
         self.retry_at: float | None = None  # monotonic deadline of the next retry of a refused apply
         self.backoff = Backoff()
+        self._repairs: deque[float] = deque(maxlen=REPAIR_BURST)  # when the latest repairs happened
+        self._fight = Backoff(cap=5.0)
         self._kernel_lock = threading.Lock()  # an apply and the reference it yields change together
         self._events: NftEvents | None = None
         self._selector = selectors.DefaultSelector()
@@ -154,10 +160,25 @@ class Agent:
             self.state.reconcile_checks[trigger, "drift" if drift else "match"] += 1
             self.state.ready = not drift
         if drift:
+            delay = self._fighting()
+            if delay is not None:
+                self.retry_at = time.monotonic() + delay
+                self._event("warning", "repair-deferred", started, reconcile.summary(drift),
+                            f"the table was repaired {REPAIR_BURST} times in under {REPAIR_WINDOW_S:g} s: another "
+                            "process keeps rewriting it", retry_in_s=delay, seen_by=trigger)
+                return drift
+            self._repairs.append(time.monotonic())
             self.apply_desired("repair", drift, seen_by=trigger)
         else:
             self.log.debug("check", trigger=trigger, duration_ms=_ms(started))
         return drift
+
+    def _fighting(self) -> float | None:
+        """The delay before the next repair when repairs come in a burst; None when calm (resets the delay)."""
+        if len(self._repairs) == REPAIR_BURST and time.monotonic() - self._repairs[0] < REPAIR_WINDOW_S:
+            return self._fight.next()
+        self._fight.reset()
+        return None
 
     def reload(self) -> bool:
         """SIGHUP: read and render the new configuration completely, then swap it in with one transaction."""

@@ -29,7 +29,8 @@ class Notifier:
             return False
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             try:
-                sock.sendto("\n".join(fields).encode(), self.address)
+                # Never block the main loop on a receiver that does not read (BlockingIOError is an OSError).
+                sock.sendto("\n".join(fields).encode(), socket.MSG_DONTWAIT, self.address)
             except OSError:
                 return False
         return True

@@ -91,6 +91,26 @@ def test_drift_is_repaired_counted_and_logged(h: Harness) -> None:
     assert repair["seen_by"] == "event" and repair["level"] == "warning"
 
 
+def test_a_tug_of_war_slows_repairs_down(h: Harness) -> None:
+    from interceptd.agent import REPAIR_BURST
+
+    h.agent.apply_desired("start")
+    for _ in range(REPAIR_BURST):
+        del h.kernel.tables[("inet", "interceptd")]
+        h.agent.check("event")
+    assert h.agent.state.applies[("repair", "success")] == REPAIR_BURST and h.agent.retry_at is None
+    del h.kernel.tables[("inet", "interceptd")]
+    assert h.agent.check("event")  # the burst is full: this repair waits
+    assert h.agent.state.applies[("repair", "success")] == REPAIR_BURST and h.agent.retry_at is not None
+    deferred = [e for e in h.events() if e["event"] == "repair-deferred"]
+    assert len(deferred) == 1 and "keeps rewriting" in deferred[0]["error"]
+    assert h.agent.apply_desired("retry")  # the loop's retry repairs it after the delay
+    h.agent._repairs.clear()  # calm again: the next repair is immediate
+    del h.kernel.tables[("inet", "interceptd")]
+    h.agent.check("event")
+    assert h.agent.state.applies[("repair", "success")] == REPAIR_BURST + 1 and h.agent.retry_at is None
+
+
 def test_refused_apply_retries_with_backoff_and_reports_not_ready(h: Harness) -> None:
     h.kernel.refuse = 2
     assert not h.agent.apply_desired("start")
