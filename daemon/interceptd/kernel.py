@@ -6,10 +6,12 @@ one crash on objects it does not know, and other tables are not ours.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import re
 import threading
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from .errors import BindingMissingError, KernelRefusedError
@@ -51,47 +53,60 @@ class NftKernel:
     """libnftables through Debian's python3-nftables, in the caller's network namespace or in `netns`.
 
     A libnftables context binds to the namespace its thread is in when it is created, so one made inside
-    `netns` (a namespace file) keeps working there from any thread: the node agent holds one per pod.
+    `netns` (a namespace file) keeps working there from any thread. With `keep_context=False` each call
+    makes a fresh context: a context keeps its last cache, about 0.5 MB once it has seen interceptd's table,
+    too much to hold for each of hundreds of pods (the node agent); creating one costs about 0.4 ms.
     """
 
-    def __init__(self, netns: str = "") -> None:
+    def __init__(self, netns: str = "", keep_context: bool = True) -> None:
         try:
             import nftables
         except ImportError:
             raise BindingMissingError(BINDING_HINT) from None
+        self._module = nftables
         self.netns = netns  # routes.router_for puts the TPROXY routes in the same namespace
-        if netns:
-            from .netns import entered
-
-            with entered(netns):
-                self._nft = nftables.Nftables()
-        else:
-            self._nft = nftables.Nftables()
-        self._nft.set_json_output(True)
-        self._nft.set_handle_output(False)
+        self._kept = self._new() if keep_context else None
         self._lock = threading.Lock()  # one libnftables context is not safe for concurrent use
         self._owned: set[tuple[str, str]] = set()  # tables this context created with the owner flag
 
+    def _new(self) -> Any:
+        if self.netns:
+            from .netns import entered
+
+            with entered(self.netns):
+                nft = self._module.Nftables()
+        else:
+            nft = self._module.Nftables()
+        nft.set_json_output(True)
+        nft.set_handle_output(False)
+        return nft
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[Any]:
+        """The context for one call, used under the lock (a fresh one is freed when dropped)."""
+        with self._lock:
+            yield self._kept if self._kept is not None else self._new()
+
     def _run(self, document: Json, dry_run: bool = False) -> tuple[int, str]:
         document = self._for_owned(document)
-        with self._lock:
-            self._nft.set_dry_run(dry_run)
+        with self._context() as nft:
+            nft.set_dry_run(dry_run)
             try:
-                rc, _out, err = self._nft.cmd(json.dumps(document))
+                rc, _out, err = nft.cmd(json.dumps(document))
             finally:
-                self._nft.set_dry_run(False)
+                nft.set_dry_run(False)
         return rc, str(err).strip()
 
     def _text(self, command: str, dry_run: bool = False) -> tuple[int, str, str]:
         """A command in nft's text syntax, with text output: the only way to set and read table flags."""
-        with self._lock:
-            self._nft.set_json_output(False)
-            self._nft.set_dry_run(dry_run)
+        with self._context() as nft:
+            nft.set_json_output(False)
+            nft.set_dry_run(dry_run)
             try:
-                rc, out, err = self._nft.cmd(command)
+                rc, out, err = nft.cmd(command)
             finally:
-                self._nft.set_json_output(True)
-                self._nft.set_dry_run(False)
+                nft.set_json_output(True)
+                nft.set_dry_run(False)
         return rc, str(out), str(err).strip()
 
     def _for_owned(self, document: Json) -> Json:
@@ -177,8 +192,8 @@ class NftKernel:
 
     def version(self) -> str:
         """libnftables' version, from the metainfo of a listing of table names only (never their rules)."""
-        with self._lock:
-            rc, out, err = self._nft.cmd("list tables inet")
+        with self._context() as nft:
+            rc, out, err = nft.cmd("list tables inet")
         if rc != 0:
             raise KernelRefusedError(f"cannot list tables: {_one_line(str(err))}")
         # Not json.loads: an owned table's flags make libnftables 1.0.6 print garbage further on.
@@ -211,8 +226,8 @@ class NftKernel:
         return self._list(f"list counters table {family} {table}")
 
     def _list(self, command: str) -> list[Json] | None:
-        with self._lock:
-            rc, out, err = self._nft.cmd(command)
+        with self._context() as nft:
+            rc, out, err = nft.cmd(command)
         if rc != 0:
             if "No such file or directory" in str(err):
                 return None

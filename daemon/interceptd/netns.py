@@ -13,6 +13,7 @@ import ctypes
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterator
 
 from .errors import NamespaceError
@@ -53,9 +54,20 @@ def name_for(path: str) -> str:
     return name
 
 
+_one_at_a_time = threading.RLock()
+
+
 @contextlib.contextmanager
 def entered(path: str) -> Iterator[None]:
-    """Run the block with the calling thread inside the network namespace at `path`."""
+    """Run the block with the calling thread inside the network namespace at `path`.
+
+    One thread at a time (the node agent's loop, or a metrics scrape opening a pod's libnftables context).
+    """
+    with _one_at_a_time:
+        yield from _entered(path)
+
+
+def _entered(path: str) -> Iterator[None]:
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:

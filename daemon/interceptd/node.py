@@ -36,7 +36,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from . import host, logs, netns, nodestate, reconcile
 from .agent import SIGNALS, Agent
 from .config import Config, load, read_toml
-from .errors import InterceptdError, KernelRefusedError, ListenError, LockedError, NamespaceError
+from .errors import ConfigError, InterceptdError, KernelRefusedError, ListenError, LockedError, NamespaceError
 from .events import NftEvents
 from .host import HostFacts
 from .install import Applied
@@ -50,6 +50,8 @@ from .state import AgentState
 RESCAN_SOON_S = 0.05  # a namespace file not yet bind-mounted (`ip netns add` is two steps)
 NODE_WIDE = ("interceptd_build",)  # families exported once, without a netns label
 MAX_REQUEST = 65536
+FD_SETSIZE = 1024  # libnftables select(2)s on its socket: each context's descriptor must stay below this
+FD_HEADROOM = 32  # for the listener, the HTTP threads and the transient netlink sockets of an apply
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,15 @@ class Member(Agent):
         self.source = source
         self.events: NftEvents | None = None
         self._node = node
-        super().__init__(config, reload, kernel=NftKernel(netns=source.path),
+        if config.own_table:
+            raise ConfigError(f"network namespace {source.name}: own_table cannot be used with node (an owned "
+                              f"table lives only as long as the libnftables context that made it)")
+        super().__init__(config, reload, kernel=NftKernel(netns=source.path, keep_context=False),
                          facts=lambda cfg: _facts_in(source.path, cfg), notifier=Notifier(env={}))
+        # Agent's own loop never runs here (the node's serves every member): release its descriptors now.
+        # That matters: libnftables waits on its socket with select(2), so the descriptor of each context
+        # (made per call) must stay below FD_SETSIZE (1024); a member keeps only its events' three.
+        Agent.close(self)
         self.log = self.log.bind(netns=source.name)
         self.collector = Collector(self.kernel, self.state)
         self.saved: Applied | None = None  # what the state file holds
@@ -96,6 +105,9 @@ class Member(Agent):
             self.events = None
         with self.state.lock:
             self.state.kernel_events = self.events is not None
+
+    def close(self) -> None:
+        self._set_events(False)
 
     def _wake(self) -> None:
         """/readyz saw drift: the node's loop checks (and repairs) this namespace at once."""
@@ -272,6 +284,10 @@ class Node:
 
     def manage(self, source: Source, record: nodestate.Record | None) -> Member | None:
         started = time.monotonic()
+        if _lowest_free_fd() >= FD_SETSIZE - FD_HEADROOM:
+            self._note_failure(source.name, f"too many namespaces ({len(self.members)}): libnftables needs a "
+                                            f"descriptor below {FD_SETSIZE}, and each namespace holds three")
+            return None
         try:
             if source.kind == "cni" and record is not None:
                 config = record.config()
@@ -510,8 +526,10 @@ class Node:
             if now >= next_pass:
                 if self.scan():
                     rescan_at = now + RESCAN_SOON_S
-                duration = self.check_all("timer")
-                self.log.debug("pass", namespaces=len(self.members), duration_ms=round(duration * 1000, 3))
+                scanned = time.monotonic()
+                checked = self.check_all("timer")
+                self.log.debug("pass", namespaces=len(self.members), scan_ms=round((scanned - now) * 1000, 3),
+                               check_ms=round(checked * 1000, 3))
                 self.notifier.status(self.status_line())
                 next_pass = time.monotonic() + interval
 
@@ -542,6 +560,13 @@ class Node:
             self._reload_requested = True
         else:
             self._stop_requested = True
+
+
+def _lowest_free_fd() -> int:
+    """The descriptor the next libnftables context would get."""
+    fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    os.close(fd)
+    return fd
 
 
 def _raise_fd_limit() -> None:

@@ -1,13 +1,14 @@
 """`make bench`: every benchmark in one run, a table on stdout, all figures as JSON in bench-results/.
 
 Environment knobs (for quick runs; the defaults are the full run, about 15 minutes on 2 cores):
-  BENCH_ONLY=apply,datapath,agent,reload,scrape   which parts to run
+  BENCH_ONLY=apply,datapath,agent,reload,scrape,node   which parts to run
   BENCH_REPS=5                      interleaved repetitions of each apply measurement
   BENCH_DP_REPS=5                   interleaved repetitions of each datapath measurement
   BENCH_DP_SECONDS=1.5                length of one datapath measurement
   BENCH_IDLE_SECONDS=60             the agent's idle CPU window
   BENCH_DRIFTS=100                  drifts injected into the running agent (repair latency)
   BENCH_SCRAPE_REPS=200             scrapes of /metrics per ruleset
+  BENCH_NODE_IDLE_SECONDS=30        the node agent's idle window per size (100 and 250 namespaces)
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from collections.abc import Callable
 import agent_bench
 import apply_bench
 import datapath_bench
+import node_bench
 import reload_bench
 import scrape_bench
 from common import Report
 
-PARTS = ("apply", "datapath", "agent", "reload", "scrape")
+PARTS = ("apply", "datapath", "agent", "reload", "scrape", "node")
 
 
 def _int(name: str, default: int) -> int:
@@ -55,6 +57,7 @@ def main() -> int:
                                          idle_s=float(os.environ.get("BENCH_IDLE_SECONDS", "60")),
                                          sizes=(0, 10_000)),
         "reload": lambda: reload_bench.run(report),
+        "node": lambda: node_bench.run(report, idle_s=float(os.environ.get("BENCH_NODE_IDLE_SECONDS", "30"))),
     }
     failed = []
     for name, part in parts.items():
