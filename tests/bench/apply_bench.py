@@ -4,6 +4,7 @@ Contenders, for each list size, fresh (empty namespace) and as a full re-apply o
 - `interceptd apply --config FILE` (the init-container path, Python start-up included);
 - interceptd in process: install.apply with one long-lived NftKernel (what the agent does);
 - a bare libnftables json_cmd of the very JSON install.apply sends (the floor for interceptd);
+- what-if: the same ruleset in nft's text syntax through libnftables (what JSON parsing costs);
 - `nft -j -f` and `nft -f` of Istio's nftables layout; `iptables-nft-restore` of its iptables layout.
 Resetting and pre-loading the namespace between samples is never timed.
 """
@@ -11,6 +12,7 @@ Resetting and pre-loading the namespace between samples is never timed.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -35,10 +37,12 @@ from netlab import INTERCEPTD, Lab, call_in
 from interceptd import install
 from interceptd.host import HostFacts
 from interceptd.kernel import NftKernel
+from interceptd.model import Ruleset
 from interceptd.nftjson import Existing, transaction
 from interceptd.render import render
 
-CONTENDERS = ("interceptd apply (CLI)", "interceptd in-process", "bare json_cmd",
+TEXT_WHATIF = "what-if: as nft text"
+CONTENDERS = ("interceptd apply (CLI)", "interceptd in-process", "bare json_cmd", TEXT_WHATIF,
               "istio nft -j -f", "istio nft -f", "istio iptables-restore")
 FACTS = HostFacts(ipv6=False, host_ip=None)
 
@@ -57,6 +61,7 @@ class Bench:
 
         self.kernel = NftKernel()
         self.bare = nftables.Nftables()
+        self.text = nftables.Nftables()  # text in and out
         self.work = workdir
         self.sizes = sizes
         self.n_ports = n_ports
@@ -98,14 +103,37 @@ class Bench:
                 action()
             return lambda: go
 
+        def as_text() -> Callable[[], None]:
+            text = whatif_text
+
+            def cmd() -> None:
+                rc, _, err = self.text.cmd(text)
+                if rc != 0:
+                    raise RuntimeError(err)
+            return cmd
+
+        whatif_text = self.text_form(ruleset)
         return {
             "interceptd apply (CLI)": same(lambda: _run(INTERCEPTD, "apply", "--config", f["toml"])),
             "interceptd in-process": same(lambda: install.apply(self.kernel, ruleset)),
             "bare json_cmd": bare,
+            TEXT_WHATIF: as_text,
             "istio nft -j -f": same(lambda: _run("nft", "-j", "-f", f["json"])),
             "istio nft -f": same(lambda: _run("nft", "-f", f["nft"])),
             "istio iptables-restore": same(lambda: _run("iptables-nft-restore", f["ipt"])),
         }
+
+    def text_form(self, ruleset: Ruleset) -> str:
+        """interceptd's own ruleset in nft's text syntax, as the kernel lists it after an apply: how fast
+        libnftables takes the same transaction when it does not have to parse JSON."""
+        self.reset()
+        install.apply(self.kernel, ruleset)
+        rc, listing, err = self.text.cmd(f"list table inet {ruleset.table}")
+        self.reset()
+        if rc != 0:
+            raise RuntimeError(err)
+        listing = re.sub(r"counter packets \d+ bytes \d+", "counter", listing)
+        return f"add table inet {ruleset.table}\nflush table inet {ruleset.table}\n{listing}"
 
     def sample(self, name: str, prepare: Callable[[], Callable[[], None]], loaded: bool) -> float:
         return with_retries(lambda: self._sample(name, prepare, loaded), name)
@@ -142,12 +170,13 @@ def run(report: Report, sizes: tuple[int, ...], n_ports: int, reps: int) -> None
         results: dict[str, Any] = call_in(lab.pod, _in_ns, workdir, sizes, n_ports, reps)
     report.data["apply"] = {"excluded_ports": n_ports, "reps": reps, "results": results}
     title = f"apply: median of {reps} (interleaved), {n_ports} excluded inbound ports; ratio = istio nft -f / x"
-    report.row(title, "CIDRs/mode", *CONTENDERS, "nft-f/CLI", "nft-f/in-proc", "in-proc/bare")
+    report.row(title, "CIDRs/mode", *CONTENDERS, "nft-f/CLI", "nft-f/in-proc", "in-proc/bare", "nft-f/text")
     for n in sizes:
         for mode in ("fresh", "reapply"):
             med = {name: results[f"{n}/{mode}"][name]["median"] for name in CONTENDERS}
             report.row(title, f"{n} {mode}", *(ms(med[name]) for name in CONTENDERS),
                        ratio(med["istio nft -f"], med["interceptd apply (CLI)"]),
                        ratio(med["istio nft -f"], med["interceptd in-process"]),
-                       ratio(med["interceptd in-process"], med["bare json_cmd"]))
+                       ratio(med["interceptd in-process"], med["bare json_cmd"]),
+                       ratio(med["istio nft -f"], med[TEXT_WHATIF]))
     report.row(title, "render (pure)", *(ms(results[f"{n}/render"]["median"]) + f" @{n}" for n in sizes))
