@@ -234,7 +234,8 @@ def probe_interface() -> str:
     return f"icdprobe{os.getpid() % 1000000}"
 
 
-def _checksum(data: bytes) -> int:
+def internet_checksum(data: bytes) -> int:
+    """RFC 1071 ones' complement sum (IPv4 header, TCP/UDP with the pseudo header)."""
     if len(data) % 2:
         data += b"\0"
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -256,10 +257,10 @@ def frame(conn: Connection, sport: int, dst_mac: bytes, src_mac: bytes) -> bytes
     else:
         pseudo = src + dst + struct.pack("!IxxxB", len(l4), proto)
     csum_at = 16 if proto == 6 else 6
-    l4 = l4[:csum_at] + struct.pack("!H", _checksum(pseudo + l4)) + l4[csum_at + 2:]
+    l4 = l4[:csum_at] + struct.pack("!H", internet_checksum(pseudo + l4)) + l4[csum_at + 2:]
     if conn.family == 4:
         head = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0x1CD0, 0x4000, 64, proto, 0, src, dst)
-        head = head[:10] + struct.pack("!H", _checksum(head)) + head[12:]
+        head = head[:10] + struct.pack("!H", internet_checksum(head)) + head[12:]
         return dst_mac + src_mac + b"\x08\x00" + head + l4
     head = struct.pack("!IHBB16s16s", 0x6 << 28, len(l4), proto, 64, src, dst)
     return dst_mac + src_mac + b"\x86\xdd" + head + l4

@@ -9,14 +9,7 @@ import time
 import pytest
 from netlab import VENV_BIN, Lab, call_in, sh
 
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+from interceptd.trace import internet_checksum
 
 
 def synack_gets_reset(src: str, dst: str, dport: int) -> bool:
@@ -25,7 +18,7 @@ def synack_gets_reset(src: str, dst: str, dport: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP) as s:
         header = struct.pack("!HHIIBBHHH", sport, dport, 1000, 2000, 5 << 4, 0x12, 65535, 0, 0)
         pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, socket.IPPROTO_TCP, 20)
-        header = header[:16] + struct.pack("!H", _checksum(pseudo + header)) + header[18:]
+        header = header[:16] + struct.pack("!H", internet_checksum(pseudo + header)) + header[18:]
         s.settimeout(0.2)
         s.sendto(header, (dst, 0))
         end = time.monotonic() + 1.5

@@ -18,7 +18,7 @@ from interceptd.model import Chain, Hook, Match, Rule, Ruleset, TProxy
 from interceptd.nftjson import Existing, transaction
 from interceptd.nftparse import parse_listing, rule_handles
 from interceptd.render import render
-from interceptd.trace import NFT_MSG_TRACE, Observed, Report, _checksum, frame, parse_messages
+from interceptd.trace import NFT_MSG_TRACE, Observed, Report, frame, internet_checksum, parse_messages
 
 IP = ipaddress.ip_address
 POD, PEER = "192.0.2.2", "192.0.2.1"
@@ -250,13 +250,13 @@ def test_probe_frame_checksums() -> None:
         conn = inbound(8080, dst=dst, src=src)
         data = frame(conn, 41000, b"\x02" * 6, b"\x04" * 6)
         if conn.family == 4:
-            assert _checksum(data[14:34]) == 0
+            assert internet_checksum(data[14:34]) == 0
             l4 = data[34:]
             pseudo = conn.src.packed + conn.dst.packed + struct.pack("!BBH", 0, 6, len(l4))
         else:
             l4 = data[54:]
             pseudo = conn.src.packed + conn.dst.packed + struct.pack("!IxxxB", len(l4), 6)
-        assert _checksum(pseudo + l4) == 0
+        assert internet_checksum(pseudo + l4) == 0
         assert struct.unpack("!HH", l4[:4]) == (41000, 8080)
 
 
