@@ -6,7 +6,6 @@ The edge of the program: every InterceptdError becomes one line on stderr and it
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -143,6 +142,10 @@ def run_command(argv: Sequence[str]) -> int:
         return _print_error(exc)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `interceptd status | head`: the reader left; say nothing more (and let no flush at exit complain).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def main() -> None:
@@ -155,6 +158,3 @@ def istio_iptables_main() -> None:
     # `istio-iptables istio-iptables ...` (pilot-agent's spelling through the alias) is run_command's case.
     sys.exit(run_command(argv if argv[:1] == ["istio-iptables"] else ["apply", *argv]))
 
-
-def dumps(document: object) -> str:
-    return json.dumps(document, indent=2 if os.isatty(1) else None)
