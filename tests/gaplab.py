@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netlab import INTERCEPTD, Lab, enter, sh, wait_until
+from netlab import INTERCEPTD, Lab, call_in, enter, wait_until
 
 APP_UID = 1000
 CONFIG_A = """envoy_port = 15001
@@ -123,13 +123,16 @@ def _probe(host: str, port: int, ok: str, bypass: str, direction: str) -> Sample
 
 
 class AgentProc:
-    """`interceptd run --config FILE` in the pod namespace; one JSON log file per start."""
+    """`interceptd run --config FILE` in the pod namespace; one JSON log file per start, and the notify
+    socket it reports READY=1 on (after its start and after each reload)."""
 
     def __init__(self, lab: Lab, tmp: Path, *extra: str) -> None:
         self.lab, self.tmp, self.extra = lab, tmp, extra
         self.config = tmp / "agent.toml"
         self.starts = 0
         self.proc: subprocess.Popen[bytes] | None = None
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(tmp / "notify"))
 
     @property
     def log(self) -> Path:
@@ -141,12 +144,25 @@ class AgentProc:
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.lab.pod, INTERCEPTD, "run", "--config", str(self.config),
                  "--state-dir", str(self.tmp / "run"), "--log-format", "json", *self.extra],
-                stdout=log, stderr=log, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+                stdout=log, stderr=log,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NOTIFY_SOCKET": str(self.tmp / "notify")})
         if wait:
             assert wait_until(lambda: self.events("start") > 0, timeout=20), self.log.read_text()
 
     def events(self, name: str) -> int:
         return self.log.read_text().count(f'"event": "{name}"')
+
+    def reload(self, text: str) -> None:
+        """Write the config, SIGHUP, and wait for the READY=1 that ends the reload."""
+        self.notify.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while self.notify.recv(4096):
+                pass  # earlier notifications
+        self.write_config(text)
+        self.send(signal.SIGHUP)
+        self.notify.settimeout(20)
+        while b"READY=1" not in self.notify.recv(4096).split(b"\n"):
+            pass
 
     def write_config(self, text: str) -> None:
         tmp = self.config.with_suffix(".new")
@@ -161,6 +177,10 @@ class AgentProc:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
             self.proc.wait(timeout=20)
+
+    def close(self) -> None:
+        self.stop(signal.SIGKILL)
+        self.notify.close()
 
 
 @dataclass
@@ -201,10 +221,7 @@ def run_gap(lab: Lab, tmp: Path, reloads: int, restarts: int, drifts: int, seed:
         time.sleep(0.3)
         t0 = time.monotonic()
         for n in range(reloads):
-            before = agent.events("reload")
-            agent.write_config(CONFIG_B if n % 2 == 0 else CONFIG_A)
-            agent.send(signal.SIGHUP)
-            assert wait_until(lambda b=before: agent.events("reload") > b, timeout=20), agent.log.read_text()
+            agent.reload(CONFIG_B if n % 2 == 0 else CONFIG_A)
         report.phases["reloads"] = (t0, time.monotonic())
         t0 = time.monotonic()
         for n in range(restarts):
@@ -225,29 +242,108 @@ def run_gap(lab: Lab, tmp: Path, reloads: int, restarts: int, drifts: int, seed:
     finally:
         report.samples = [p.stop() for p in probers]
         agent.stop()
+        agent.close()
     return report
 
 
 def _inject(lab: Lab, how: str) -> float:
     """Another process flushes or deletes the table; returns how long until the agent put it back."""
-    result = sh(*INJECT, how, ns=lab.pod, check=False)
-    assert result.returncode == 0, result.stderr
-    return float(result.stdout)
+    seconds: list[float] = call_in(lab.pod, drift_cycles, [how])
+    return seconds[0]
 
 
-# The injector runs as its own process (another libnftables context, like any foreign tool), waits until
-# the table holds its rules again and prints the seconds that took.
-INJECT = ["/usr/bin/python3", "-c", """
-import sys, time, nftables
-n = nftables.Nftables()
-verb = sys.argv[1]
-t0 = time.monotonic()
-rc, _, err = n.cmd(f"{verb} table inet interceptd")
-assert rc == 0, err
-while True:
-    rc, out, _ = n.cmd("list chain inet interceptd istio-output")
-    if rc == 0 and "redirect-outbound-cidrs" in out:
-        break
-    time.sleep(0.0005)
-print(time.monotonic() - t0)
-"""]
+def drift_cycles(verbs: list[str]) -> list[float]:
+    """In the pod namespace, as a foreign libnftables context: for each verb, `flush` or `delete` the table,
+    then wait until the agent has put its rules back; returns the seconds each repair took."""
+    import nftables
+
+    out = []
+    for verb in verbs:
+        t0 = time.monotonic()
+        rc, _, err = nftables.Nftables().cmd(f"{verb} table inet interceptd")
+        assert rc == 0, err
+        while True:  # fresh contexts: a reused one's cache can keep showing the state of its own change
+            rc, listing, _ = nftables.Nftables().cmd("list chain inet interceptd istio-output")
+            if rc == 0 and "redirect-outbound-cidrs" in listing:
+                break
+            assert time.monotonic() - t0 < 30, f"no repair 30 s after `{verb} table`: {listing}"
+            time.sleep(0.0005)
+        out.append(time.monotonic() - t0)
+    return out
+
+
+def scrapes(n: int) -> int:
+    """In the pod namespace: n GET /metrics from the agent; returns the bytes read."""
+    import urllib.request
+
+    total = 0
+    for _ in range(n):
+        with urllib.request.urlopen("http://127.0.0.1:15321/metrics", timeout=10) as response:
+            total += len(response.read())
+    return total
+
+
+def resources(pid: int) -> tuple[int, int, int]:
+    """RSS in KiB, open file descriptors and threads of a process."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["VmRSS"].split()[0]), len(os.listdir(f"/proc/{pid}/fd")), int(fields["Threads"])
+
+
+def slope_per_10k(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope of value over operations, per 10,000 operations."""
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    return 0.0 if var == 0 else sum((x - mx) * (y - my) for x, y in points) / var * 10000
+
+
+def churn(lab: Lab, tmp: Path, ops: int, every: int) -> dict[str, Any]:
+    """`ops` operations on a running agent, half applies (SIGHUP reloads between two configurations) and
+    half metrics scrapes, run side by side; the agent's RSS, descriptors and threads are sampled every
+    `every` operations. (Repairs would be rate-limited: a burst of them is a fight the agent slows down.)"""
+    configs = [c.replace('metrics_address = ""', 'metrics_address = "127.0.0.1:15321"') for c in (CONFIG_A, CONFIG_B)]
+    agent = AgentProc(lab, tmp)
+    agent.write_config(configs[0])
+    agent.start()
+    assert agent.proc is not None
+    pid = agent.proc.pid
+    samples: list[tuple[int, tuple[int, int, int]]] = [(0, resources(pid))]
+    started = time.monotonic()
+    try:
+        done = 0
+        while done < ops:
+            half = min(every, ops - done) // 2
+            scraper = _Forked(lab.pod, scrapes, half)
+            for n in range(half):
+                agent.reload(configs[(n + 1) % 2])
+            scraper.wait()
+            done += 2 * half
+            samples.append((done, resources(pid)))
+    finally:
+        agent.close()
+    warm = samples[1:]  # the first block loads code and caches: growth after it is what would leak
+    names = ("rss_kib", "fds", "threads")
+    return {"ops": done, "seconds": round(time.monotonic() - started, 1), "samples": samples,
+            "reloads": agent.events("reload"),
+            "slope_per_10k_ops": {name: round(slope_per_10k([(x, v[i]) for x, v in warm]), 2)
+                                  for i, name in enumerate(names)} if len(warm) > 1 else {}}
+
+
+class _Forked:
+    """call_in in the background: fn(*args) in a child inside `ns`."""
+
+    def __init__(self, ns: str, fn: Any, *args: Any) -> None:
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                enter(ns)
+                fn(*args)
+                code = 0
+            finally:
+                os._exit(code)
+
+    def wait(self) -> None:
+        _, status = os.waitpid(self.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0

@@ -6,9 +6,11 @@ Shared by `apply`, `cleanup`, the agent and the node daemon, so all of them inst
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 
 from . import routes
+from .errors import KernelRefusedError
 from .kernel import Json, Kernel
 from .model import Ruleset
 from .nftjson import Existing, deletion, normalise, transaction
@@ -23,15 +25,46 @@ class Applied:
     duration_s: float
 
 
+APPLY_ATTEMPTS = 5
+
+
 def apply(kernel: Kernel, ruleset: Ruleset) -> Applied:
+    """Install `ruleset`; the listing that becomes the drift reference must show it.
+
+    Another process can change the table between our transaction and the listing that follows it. Taken
+    as the reference, that change would never count as drift (a flush right there left the pod
+    uncaptured for good), so a listing that does not hold the ruleset means: apply again.
+    """
     started = time.monotonic()
-    current = kernel.list_table(ruleset.table, ruleset.family)
-    existing = Existing.empty() if current is None else Existing.from_listing(current)
-    kernel.apply(transaction(ruleset, existing))
-    # After the table: marked packets only need the routes once the tproxy rules exist.
-    routes.sync(ruleset, routes.router_for(kernel))
-    after = kernel.list_table(ruleset.table, ruleset.family) or []
-    return Applied(ruleset, normalise(after), time.monotonic() - started)
+    for _attempt in range(APPLY_ATTEMPTS):
+        current = kernel.list_table(ruleset.table, ruleset.family)
+        existing = Existing.empty() if current is None else Existing.from_listing(current)
+        kernel.apply(transaction(ruleset, existing))
+        # After the table: marked packets only need the routes once the tproxy rules exist.
+        routes.sync(ruleset, routes.router_for(kernel))
+        after = kernel.list_table(ruleset.table, ruleset.family) or []
+        if holds(ruleset, after):
+            return Applied(ruleset, normalise(after), time.monotonic() - started)
+    raise KernelRefusedError(f"table {ruleset.family} {ruleset.table} was changed by another process right after "
+                             f"each of {APPLY_ATTEMPTS} applies")
+
+
+def holds(ruleset: Ruleset, listing: list[Json]) -> bool:
+    """Does the listing show exactly the ruleset's chains, each with its rules in order, and its sets with
+    as many elements as rendered? (Names and counts: the kernel's spelling of expressions may differ.)"""
+    chains: set[str] = set()
+    rules: dict[str, list[str]] = defaultdict(list)
+    sets: dict[str, int] = {}
+    for item in listing:
+        if "chain" in item:
+            chains.add(item["chain"]["name"])
+        elif "rule" in item:
+            rules[item["rule"]["chain"]].append(item["rule"].get("comment", ""))
+        elif "set" in item:
+            sets[item["set"]["name"]] = len(item["set"].get("elem", []))
+    return (chains == {c.name for c in ruleset.chains}
+            and all(rules.get(c.name, []) == [r.name for r in c.rules] for c in ruleset.chains)
+            and all(sets.get(s.name) == len(s.elements) for s in ruleset.sets))
 
 
 def remove(kernel: Kernel, table: str, family: str = "inet") -> bool:

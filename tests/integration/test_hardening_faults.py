@@ -85,7 +85,7 @@ def test_table_locked_by_another_process(lab: Lab, tmp_path: Path) -> None:
         recovered = [e for e in events(agent) if e["event"] == "retry" and not e["error"]]
         assert recovered, agent.log.read_text()
     finally:
-        agent.stop(signal.SIGKILL)
+        agent.close()
 
 
 def _netlink_drops() -> int:
@@ -117,4 +117,4 @@ def test_event_socket_overrun_still_leads_to_the_repair(lab: Lab, tmp_path: Path
         assert [e["seen_by"] for e in events(agent) if e["event"] == "repair"] == ["event"]
         assert captured(lab) and call_in(lab.pod, ready) == 200
     finally:
-        agent.stop(signal.SIGKILL)
+        agent.close()

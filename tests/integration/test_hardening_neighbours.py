@@ -12,7 +12,6 @@ solicitations and MLD reports on the lab's link.
 from __future__ import annotations
 
 import re
-import signal
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -201,9 +200,7 @@ def test_agent_operations_leave_neighbours_byte_identical(lab: Lab, neighbours: 
             code, body = call_in(lab.pod, _scrape, path)
             assert code == 200, (path, body, agent.log.read_text())
         assert_untouched(lab, neighbours, "metrics scrape")
-        agent.write_config(CONFIG_B.replace('metrics_address = ""\n', metrics))
-        agent.send(signal.SIGHUP)
-        assert wait_until(lambda: agent.events("reload") == 1)
+        agent.reload(CONFIG_B.replace('metrics_address = ""\n', metrics))
         assert_untouched(lab, neighbours, "reload")
         if not own:  # an owned table cannot drift: the kernel refuses the flush
             for verb in ("flush", "delete"):
@@ -214,4 +211,4 @@ def test_agent_operations_leave_neighbours_byte_identical(lab: Lab, neighbours: 
         agent.stop()
         assert_untouched(lab, neighbours, "stop")
     finally:
-        agent.stop(signal.SIGKILL)
+        agent.close()

@@ -84,4 +84,4 @@ def test_metrics_answer_only_on_the_configured_address(lab: Lab, tmp_path: Path,
         # From the peer: only a pod address can answer, and only if it is the configured one.
         assert call_in(lab.peer, _connects, "192.0.2.2", 15321) == ("192.0.2.2" in answers)
     finally:
-        agent.stop(signal.SIGKILL)
+        agent.close()
