@@ -40,7 +40,8 @@ test: venv lint
 # 10x the CI budget of the config fuzz (100,000+ examples), with fresh randomness instead of a fixed seed.
 fuzz: venv
 	FUZZ_PROFILE=fuzz FUZZ_EXAMPLES=10 $(VENV)/bin/pytest -q -p no:cacheprovider --hypothesis-show-statistics \
-	  tests/unit/test_fuzz_config.py tests/integration/test_hardening_fuzz_nft.py tests/integration/test_explain_kernel.py
+	  tests/unit/test_fuzz_config.py tests/unit/test_fuzz_cni.py tests/integration/test_hardening_fuzz_nft.py \
+	  tests/integration/test_explain_kernel.py
 
 # The hardening issue's full counts (about 10 minutes, not in CI): interception gap through 1,000 reloads,
 # 20 restarts and 1,000 drifts; 100,000 applies and scrapes with the agent's RSS/fds/threads slopes.
