@@ -38,7 +38,8 @@ CONFIG_B = CONFIG_A.replace('"198.51.100.0/24"', '"198.51.100.0/24,203.0.113.0/2
 
 @dataclass
 class Samples:
-    """One prober's results in order: monotonic time and outcome ('ok', 'bypass' or 'fail')."""
+    """One prober's results in order: when each connection began (its first packet decides its path; a
+    retransmitted SYN can make it end a second later) and its outcome ('ok', 'bypass' or 'fail')."""
 
     direction: str
     times: list[float] = field(default_factory=list)
@@ -48,20 +49,21 @@ class Samples:
         return sum(1 for t, o in zip(self.times, self.outcomes, strict=True) if o == outcome and start <= t < end)
 
     def windows(self, start: float = 0.0, end: float = float("inf")) -> list[float]:
-        """Each run of non-captured connections, as the time from the last captured one before it to the
-        first captured one after it: an upper bound of how long the gap was open."""
+        """Each run of bypassed connections (up to the next captured one), as the time from the first to the
+        last bypass in it: how long the probes saw the gap open (a lower bound; the injector's repair time
+        is the upper one). A connection that failed, e.g. one caught by a `delete table`, ends no run."""
         out: list[float] = []
-        last_ok: float | None = None
-        in_gap = False
+        first: float | None = None
+        last = 0.0
         for t, outcome in zip(self.times, self.outcomes, strict=True):
             if not start <= t < end:
                 continue
-            if outcome == "ok":
-                if in_gap and last_ok is not None:
-                    out.append(t - last_ok)
-                last_ok, in_gap = t, False
-            elif outcome == "bypass":
-                in_gap = True
+            if outcome == "bypass":
+                first = t if first is None else first
+                last = t
+            elif outcome == "ok" and first is not None:
+                out.append(last - first)
+                first = None
         return out
 
 
@@ -111,13 +113,14 @@ def _probe(host: str, port: int, ok: str, bypass: str, direction: str) -> Sample
     samples = Samples(direction)
     while not stop:
         answer = "fail"
+        began = time.monotonic()
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.settimeout(1.0)
             with contextlib.suppress(OSError):
                 s.connect((host, port))
                 data = s.recv(256).decode(errors="replace")
                 answer = "ok" if data.startswith(ok) else "bypass" if data.startswith(bypass) else "fail"
-        samples.times.append(time.monotonic())
+        samples.times.append(began)
         samples.outcomes.append(answer)
     return samples
 
@@ -198,13 +201,28 @@ class Report:
                 row[s.direction] = {"probed": s.count("ok", start, end) + s.count("bypass", start, end)
                                     + s.count("fail", start, end),
                                     "bypass": s.count("bypass", start, end), "fail": s.count("fail", start, end),
-                                    "gaps": len(windows), "longest_gap_ms": round(max(windows, default=0) * 1000, 1)}
+                                    "gaps": len(windows), "longest_gap_ms": round(max(windows, default=0) * 1000, 1),
+                                    "longest_run": _longest_run(s.outcomes, s.times, start, end)}
             out[phase] = row
         if self.drift_repairs:
             ordered = sorted(self.drift_repairs)
             out["drift_repair_ms"] = {"n": len(ordered), "median": round(ordered[len(ordered) // 2] * 1000, 1),
+                                      "p99": round(ordered[len(ordered) * 99 // 100] * 1000, 1),
                                       "max": round(ordered[-1] * 1000, 1)}
         return out
+
+
+def _longest_run(outcomes: list[str], times: list[float], start: float, end: float) -> int:
+    """The most bypassed connections in a row."""
+    best = run = 0
+    for t, outcome in zip(times, outcomes, strict=True):
+        if start <= t < end and outcome != "fail":
+            run = run + 1 if outcome == "bypass" else 0
+            best = max(best, run)
+    return best
+
+
+DRIFT_PAUSE_S = 0.1  # drifts below the agent's fight threshold (100 repairs in 5 s slows repairs down)
 
 
 def run_gap(lab: Lab, tmp: Path, reloads: int, restarts: int, drifts: int, seed: int = 1) -> Report:
@@ -237,6 +255,7 @@ def run_gap(lab: Lab, tmp: Path, reloads: int, restarts: int, drifts: int, seed:
         t0 = time.monotonic()
         for n in range(drifts):
             report.drift_repairs.append(_inject(lab, "flush" if n % 2 == 0 else "delete"))
+            time.sleep(DRIFT_PAUSE_S)
         report.phases["drifts"] = (t0, time.monotonic())
         time.sleep(0.2)
     finally:
