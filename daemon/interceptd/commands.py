@@ -47,7 +47,7 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
         kernel = NftKernel()
         preflight.run(config, facts.ipv6, kernel)
         ruleset = render(config, facts)
-        applied = install.apply(kernel, ruleset)
+        applied = install.apply(kernel, ruleset, reference=False)
         rules = sum(len(c.rules) for c in ruleset.chains)
         print(f"interceptd: applied table inet {ruleset.table}: {len(ruleset.chains)} chains, {rules} rules, "
               f"{len(ruleset.sets)} sets in {applied.duration_s * 1000:.1f} ms", file=sys.stderr)

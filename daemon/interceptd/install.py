@@ -28,9 +28,10 @@ class Applied:
 APPLY_ATTEMPTS = 5
 
 
-def apply(kernel: Kernel, ruleset: Ruleset) -> Applied:
+def apply(kernel: Kernel, ruleset: Ruleset, reference: bool = True) -> Applied:
     """Install `ruleset`; the listing that becomes the drift reference must show it.
 
+    A one-shot `apply` keeps no reference (reference=False: no read-back, Applied.listing is empty).
     Another process can change the table between our transaction and the listing that follows it. Taken
     as the reference, that change would never count as drift (a flush right there left the pod
     uncaptured for good), so a listing that does not hold the ruleset means: apply again.
@@ -42,6 +43,8 @@ def apply(kernel: Kernel, ruleset: Ruleset) -> Applied:
         kernel.apply(transaction(ruleset, existing))
         # After the table: marked packets only need the routes once the tproxy rules exist.
         routes.sync(ruleset, routes.router_for(kernel))
+        if not reference:
+            return Applied(ruleset, [], time.monotonic() - started)
         after = kernel.list_table(ruleset.table, ruleset.family) or []
         if holds(ruleset, after):
             return Applied(ruleset, normalise(after), time.monotonic() - started)

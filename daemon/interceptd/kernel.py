@@ -293,10 +293,8 @@ class FakeKernel:
         if kind == "table":
             if verb == "add":
                 tables.setdefault(key, {"chains": {}, "sets": {}, "counters": {}, "rules": []})
-            elif verb == "flush":
+            elif verb == "flush":  # like the kernel: rules go, set elements and counter values stay
                 tables[key]["rules"] = []
-                for s in tables[key]["sets"].values():
-                    s["elem"] = []
             elif verb == "delete":
                 del tables[key]
             return
@@ -312,14 +310,14 @@ class FakeKernel:
                     raise KernelRefusedError(f"chain {name} is not empty (fake)")
                 del t["chains"][name]
         elif kind == "set":
-            if verb == "add":
-                t["sets"].setdefault(name, {**copy.deepcopy(obj), "elem": []})
+            if verb == "add":  # `add set` with elements adds them to the set, new or existing
+                nset = t["sets"].setdefault(name, {**copy.deepcopy({k: v for k, v in obj.items() if k != "elem"}),
+                                                   "elem": []})
+                nset["elem"] += copy.deepcopy(obj.get("elem", []))
             elif verb == "flush":
                 t["sets"][name]["elem"] = []
             else:
                 del t["sets"][name]
-        elif kind == "element":
-            t["sets"][name]["elem"] += copy.deepcopy(obj["elem"])
         elif kind == "counter":
             if verb == "add":
                 t["counters"].setdefault(name, {**copy.deepcopy(obj), "packets": 0, "bytes": 0})

@@ -2,7 +2,8 @@
 
 Contenders, for each list size, fresh (empty namespace) and as a full re-apply over the loaded ruleset:
 - `interceptd apply --config FILE` (the init-container path, Python start-up included);
-- interceptd in process: install.apply with one long-lived NftKernel (what the agent does);
+- interceptd in process: install.apply with one long-lived NftKernel, as `apply` does it (no read-back);
+- the agent's apply: the same plus the read-back that becomes its drift reference;
 - a bare libnftables json_cmd of the very JSON install.apply sends (the floor for interceptd);
 - what-if: the same ruleset in nft's text syntax through libnftables (what JSON parsing costs);
 - `nft -j -f` and `nft -f` of Istio's nftables layout; `iptables-nft-restore` of its iptables layout.
@@ -42,7 +43,8 @@ from interceptd.nftjson import Existing, transaction
 from interceptd.render import render
 
 TEXT_WHATIF = "what-if: as nft text"
-CONTENDERS = ("interceptd apply (CLI)", "interceptd in-process", "bare json_cmd", TEXT_WHATIF,
+AGENT = "agent apply (+read-back)"
+CONTENDERS = ("interceptd apply (CLI)", "interceptd in-process", AGENT, "bare json_cmd", TEXT_WHATIF,
               "istio nft -j -f", "istio nft -f", "istio iptables-restore")
 FACTS = HostFacts(ipv6=False, host_ip=None)
 
@@ -115,7 +117,9 @@ class Bench:
         whatif_text = self.text_form(ruleset)
         return {
             "interceptd apply (CLI)": same(lambda: _run(INTERCEPTD, "apply", "--config", f["toml"])),
-            "interceptd in-process": same(lambda: install.apply(self.kernel, ruleset)),
+            # What `interceptd apply` does in-process, and what the agent does (plus the drift reference).
+            "interceptd in-process": same(lambda: install.apply(self.kernel, ruleset, reference=False)),
+            AGENT: same(lambda: install.apply(self.kernel, ruleset)),
             "bare json_cmd": bare,
             TEXT_WHATIF: as_text,
             "istio nft -j -f": same(lambda: _run("nft", "-j", "-f", f["json"])),

@@ -168,3 +168,29 @@ class TestLists:
         lab.interceptd("apply", "-i", "*")
         sets = sh("nft", "list", "sets", "table", "inet", "interceptd", ns=lab.pod).stdout
         assert "exclude-cidrs-v4" not in sets  # nothing the new config does not need is left behind
+
+
+def test_unchanged_sets_are_not_rewritten_on_reapply(lab: Lab) -> None:
+    """The kernel lists our sets exactly as we render them, so a re-apply leaves unchanged sets alone."""
+    from netlab import call_in
+
+    args = {"service_cidr": "*", "service_exclude_cidr": "10.0.0.0/8,192.0.2.1,198.51.100.0/25,2001:db8::/40",
+            "inbound_ports": "*", "local_exclude_ports": "15090,15020-15021,22", "outbound_ports": "8000-8100",
+            "proxy_uid": "1337,0", "exclude_interfaces": "eth9", "dual_stack": "true"}
+
+    def plan(exclude: str) -> list[str]:
+        from interceptd import host, install
+        from interceptd.config import load
+        from interceptd.kernel import NftKernel
+        from interceptd.nftjson import Existing, transaction
+        from interceptd.render import render
+
+        config = load({**args, "service_exclude_cidr": exclude}, {})
+        kernel = NftKernel()
+        ruleset = render(config, host.detect(config, ipv6_override=True))
+        install.apply(kernel, render(load(args, {}), host.detect(config, ipv6_override=True)))
+        doc = transaction(ruleset, Existing.from_listing(kernel.list_table("interceptd") or []))
+        return [c["flush"]["set"]["name"] for c in doc["nftables"] if "set" in c.get("flush", {})]
+
+    assert call_in(lab.pod, plan, args["service_exclude_cidr"]) == []
+    assert call_in(lab.pod, plan, "10.0.0.0/8,192.0.2.2,198.51.100.0/25,2001:db8::/40") == ["exclude-cidrs-v4"]
