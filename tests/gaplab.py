@@ -222,7 +222,7 @@ def _longest_run(outcomes: list[str], times: list[float], start: float, end: flo
     return best
 
 
-DRIFT_PAUSE_S = 0.1  # drifts below the agent's fight threshold (100 repairs in 5 s slows repairs down)
+DRIFT_PAUSE_S = 0.06  # drifts below the agent's fight threshold (100 repairs in 5 s slows repairs down)
 
 
 def run_gap(lab: Lab, tmp: Path, reloads: int, restarts: int, drifts: int, seed: int = 1) -> Report:
