@@ -190,14 +190,16 @@ def transaction(ruleset: Ruleset, existing: Existing) -> Json:
     for name in sorted(existing.counters - wanted_counters):
         cmds.append({"delete": {"counter": {"family": fam, "table": t, "name": name}}})
     for nset in ruleset.sets:
-        cmds.append({"add": {"set": set_json(t, fam, nset)}})
+        # One `add set` carrying its elements: libnftables 1.0.6 loads 10,000 CIDRs that way in half the time
+        # of an empty `add set` + `flush set` + `add element`. `flush table` keeps set elements, so a set
+        # that survives with the right elements is left alone, and one with other elements is flushed first.
         elem = [_scalar(e) for e in nset.elements]
-        if kept.get(nset.name) == canonical(elem):
-            continue  # `flush table` keeps set elements: an unchanged set is not rewritten (10,000 CIDRs cost)
-        cmds.append({"flush": {"set": {"family": fam, "table": t, "name": nset.name}}})
-        if elem:
-            # Elements inline in `add set`: libnftables 1.0.6 loads them twice as fast as `add element`.
-            cmds.append({"add": {"set": {**set_json(t, fam, nset), "elem": elem}}})
+        if nset.name in kept:
+            if kept[nset.name] == canonical(elem):
+                continue
+            cmds.append({"flush": {"set": {"family": fam, "table": t, "name": nset.name}}})
+        body = set_json(t, fam, nset)
+        cmds.append({"add": {"set": {**body, "elem": elem} if elem else body}})
     for name in ruleset.counter_names():
         cmds.append({"add": {"counter": {"family": fam, "table": t, "name": name}}})
     for chain in ruleset.chains:
