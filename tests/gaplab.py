@@ -49,9 +49,10 @@ class Samples:
         return sum(1 for t, o in zip(self.times, self.outcomes, strict=True) if o == outcome and start <= t < end)
 
     def windows(self, start: float = 0.0, end: float = float("inf")) -> list[float]:
-        """Each run of bypassed connections (up to the next captured one), as the time from the first to the
-        last bypass in it: how long the probes saw the gap open (a lower bound; the injector's repair time
-        is the upper one). A connection that failed, e.g. one caught by a `delete table`, ends no run."""
+        """Each run of bypassed connections in a row, as the time from the first to the last bypass in it:
+        how long the probes saw the gap open (a lower bound; the injector's repair time is the upper one).
+        A failed connection (one caught by a `delete table` waits out its 1 s timeout) ends a run too, or a
+        run would span the drifts that came and went meanwhile."""
         out: list[float] = []
         first: float | None = None
         last = 0.0
@@ -61,7 +62,7 @@ class Samples:
             if outcome == "bypass":
                 first = t if first is None else first
                 last = t
-            elif outcome == "ok" and first is not None:
+            elif first is not None:
                 out.append(last - first)
                 first = None
         return out
@@ -216,7 +217,7 @@ def _longest_run(outcomes: list[str], times: list[float], start: float, end: flo
     """The most bypassed connections in a row."""
     best = run = 0
     for t, outcome in zip(times, outcomes, strict=True):
-        if start <= t < end and outcome != "fail":
+        if start <= t < end:
             run = run + 1 if outcome == "bypass" else 0
             best = max(best, run)
     return best
