@@ -9,6 +9,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from . import rtnl
 from .config import Config
 from .errors import ConfigError, HostError
 
@@ -63,13 +64,9 @@ def parse_resolv_conf(text: str) -> tuple[tuple[ipaddress.IPv4Address, ...], tup
 
 def interface_addresses() -> list[IPAddress]:
     """Addresses of this namespace in interface-index order, like Go's net.InterfaceAddrs()."""
-    from pyroute2 import IPRoute
-
-    found: list[tuple[int, int, IPAddress]] = []
-    with IPRoute() as ipr:
-        for n, msg in enumerate(ipr.get_addr()):
-            found.append((msg["index"], n, ipaddress.ip_address(msg.get_attr("IFA_ADDRESS"))))
-    return [addr for _, _, addr in sorted(found, key=lambda item: (item[0], item[1]))]
+    found = rtnl.addresses()
+    order = sorted(range(len(found)), key=lambda n: (found[n].index, n))
+    return [ipaddress.ip_address(found[n].address) for n in order]
 
 
 def detect(config: Config, addresses: list[IPAddress] | None = None, resolv_text: str | None = None,

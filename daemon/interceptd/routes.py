@@ -7,6 +7,7 @@ exactly what interceptd put there, whatever configuration installed it, and neve
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 import weakref
@@ -14,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from . import rtnl
 from .errors import RoutingError
 from .model import Ruleset
 
@@ -107,22 +109,28 @@ class Netlink:
             return IPRoute()
 
     def owned(self) -> set[Entry]:
+        """Read with rtnl (no pyroute2: reading happens on every apply, changing only in TPROXY mode)."""
         out: set[Entry] = set()
-        with self._ipr() as ipr:
+        with self._entered():
             for version, fam in _FAMILY.items():
-                for msg in ipr.get_rules(family=fam):
-                    if msg.get_attr("FRA_PROTOCOL") == ROUTE_PROTOCOL:
-                        out.add(Entry("rule", version, msg.get_attr("FRA_TABLE") or msg["table"],
-                                      msg.get_attr("FRA_FWMARK") or 0))
-                for msg in ipr.route("dump", family=fam):
-                    if msg["proto"] == ROUTE_PROTOCOL:
-                        out.add(Entry("route", version, msg.get_attr("RTA_TABLE") or msg["table"]))
-            lo = _lo_index(ipr)
-            for msg in ipr.get_addr(family=socket.AF_INET6, index=lo):
-                addr = msg.get_attr("IFA_ADDRESS")
-                if addr in self._addresses and msg["prefixlen"] == 128:
-                    out.add(Entry("address", 6, address=addr))
+                for r in rtnl.rules(fam):
+                    if r.protocol == ROUTE_PROTOCOL:
+                        out.add(Entry("rule", version, r.table, r.fwmark))
+                for r in rtnl.routes(fam):
+                    if r.protocol == ROUTE_PROTOCOL:
+                        out.add(Entry("route", version, r.table))
+            lo = socket.if_nametoindex("lo")
+            for a in rtnl.addresses(socket.AF_INET6):
+                if a.index == lo and a.prefixlen == 128 and a.address in self._addresses:
+                    out.add(Entry("address", 6, address=a.address))
         return out
+
+    def _entered(self) -> contextlib.AbstractContextManager[object]:
+        if not self._netns:
+            return contextlib.nullcontext()
+        from .netns import entered
+
+        return entered(self._netns)
 
     def add(self, entry: Entry) -> None:
         self._call("add", entry, errno.EEXIST)
