@@ -77,9 +77,26 @@ def merge_ports(ports: Iterable[PortRange]) -> tuple[PortRange, ...]:
 
 
 def merge_cidrs(nets: Iterable[IPNetwork], version: int) -> tuple[IPNetwork, ...]:
-    if version == 4:
-        return tuple(ipaddress.collapse_addresses([n for n in nets if isinstance(n, ipaddress.IPv4Network)]))
-    return tuple(ipaddress.collapse_addresses([n for n in nets if isinstance(n, ipaddress.IPv6Network)]))
+    """Sorted, overlapping and adjacent prefixes merged (interval sets refuse overlaps), like
+    ipaddress.collapse_addresses but on integer ranges: 10,000 CIDRs in milliseconds, not 100 ms."""
+    chosen = sorted((n for n in nets if n.version == version),
+                    key=lambda n: (int(n.network_address), n.prefixlen))
+    merged: list[tuple[int, int, IPNetwork | None]] = []  # first, last, the prefix when it is exactly one
+    for n in chosen:
+        first, last = int(n.network_address), int(n.broadcast_address)
+        if merged and first <= merged[-1][1] + 1:
+            if last > merged[-1][1]:
+                merged[-1] = (merged[-1][0], last, None)
+        else:
+            merged.append((first, last, n))
+    cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+    out: list[IPNetwork] = []
+    for first, last, single in merged:
+        if single is not None:
+            out.append(single)
+        else:
+            out += ipaddress.summarize_address_range(cls(first), cls(last))
+    return tuple(out)
 
 
 class _Builder:
