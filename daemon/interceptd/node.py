@@ -461,13 +461,16 @@ class Node:
 
     def _open_socket(self) -> None:
         path = nodestate.socket_path(self.state_dir)
-        os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a previous agent's; the lock says none is running
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
-            listener.bind(path)
-            os.chmod(path, 0o600)
+            umask = os.umask(0o177)  # the socket is born 0600: no moment where others may connect
+            try:
+                listener.bind(path)
+            finally:
+                os.umask(umask)
             listener.listen(64)
         except OSError as exc:
             listener.close()

@@ -22,6 +22,7 @@ _IFNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,15}$")
 _ID_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?$")
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also takes other scripts' digits
 _DURATION_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -53,7 +54,7 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_port(text: str) -> int:
-    if not text.isdigit():
+    if not _DIGITS.fullmatch(text):
         raise ValueError("not a port number")
     port = int(text)
     if not 1 <= port <= 65535:
@@ -122,15 +123,15 @@ def parse_id_names(text: str) -> tuple[str, ...]:
     """A list of user or group names or numbers; names are resolved later, against the right database."""
     items = split_list(text)
     for item in items:
-        if not (item.isdigit() or _ID_NAME.match(item)):
+        if not (_DIGITS.fullmatch(item) or _ID_NAME.match(item)):
             raise ValueError(f"{item!r} is neither a number nor a valid name")
-        if item.isdigit() and int(item) > 0xFFFFFFFE:
+        if _DIGITS.fullmatch(item) and int(item) > 0xFFFFFFFE:
             raise ValueError(f"{item!r} is out of range")
     return tuple(items)
 
 
 def resolve_uid(name: str) -> int:
-    if name.isdigit():
+    if _DIGITS.fullmatch(name):
         return int(name)
     try:
         return pwd.getpwnam(name).pw_uid
@@ -139,7 +140,7 @@ def resolve_uid(name: str) -> int:
 
 
 def resolve_gid(name: str) -> int:
-    if name.isdigit():
+    if _DIGITS.fullmatch(name):
         return int(name)
     try:
         return grp.getgrnam(name).gr_gid
@@ -157,7 +158,7 @@ def parse_mode(text: str) -> str:
 
 
 def parse_u32(text: str) -> int:
-    if not text.isdigit():
+    if not _DIGITS.fullmatch(text):
         raise ValueError("not a decimal number")
     value = int(text)
     if not 1 <= value <= 0xFFFFFFFF:
@@ -173,7 +174,7 @@ def parse_route_table(text: str) -> int:
 
 
 def parse_uint16(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
+    if not _DIGITS.fullmatch(text) or int(text) > 65535:
         raise ValueError("not a number 0-65535")
     return int(text)
 
