@@ -20,7 +20,7 @@ from .errors import NamespaceError
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _PROC_NS = re.compile(r"^/proc/(\d+)/ns/net$")
 
 Identity = tuple[int, int]  # (st_dev, st_ino) of the nsfs inode: the same namespace under any path
@@ -48,7 +48,7 @@ def name_for(path: str) -> str:
     """The namespace's short name (metrics label, state file): the file name, or pid-N for /proc/N/ns/net."""
     match = _PROC_NS.match(os.path.normpath(path))
     name = f"pid-{match.group(1)}" if match else os.path.basename(os.path.normpath(path))
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise NamespaceError(f"network namespace {path!r}: {name!r} is not usable as a name "
                              f"(letters, digits, '.', '_', '-'; at most 128)")
     return name

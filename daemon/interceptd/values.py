@@ -16,12 +16,13 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _BOOL_TRUE = {"1", "t", "T", "true", "TRUE", "True"}
 _BOOL_FALSE = {"0", "f", "F", "false", "FALSE", "False"}
+# Patterns are used with fullmatch (a `$` would also accept a trailing newline).
 # Linux dev_valid_name(): 1..15 bytes, not "." or "..", no '/', ':' or white space. Quotes and other
 # characters nft's parser would choke on are refused too, so a name can never smuggle syntax.
-_IFNAME = re.compile(r"^[A-Za-z0-9_.@+-]{1,15}$")
-_ID_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?$")
-_TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_IFNAME = re.compile(r"[A-Za-z0-9_.@+-]{1,15}")
+_ID_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
+_TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h)")
 _DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also takes other scripts' digits
 _DURATION_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -110,7 +111,7 @@ def parse_include_cidrs(text: str) -> tuple[IPNetwork, ...] | None:
 
 
 def parse_ifname(text: str) -> str:
-    if not _IFNAME.match(text) or text in (".", ".."):
+    if not _IFNAME.fullmatch(text) or text in (".", ".."):
         raise ValueError(f"{text!r} is not a valid interface name (1-15 characters of A-Z a-z 0-9 _ . - @ +)")
     return text
 
@@ -123,7 +124,7 @@ def parse_id_names(text: str) -> tuple[str, ...]:
     """A list of user or group names or numbers; names are resolved later, against the right database."""
     items = split_list(text)
     for item in items:
-        if not (_DIGITS.fullmatch(item) or _ID_NAME.match(item)):
+        if not (_DIGITS.fullmatch(item) or _ID_NAME.fullmatch(item)):
             raise ValueError(f"{item!r} is neither a number nor a valid name")
         if _DIGITS.fullmatch(item) and int(item) > 0xFFFFFFFE:
             raise ValueError(f"{item!r} is out of range")
@@ -223,7 +224,7 @@ def parse_iptables_binary(text: str) -> str:
 
 
 def parse_table_name(text: str) -> str:
-    if not _TABLE_NAME.match(text):
+    if not _TABLE_NAME.fullmatch(text):
         raise ValueError("must start with a letter and hold only letters, digits, '_' and '-' (max 64)")
     return text
 
