@@ -92,6 +92,10 @@ BAD_FLAGS = [
     ({"force_iptables_binary": "foo"}, "--force-iptables-binary", "foo"),
     ({"table": "bad name"}, "--table", "bad name"),
     ({"outbound_ipv4_loopback_cidr": "10.0.0.0/8"}, "--outbound-ipv4-loopback-cidr", "10.0.0.0/8"),
+    ({"envoy_port": "\u0663"}, "--envoy-port", "\u0663"),  # an Arabic-Indic digit three
+    ({"envoy_port": "80\n"}, "--envoy-port", "80\\n"),
+    ({"exclude_interfaces": "eth0\n"}, "--istio-exclude-interfaces", "eth0\\n"),
+    ({"table": "t\n"}, "--table", "t\\n"),
 ]
 
 
@@ -100,7 +104,7 @@ def test_bad_flag_values_name_flag_and_value(flags: dict[str, str], flag: str, v
     with pytest.raises(ConfigError) as err:
         cfg(flags=flags)
     message = str(err.value)
-    assert flag in message and value in message and "\n" not in message
+    assert flag in message and value in message and "\n" not in message, message
     assert err.value.exit_code == 2
 
 
