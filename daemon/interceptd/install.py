@@ -8,12 +8,13 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 from . import routes
 from .errors import KernelRefusedError
 from .kernel import Json, Kernel
 from .model import Ruleset
-from .nftjson import Existing, deletion, normalise, transaction
+from .nftjson import Existing, deletion, elements_json, normalise, same_elements, transaction
 
 
 @dataclass(frozen=True)
@@ -53,21 +54,21 @@ def apply(kernel: Kernel, ruleset: Ruleset, reference: bool = True) -> Applied:
 
 
 def holds(ruleset: Ruleset, listing: list[Json]) -> bool:
-    """Does the listing show exactly the ruleset's chains, each with its rules in order, and its sets with
-    as many elements as rendered? (Names and counts: the kernel's spelling of expressions may differ.)"""
+    """Does the listing show exactly the ruleset's chains, each with its rules in order (by name: the
+    kernel's spelling of expressions may differ), and its sets with exactly the rendered elements?"""
     chains: set[str] = set()
     rules: dict[str, list[str]] = defaultdict(list)
-    sets: dict[str, int] = {}
+    sets: dict[str, list[Any]] = {}
     for item in listing:
         if "chain" in item:
             chains.add(item["chain"]["name"])
         elif "rule" in item:
             rules[item["rule"]["chain"]].append(item["rule"].get("comment", ""))
         elif "set" in item:
-            sets[item["set"]["name"]] = len(item["set"].get("elem", []))
+            sets[item["set"]["name"]] = item["set"].get("elem", [])
     return (chains == {c.name for c in ruleset.chains}
             and all(rules.get(c.name, []) == [r.name for r in c.rules] for c in ruleset.chains)
-            and all(sets.get(s.name) == len(s.elements) for s in ruleset.sets))
+            and all(s.name in sets and same_elements(sets[s.name], elements_json(s.elements)) for s in ruleset.sets))
 
 
 def remove(kernel: Kernel, table: str, family: str = "inet") -> bool:

@@ -6,6 +6,7 @@ kernel's listing of the table into a comparable form (no handles, no counter val
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 from collections.abc import Iterable
@@ -129,7 +130,7 @@ class Existing:
     chains: dict[str, Json]  # name -> {"type","hook","prio"} or {} for regular chains
     sets: dict[str, Json]  # name -> {"type","flags"}
     counters: frozenset[str]
-    elements: dict[str, list[str]] = field(default_factory=dict)  # set name -> canonical elements
+    elements: dict[str, list[Any]] = field(default_factory=dict)  # set name -> elements as listed
 
     @staticmethod
     def empty() -> Existing:
@@ -139,7 +140,7 @@ class Existing:
     def from_listing(items: Iterable[Json]) -> Existing:
         chains: dict[str, Json] = {}
         sets: dict[str, Json] = {}
-        elements: dict[str, list[str]] = {}
+        elements: dict[str, list[Any]] = {}
         counters: set[str] = set()
         for item in items:
             if "chain" in item:
@@ -148,15 +149,28 @@ class Existing:
             elif "set" in item:
                 s = item["set"]
                 sets[s["name"]] = {"type": s["type"], "flags": sorted(s.get("flags", []))}
-                elements[s["name"]] = canonical(s.get("elem", []))
+                elements[s["name"]] = s.get("elem", [])
             elif "counter" in item:
                 counters.add(item["counter"]["name"])
         return Existing(chains, sets, frozenset(counters), elements)
 
 
-def canonical(elements: Iterable[Any]) -> list[str]:
-    """Set elements in a form where the kernel's listing and our rendering compare equal."""
-    return sorted(json.dumps(e, sort_keys=True) for e in elements)
+def same_elements(listed: list[Any], rendered: list[Any]) -> bool:
+    """Does the kernel's listing of a set hold exactly the rendered elements? The kernel lists interval
+    sets in address order, as we render them, so plain equality decides 10,000 CIDRs in well under a
+    millisecond; hash sets (uids, interface names) may come back in another order."""
+    if listed == rendered:
+        return True
+    if len(listed) != len(rendered):
+        return False
+    key = functools.partial(json.dumps, sort_keys=True)
+    return sorted(map(key, listed)) == sorted(map(key, rendered))
+
+
+@functools.lru_cache(maxsize=64)
+def elements_json(elements: tuple[Scalar, ...]) -> list[Any]:
+    """A set's elements as JSON, rendered once per distinct set (the agent re-applies the same sets)."""
+    return [_scalar(e) for e in elements]
 
 
 def _chain_shape(chain: Chain) -> Json:
@@ -193,9 +207,9 @@ def transaction(ruleset: Ruleset, existing: Existing) -> Json:
         # One `add set` carrying its elements: libnftables 1.0.6 loads 10,000 CIDRs that way in half the time
         # of an empty `add set` + `flush set` + `add element`. `flush table` keeps set elements, so a set
         # that survives with the right elements is left alone, and one with other elements is flushed first.
-        elem = [_scalar(e) for e in nset.elements]
+        elem = elements_json(nset.elements)
         if nset.name in kept:
-            if kept[nset.name] == canonical(elem):
+            if same_elements(kept[nset.name], elem):
                 continue
             cmds.append({"flush": {"set": {"family": fam, "table": t, "name": nset.name}}})
         body = set_json(t, fam, nset)
