@@ -57,6 +57,19 @@ class Backoff:
         self.delay = self.first
 
 
+def catch_signals(wake_fd: int, handler: Callable[[int, FrameType | None], None]) -> Callable[[], None]:
+    """Route SIGHUP/SIGTERM/SIGINT to `handler` (it only sets flags) and wake the loop through `wake_fd`;
+    returns the function that puts back what was there before."""
+    previous_fd = signal.set_wakeup_fd(wake_fd, warn_on_full_buffer=False)
+    previous = {sig: signal.signal(sig, handler) for sig in SIGNALS}
+
+    def restore() -> None:
+        signal.set_wakeup_fd(previous_fd)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return restore
+
+
 def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 3)
 
@@ -251,8 +264,7 @@ class Agent:
         except ListenError:
             lock.release()
             raise
-        previous_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
+        restore_signals = catch_signals(self._wake_w, self._on_signal)
         try:
             self._set_events(self.config.kernel_events)  # before the first apply: no change goes unseen
             if self.config.own_table:  # the owner is this agent's libnftables context, for its lifetime
@@ -264,9 +276,7 @@ class Agent:
             self._loop()
         finally:
             self.notifier.stopping()
-            signal.set_wakeup_fd(previous_fd)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            restore_signals()
             self._stop()
             if metrics is not None:
                 metrics.stop()

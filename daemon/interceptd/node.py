@@ -34,7 +34,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from . import host, logs, netns, nodestate, reconcile
-from .agent import SIGNALS, Agent
+from .agent import Agent, catch_signals
 from .config import Config, load, read_toml
 from .errors import ConfigError, InterceptdError, KernelRefusedError, ListenError, LockedError, NamespaceError
 from .events import NftEvents
@@ -437,8 +437,7 @@ class Node:
                 os.makedirs(self.config.netns_dir, exist_ok=True)
                 self._watch = netns.DirWatch(self.config.netns_dir)
                 self.selector.register(self._watch, selectors.EVENT_READ, "watch")
-            previous_fd = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-            previous = {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
+            restore_signals = catch_signals(self._wake_w, self._on_signal)
             try:
                 started = time.monotonic()
                 rescan_at = time.monotonic() + RESCAN_SOON_S if self.scan() else None
@@ -449,9 +448,7 @@ class Node:
                 self._loop(rescan_at)
             finally:
                 self.notifier.stopping()
-                signal.set_wakeup_fd(previous_fd)
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+                restore_signals()
         finally:
             self._close()
             if metrics is not None:
