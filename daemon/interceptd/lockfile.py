@@ -36,14 +36,26 @@ class Lock:
         where = f"--state-dir {directory!r}"
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
-            dir_stat = os.lstat(directory)
-            if (not stat.S_ISDIR(dir_stat.st_mode) or dir_stat.st_uid != os.geteuid()
-                    or dir_stat.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
-                raise LockedError(f"{where}: must be a directory owned by uid {os.geteuid()} that no one else "
-                                  f"can write to (not a symlink)")
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+            # Opened without following a symlink and used through the descriptor from here on, so the path
+            # cannot be swapped under us. A directory of ours that others may write to (a Kubernetes
+            # emptyDir is 0777) is made private first; one that is not ours is refused.
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise LockedError(f"{where}: cannot open the directory: {exc.strerror} (it must be a directory, "
+                              f"not a symlink)") from None
+        try:
+            dir_stat = os.fstat(dir_fd)
+            if dir_stat.st_uid != os.geteuid():
+                raise LockedError(f"{where}: must be a directory owned by uid {os.geteuid()}, not uid "
+                                  f"{dir_stat.st_uid}")
+            if dir_stat.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                os.fchmod(dir_fd, 0o700)
+            fd = os.open(os.path.basename(self.path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         except OSError as exc:
             raise LockedError(f"{where}: cannot open lock file {self.path!r}: {exc.strerror}") from None
+        finally:
+            os.close(dir_fd)
         try:
             file_stat = os.fstat(fd)
             if not stat.S_ISREG(file_stat.st_mode) or file_stat.st_nlink != 1 or file_stat.st_uid != os.geteuid():

@@ -41,10 +41,22 @@ def test_symlinked_state_dir_is_refused_before_anything_is_created(tmp_path: Pat
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770])
-def test_state_dir_others_can_write_to_is_refused(tmp_path: Path, mode: int) -> None:
+def test_a_shared_state_dir_of_ours_is_made_private_first(tmp_path: Path, mode: int) -> None:
+    """A Kubernetes emptyDir is created 0777: the agent makes it 0700 before it creates anything in it."""
     state = tmp_path / "run"
     state.mkdir()
     state.chmod(mode)
-    with pytest.raises(LockedError, match="no one else"):
+    lock = Lock(str(state), "interceptd")
+    lock.acquire()
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    lock.release()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the directory away")
+def test_a_state_dir_of_someone_else_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "run"
+    state.mkdir(mode=0o700)
+    os.chown(state, 1000, 1000)
+    with pytest.raises(LockedError, match="owned by uid 0, not uid 1000"):
         Lock(str(state), "interceptd").acquire()
     assert list(state.iterdir()) == []
