@@ -18,5 +18,8 @@ def test_descriptors_and_threads_stay_flat(lab: Lab, tmp_path: Path) -> None:
     print(json.dumps({k: v for k, v in figures.items() if k != "samples"}))
     warm = [values for _ops, values in figures["samples"][1:]]
     assert figures["reloads"] == 1000  # each one an apply: the two configurations alternate
-    assert {fds for _rss, fds, _threads in warm} == {warm[0][1]}, figures["samples"]
+    # A sample can catch one short-lived descriptor (a scrape's connection, a netlink dump socket); a leak
+    # of one per operation would add hundreds between samples.
+    fds = [fd for _rss, fd, _threads in warm]
+    assert max(fds) - min(fds) <= 1 and fds[-1] <= fds[0] + 1, figures["samples"]
     assert {threads for _rss, _fds, threads in warm} == {warm[0][2]}, figures["samples"]
