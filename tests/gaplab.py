@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netlab import INTERCEPTD, Lab, call_in, enter, wait_until
+from netlab import INTERCEPTD, Lab, call_in, enter, enter_as, wait_until
 
 APP_UID = 1000
 CONFIG_A = """envoy_port = 15001
@@ -81,11 +81,7 @@ class Prober:
         if self.pid == 0:  # the child: probe until SIGUSR1, then send the samples up the pipe
             try:
                 os.close(rfd)
-                enter(ns)
-                if uid is not None:
-                    os.setgroups([])
-                    os.setgid(uid)
-                    os.setuid(uid)
+                enter_as(ns, uid, uid)
                 samples = _probe(host, port, ok, bypass, direction)
                 with os.fdopen(wfd, "wb") as out:
                     pickle.dump(samples, out)

@@ -16,6 +16,7 @@ import ctypes
 import itertools
 import os
 import pickle
+import select
 import selectors
 import signal
 import socket
@@ -78,20 +79,26 @@ def enter(name: str) -> None:
         os.close(fd)
 
 
+def enter_as(ns: str, uid: int | None = None, gid: int | None = None) -> None:
+    """In a forked child: enter `ns`, then drop to gid/uid (no supplementary groups) when given."""
+    enter(ns)
+    if gid is not None:
+        os.setgroups([])
+        os.setgid(gid)
+    if uid is not None:
+        os.setuid(uid)
+
+
 def call_in(ns: str, fn: Callable[..., Any], *args: Any, uid: int | None = None, gid: int | None = None,
-            timeout: float = 10.0) -> Any:
-    """Run fn(*args) in a child inside `ns` (as uid/gid if given) and return its result or raise."""
+            timeout: float = 60.0) -> Any:
+    """Run fn(*args) in a child inside `ns` (as uid/gid if given) and return its result or raise; a child
+    still busy after `timeout` seconds is killed and TimeoutError raised."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(rfd)
-            enter(ns)
-            if gid is not None:
-                os.setgroups([])
-                os.setgid(gid)
-            if uid is not None:
-                os.setuid(uid)
+            enter_as(ns, uid, gid)
             payload = pickle.dumps(("ok", fn(*args)))
         except BaseException as exc:  # report everything to the parent
             payload = pickle.dumps(("err", repr(exc)))
@@ -100,6 +107,10 @@ def call_in(ns: str, fn: Callable[..., Any], *args: Any, uid: int | None = None,
         os._exit(0)
     os.close(wfd)
     with os.fdopen(rfd, "rb") as inp:
+        if not select.select([inp], [], [], timeout)[0]:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise TimeoutError(f"in {ns}: {getattr(fn, '__name__', fn)} took more than {timeout:g} s")
         data = inp.read()
     os.waitpid(pid, 0)
     status, value = pickle.loads(data)
