@@ -30,6 +30,7 @@ venv: deps $(STAMP)
 lint: venv
 	$(VENV)/bin/ruff check daemon tests
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 unit: venv
 	$(VENV)/bin/pytest -q tests/unit
@@ -40,8 +41,8 @@ test: venv lint
 # 10x the CI budget of the config fuzz (100,000+ examples), with fresh randomness instead of a fixed seed.
 fuzz: venv
 	FUZZ_PROFILE=fuzz FUZZ_EXAMPLES=10 $(VENV)/bin/pytest -q -p no:cacheprovider --hypothesis-show-statistics \
-	  tests/unit/test_fuzz_config.py tests/unit/test_fuzz_cni.py tests/integration/test_hardening_fuzz_nft.py \
-	  tests/integration/test_explain_kernel.py
+	  tests/unit/config/test_fuzz_config.py tests/unit/cli/test_fuzz_cni.py tests/integration/ruleset/test_hardening_fuzz_nft.py \
+	  tests/integration/ruleset/test_explain_kernel.py
 
 # The hardening issue's full counts (about 10 minutes, not in CI): interception gap through 1,000 reloads,
 # 20 restarts and 1,000 drifts; 100,000 applies and scrapes with the agent's RSS/fds/threads slopes.
@@ -54,11 +55,11 @@ demo: venv
 # The benchmarks compile their load generator (gcc); tests/bench/bench.py lists the knobs (BENCH_ONLY, ...).
 bench: venv
 	@$(MAKE) --no-print-directory deps APT_PACKAGES="gcc libc6-dev iptables"
-	$(PY) tests/bench/bench.py
+	PYTHONPATH=tests $(PY) tests/bench/bench.py
 
 # Regenerate config/interceptd.toml and README.md's reference from the option table and the CLI's parser.
 docs: venv
-	$(PY) -m interceptd.docs write .
+	$(PY) -m interceptd.cli.docs write .
 
 # The Containerfile's install steps on a debootstrap'd Debian 12 root (no container engine runs here).
 # The base root is cached in $(IMAGE_TEST_CACHE); delete it to start cold.

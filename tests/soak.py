@@ -15,10 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from gaplab import churn, run_gap
-from netlab import Lab
+from support.gaplab import churn, run_gap
+from support.netlab import Lab
 
 
 def main() -> None:

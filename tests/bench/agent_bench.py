@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common import Report, bench_settings, ms, percentile, summary, toml_text
-from netlab import INTERCEPTD, Lab
+from support.netlab import INTERCEPTD, Lab
 
 DRIFTS = 100
 IDLE_SECONDS = 60.0

@@ -33,14 +33,15 @@ from common import (
     toml_text,
     with_retries,
 )
-from netlab import INTERCEPTD, Lab, call_in
+from support.netlab import INTERCEPTD, Lab, call_in
 
-from interceptd import install
-from interceptd.host import HostFacts
-from interceptd.kernel import NftKernel
-from interceptd.model import Ruleset
-from interceptd.nftjson import Existing, transaction
-from interceptd.render import render
+from interceptd.control import install
+from interceptd.ruleset.facts import HostFacts
+from interceptd.ruleset.model import Ruleset
+from interceptd.ruleset.nftjson import Existing, transaction
+from interceptd.ruleset.render import render
+from interceptd.system.kernel import NftKernel
+from interceptd.system.routes import Netlink
 
 TEXT_WHATIF = "what-if: as nft text"
 AGENT = "agent apply (+read-back)"
@@ -118,8 +119,8 @@ class Bench:
         return {
             "interceptd apply (CLI)": same(lambda: _run(INTERCEPTD, "apply", "--config", f["toml"])),
             # What `interceptd apply` does in-process, and what the agent does (plus the drift reference).
-            "interceptd in-process": same(lambda: install.apply(self.kernel, ruleset, reference=False)),
-            AGENT: same(lambda: install.apply(self.kernel, ruleset)),
+            "interceptd in-process": same(lambda: install.apply(self.kernel, Netlink(), ruleset, reference=False)),
+            AGENT: same(lambda: install.apply(self.kernel, Netlink(), ruleset)),
             "bare json_cmd": bare,
             TEXT_WHATIF: as_text,
             "istio nft -j -f": same(lambda: _run("nft", "-j", "-f", f["json"])),
@@ -131,7 +132,7 @@ class Bench:
         """interceptd's own ruleset in nft's text syntax, as the kernel lists it after an apply: how fast
         libnftables takes the same transaction when it does not have to parse JSON."""
         self.reset()
-        install.apply(self.kernel, ruleset)
+        install.apply(self.kernel, Netlink(), ruleset)
         rc, listing, err = self.text.cmd(f"list table inet {ruleset.table}")
         self.reset()
         if rc != 0:

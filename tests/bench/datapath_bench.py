@@ -29,7 +29,7 @@ from common import (
     toml_text,
     with_retries,
 )
-from netlab import Lab, sh
+from support.netlab import Lab, sh
 
 OUT_DST = ("198.51.100.1", 8080)
 IN_PORT = 8080

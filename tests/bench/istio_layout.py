@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from interceptd.config import Config
-from interceptd.values import PortRange
+from interceptd.config.values import PortRange
 
 TABLE = "istio-proxy-nat"
 Json = dict[str, Any]

@@ -21,7 +21,7 @@ from typing import Any
 
 from agent_bench import cpu_seconds, rss_kib
 from common import Report, ms, summary
-from nodelab import NodeAgent, NsDir
+from support.nodelab import NodeAgent, NsDir
 
 SIZES = (100, 250)
 IDLE_SECONDS = 30.0

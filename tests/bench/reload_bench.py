@@ -18,7 +18,7 @@ from typing import Any
 
 from agent_bench import LogTail, rss_kib, wait_for
 from common import MAX_CIDRS, Report, bench_cidrs, bench_settings, ms, summary, toml_text
-from netlab import INTERCEPTD, Lab
+from support.netlab import INTERCEPTD, Lab
 
 
 def measure(lab: Lab, n_cidrs: int, reloads: int, tmp: Path) -> dict[str, Any]:

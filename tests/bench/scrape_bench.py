@@ -11,14 +11,15 @@ import sys
 import urllib.request
 
 from common import Report, bench_config, ms, percentile, summary, timed
-from netlab import Lab, call_in
+from support.netlab import Lab, call_in
 
-from interceptd import install
-from interceptd.host import HostFacts
-from interceptd.kernel import NftKernel
-from interceptd.metrics import MetricsServer
-from interceptd.render import render
-from interceptd.state import AgentState
+from interceptd.control import install
+from interceptd.control.state import AgentState
+from interceptd.ruleset.facts import HostFacts
+from interceptd.ruleset.render import render
+from interceptd.runtime.metrics import MetricsServer
+from interceptd.system.kernel import NftKernel
+from interceptd.system.routes import Netlink
 
 SIZES = (0, 10_000)
 REPS = 200
@@ -30,7 +31,7 @@ def measure(n_cidrs: int, reps: int) -> dict[str, object]:
 
     kernel = NftKernel()
     cfg = bench_config(n_cidrs, 3)
-    install.apply(kernel, render(cfg, HostFacts(ipv6=False, host_ip=None)))
+    install.apply(kernel, Netlink(), render(cfg, HostFacts(ipv6=False, host_ip=None)))
     state = AgentState(table=cfg.table, mode=cfg.inbound_interception_mode)
     server = MetricsServer(("127.0.0.1", 0), kernel, state).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/metrics"

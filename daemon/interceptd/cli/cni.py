@@ -1,0 +1,375 @@
+"""`interceptd-cni`: a chained CNI 1.0 plugin that installs a pod's interception itself, then tells the node agent.
+
+ADD builds the pod's Config (Istio CNI's defaults, spec 1.7 < the network config's "interceptd" object <
+Istio annotation names in CNI_ARGS), applies it inside CNI_NETNS in one transaction (so a pod never starts
+unprotected, even while the node agent is down), records it in the state directory and registers it with
+the node agent (best effort). CHECK compares the kernel with that record. DEL unregisters and removes the
+table if the namespace still exists, and never fails because something is already gone.
+
+Errors are the spec's JSON on stdout with a non-zero exit; every configuration error is found before
+the namespace is touched, and a refused transaction changes nothing, so a failed ADD leaves no rules.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from interceptd.config import OPTIONS_BY_KEY, Config
+from interceptd.control import install
+from interceptd.errors import ConfigError, InterceptdError, KernelRefusedError, NamespaceError
+from interceptd.ruleset import drift
+from interceptd.ruleset.nftjson import normalise
+from interceptd.ruleset.render import render
+from interceptd.runtime import nodestate
+from interceptd.system import host, netns
+from interceptd.system.kernel import NftKernel
+from interceptd.system.routes import Netlink
+
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
+CHECK_SINCE = "0.4.0"
+
+# CNI spec error codes (1-99 are the spec's; 100+ the plugin's own).
+E_VERSION, E_FIELD, E_UNKNOWN_CONTAINER, E_ENV, E_IO, E_DECODE, E_CONFIG = 1, 2, 3, 4, 5, 6, 7
+E_REFUSED, E_MISMATCH = 100, 101
+
+# Istio CNI's settings for a pod without annotations (spec 1.7), as Config keys.
+ISTIO_CNI_DEFAULTS: dict[str, Any] = {
+    "proxy_uid": "1337",
+    "proxy_gid": "1337",
+    "inbound_interception_mode": "REDIRECT",
+    "service_cidr": "*",
+    "service_exclude_cidr": "",
+    "inbound_ports": "*",
+    "local_exclude_ports": "15020",
+    "outbound_ports": "",
+    "local_outbound_ports_exclude": "15020",
+    "kube_virt_interfaces": "",
+    "exclude_interfaces": "",
+}
+# Always excluded inbound, whatever the annotation says: the sidecar's own ports (Istio appends them too).
+SIDECAR_INBOUND_PORTS = ("15020", "15021", "15090")
+
+# Istio's pod annotations, when the runtime passes them in CNI_ARGS, and the Config key each one sets.
+ANNOTATIONS: dict[str, str] = {
+    "traffic.sidecar.istio.io/includeOutboundIPRanges": "service_cidr",
+    "traffic.sidecar.istio.io/excludeOutboundIPRanges": "service_exclude_cidr",
+    "traffic.sidecar.istio.io/includeInboundPorts": "inbound_ports",
+    "traffic.sidecar.istio.io/excludeInboundPorts": "local_exclude_ports",
+    "traffic.sidecar.istio.io/includeOutboundPorts": "outbound_ports",
+    "traffic.sidecar.istio.io/excludeOutboundPorts": "local_outbound_ports_exclude",
+    "traffic.sidecar.istio.io/kubevirtInterfaces": "kube_virt_interfaces",
+    "traffic.sidecar.istio.io/excludeInterfaces": "exclude_interfaces",
+    "sidecar.istio.io/interceptionMode": "inbound_interception_mode",
+}
+NO_INTERCEPTION = "NONE"  # sidecar.istio.io/interceptionMode=NONE: Istio leaves such a pod alone
+
+
+class CniError(Exception):
+    """Ends the plugin with the spec's error JSON."""
+
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
+        super().__init__(msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+@dataclass(frozen=True)
+class Request:
+    command: str
+    conf: dict[str, Any]
+    version: str
+    container_id: str
+    netns_path: str
+    args: dict[str, str]  # CNI_ARGS
+
+
+def parse_cni_args(text: str) -> dict[str, str]:
+    """`K=V;K=V` (values may hold '=' and ','); an element without '=' is malformed."""
+    out: dict[str, str] = {}
+    for item in text.split(";"):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise CniError(E_ENV, f"CNI_ARGS: malformed element {item!r} (expected KEY=VALUE)")
+        out[key] = value
+    return out
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split("."))
+
+
+def parse_request(env: Mapping[str, str], stdin: str) -> Request:
+    command = env.get("CNI_COMMAND", "")
+    if command not in ("ADD", "CHECK", "DEL", "VERSION"):
+        raise CniError(E_ENV, f"CNI_COMMAND: invalid value {command!r} (expected ADD, CHECK, DEL or VERSION)")
+    try:
+        conf = json.loads(stdin) if stdin.strip() or command != "VERSION" else {}
+    except ValueError as exc:
+        raise CniError(E_DECODE, f"network configuration on stdin is not JSON: {exc}") from None
+    if not isinstance(conf, dict):
+        raise CniError(E_DECODE, "network configuration on stdin must be a JSON object")
+    version = conf.get("cniVersion", "1.0.0" if command == "VERSION" else "")
+    if version not in SUPPORTED_VERSIONS:
+        raise CniError(E_VERSION, f"cniVersion {version!r} is not supported (supported: "
+                       f"{', '.join(SUPPORTED_VERSIONS)})")
+    if command == "VERSION":
+        return Request(command, conf, version, "", "", {})
+    for key in ("name", "type"):
+        if not isinstance(conf.get(key), str) or not conf[key]:
+            raise CniError(E_CONFIG, f"network configuration: {key!r} must be a non-empty string")
+    needed = ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME") if command != "DEL" else ("CNI_CONTAINERID", "CNI_IFNAME")
+    for name in needed:
+        if not env.get(name):
+            raise CniError(E_ENV, f"environment variable {name} is missing or empty")
+    if command == "CHECK" and _version_tuple(version) < _version_tuple(CHECK_SINCE):
+        raise CniError(E_VERSION, f"CHECK needs cniVersion {CHECK_SINCE} or later, got {version!r}")
+    return Request(command, conf, version, env["CNI_CONTAINERID"], env.get("CNI_NETNS", ""),
+                   parse_cni_args(env.get("CNI_ARGS", "")))
+
+
+def _text(key: str, value: object, where: str) -> str:
+    """An annotation's value, checked with the option's own parser so the error names the annotation."""
+    text = str(value)
+    try:
+        OPTIONS_BY_KEY[key].parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: invalid value {text!r}: {exc}") from None
+    return text
+
+
+def pod_settings(conf: Mapping[str, Any], args: Mapping[str, str]) -> dict[str, Any] | None:
+    """The pod's settings as TOML keys, or None when the pod is not to be intercepted."""
+    own = conf.get("interceptd", {})
+    if not isinstance(own, dict):
+        raise ConfigError("network configuration: 'interceptd' must be an object with interceptd's TOML keys")
+    for key in own:
+        if key not in OPTIONS_BY_KEY:
+            raise ConfigError(f"network configuration 'interceptd': unknown key {key!r}")
+    excluded = conf.get("exclude_namespaces", [])
+    if not isinstance(excluded, list) or not all(isinstance(n, str) for n in excluded):
+        raise ConfigError("network configuration: 'exclude_namespaces' must be a list of strings")
+    if args.get("K8S_POD_NAMESPACE") in excluded:
+        return None
+    settings: dict[str, Any] = {**ISTIO_CNI_DEFAULTS, **own}
+    for annotation, key in ANNOTATIONS.items():
+        if annotation in args:
+            if key == "inbound_interception_mode" and args[annotation] == NO_INTERCEPTION:
+                return None
+            settings[key] = _text(key, args[annotation], f"CNI_ARGS {annotation}")
+    if settings.get("redirect_dns") is True:
+        settings.setdefault("capture_all_dns", True)  # the pod's resolv.conf is not the node's (spec 1.7)
+    excluded_in = settings["local_exclude_ports"]
+    ports = excluded_in if isinstance(excluded_in, list) else str(excluded_in).split(",")
+    merged = [str(p) for p in ports if str(p)]
+    settings["local_exclude_ports"] = ",".join(dict.fromkeys([*merged, *SIDECAR_INBOUND_PORTS]))
+    return settings
+
+
+def _result(request: Request) -> dict[str, Any]:
+    """ADD's output: the previous plugin's result, passed through (interceptd adds no interface)."""
+    prev = request.conf.get("prevResult")
+    result: dict[str, Any] = dict(prev) if isinstance(prev, dict) else {}
+    result["cniVersion"] = request.version
+    return result
+
+
+def _config(request: Request) -> tuple[Config, dict[str, Any]] | None:
+    try:
+        settings = pod_settings(request.conf, request.args)
+        if settings is None:
+            return None
+        return nodestate.settings_config(settings, "CNI network config"), settings
+    except ConfigError as exc:
+        raise CniError(E_CONFIG, str(exc)) from None
+
+
+def _own(request: Request) -> dict[str, Any]:
+    own = request.conf.get("interceptd", {})
+    return own if isinstance(own, dict) else {}
+
+
+def _state_dir(request: Request) -> str:
+    return str(_own(request).get("state_dir") or OPTIONS_BY_KEY["state_dir"].default)
+
+
+def _namespace(request: Request) -> str:
+    """CNI_NETNS as a network namespace that exists, or error 3 (container unknown)."""
+    if netns.identity(request.netns_path) is None:
+        raise CniError(E_UNKNOWN_CONTAINER, f"CNI_NETNS {request.netns_path!r} is not a network namespace")
+    return request.netns_path
+
+
+def _name(path: str) -> str:
+    try:
+        return netns.name_for(path)
+    except NamespaceError as exc:
+        raise CniError(E_ENV, str(exc)) from None
+
+
+def cmd_add(request: Request) -> dict[str, Any]:
+    found = _config(request)
+    path = _namespace(request)
+    name = _name(path)
+    if found is None:
+        return _result(request)
+    config, settings = found
+    try:
+        with netns.entered(path):
+            ruleset = render(config, host.detect(config))
+            applied = install.apply(NftKernel(), Netlink(), ruleset)
+    except ConfigError as exc:
+        raise CniError(E_CONFIG, str(exc)) from None
+    except KernelRefusedError as exc:
+        raise CniError(E_REFUSED, str(exc)) from None
+    except InterceptdError as exc:  # namespace, routes, addresses
+        raise CniError(E_IO, str(exc)) from None
+    state_dir = _state_dir(request)
+    nodestate.write(state_dir, nodestate.Record(name, path, "cni", settings, nodestate.ruleset_digest(ruleset),
+                                                applied.listing, request.container_id))
+    _tell_agent(state_dir, {"op": "add", "name": name})
+    return _result(request)
+
+
+def cmd_check(request: Request) -> dict[str, Any]:
+    found = _config(request)
+    path = _namespace(request)
+    name = _name(path)
+    if found is None:
+        return {}
+    config, _ = found
+    record = nodestate.read(_state_dir(request), name)
+    if record is None:
+        raise CniError(E_MISMATCH, f"network namespace {name}: interceptd has no record of an ADD for it")
+    try:
+        with netns.entered(path):
+            ruleset = render(config, host.detect(config))
+            kernel = NftKernel()
+        if nodestate.ruleset_digest(ruleset) != record.ruleset_digest:
+            raise CniError(E_MISMATCH, f"network namespace {name}: the pod's configuration now renders another "
+                           f"ruleset than ADD applied")
+        listing = kernel.list_table(config.table)
+    except ConfigError as exc:
+        raise CniError(E_CONFIG, str(exc)) from None
+    except InterceptdError as exc:
+        raise CniError(E_IO, str(exc)) from None
+    differences = ([drift.Difference("table missing", f"table inet {config.table} is missing")] if listing is None
+                   else drift.compare(record.listing, normalise(listing)))
+    if differences:
+        raise CniError(E_MISMATCH, f"network namespace {name}: the ruleset does not match what ADD applied",
+                       "; ".join(drift.summary(differences)))
+    return {}
+
+
+def cmd_del(request: Request) -> dict[str, Any]:
+    state_dir = _state_dir(request)
+    path = request.netns_path
+    gone = not path or netns.identity(path) is None
+    record = None
+    try:
+        name = netns.name_for(path) if path else ""
+    except NamespaceError:
+        name = ""
+    if name:
+        record = nodestate.read(state_dir, name)
+        # Unregister first: an agent that still knew the pod would take the table's removal for drift.
+        _tell_agent(state_dir, {"op": "del", "name": name})
+        nodestate.remove(state_dir, name)
+    if gone:
+        return {}
+    table = record.config().table if record is not None else str(_own(request).get("table") or
+                                                                  OPTIONS_BY_KEY["table"].default)
+    try:
+        with netns.entered(path):
+            install.remove(NftKernel(), Netlink(), table)
+    except NamespaceError:
+        pass  # the namespace went away meanwhile: nothing left to remove
+    except InterceptdError as exc:
+        raise CniError(E_IO, str(exc)) from None
+    return {}
+
+
+def _tell_agent(state_dir: str, message: dict[str, Any]) -> None:
+    """Best effort: without an agent the pod is protected all the same; the agent adopts it when it starts."""
+    try:
+        reply = nodestate.request(state_dir, message)
+    except (OSError, ValueError) as exc:
+        _warn(f"node agent not reachable at {nodestate.socket_path(state_dir)!r} ({exc}); it will find "
+              f"the namespace at its next start or scan")
+        return
+    if not reply.get("ok"):
+        _warn(f"node agent: {reply.get('error', 'refused')}")
+
+
+def _warn(text: str) -> None:
+    print(f"interceptd-cni: warning: {text}", file=sys.stderr)
+
+
+def run(env: Mapping[str, str], stdin: str) -> tuple[int, dict[str, Any]]:
+    """Exit code and the JSON for stdout."""
+    version = "1.0.0"
+    try:
+        request = parse_request(env, stdin)
+        version = request.version
+        if request.command == "VERSION":
+            return 0, {"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)}
+        handler = {"ADD": cmd_add, "CHECK": cmd_check, "DEL": cmd_del}[request.command]
+        return 0, handler(request)
+    except CniError as exc:
+        error: dict[str, Any] = {"cniVersion": version, "code": exc.code, "msg": exc.msg}
+        if exc.details:
+            error["details"] = exc.details
+        return 1, error
+
+
+def install_conflist(conf_dir: str, plugin: dict[str, Any]) -> str:
+    """Chain `plugin` last in the node's network: the first .conflist in name order, the one runtimes use.
+
+    Re-running replaces the earlier entry (an upgrade), so the chain never holds interceptd-cni twice.
+    """
+    try:
+        names = sorted(n for n in os.listdir(conf_dir) if n.endswith(".conflist"))
+    except OSError as exc:
+        raise ConfigError(f"CNI configuration directory {conf_dir!r}: {exc.strerror}") from None
+    if not names:
+        raise ConfigError(f"CNI configuration directory {conf_dir!r}: no .conflist to chain into (is the "
+                          f"network plugin installed yet?)")
+    path = os.path.join(conf_dir, names[0])
+    try:
+        with open(path, encoding="utf-8") as fh:
+            conf = json.load(fh)
+        plugins = [p for p in conf["plugins"] if p.get("type") != plugin["type"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path!r}: not a CNI conflist: {exc}") from None
+    conf["plugins"] = [*plugins, plugin]
+    tmp = f"{path}.interceptd.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(conf, fh, indent=2)
+    os.replace(tmp, path)
+    return path
+
+
+def main() -> NoReturn:
+    """The CNI protocol; or `install CONF_DIR [SETTINGS_JSON]`, the DaemonSet's init step."""
+    if sys.argv[1:2] == ["install"] and len(sys.argv) in (3, 4):
+        try:
+            own = json.loads(sys.argv[3]) if len(sys.argv) == 4 else {}
+            path = install_conflist(sys.argv[2], {"type": "interceptd-cni", "interceptd": own})
+        except (ConfigError, ValueError) as exc:
+            print(f"interceptd-cni: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        print(f"interceptd-cni: chained into {path}", file=sys.stderr)
+        sys.exit(0)
+    code, out = run(os.environ, sys.stdin.read() if not sys.stdin.isatty() else "")
+    if out or code:
+        print(json.dumps(out))
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The subcommands: glue between config, render, the kernel and the terminal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from interceptd.config import OPTIONS_BY_KEY, Config, load_all
+from interceptd.control import install
+from interceptd.control.validate import run as run_validation
+from interceptd.errors import ConfigError
+from interceptd.ruleset import status
+from interceptd.ruleset.facts import HostFacts
+from interceptd.ruleset.nftjson import Existing, transaction
+from interceptd.ruleset.render import render
+from interceptd.runtime import logs
+from interceptd.runtime.agent import Agent
+from interceptd.system import host, preflight
+from interceptd.system.kernel import NftKernel
+from interceptd.system.routes import Netlink
+
+_IPV6_CHOICE = {"auto": None, "on": True, "off": False}
+
+
+def facts_for(config: Config, ipv6: str = "auto") -> HostFacts:
+    return host.detect(config, ipv6_override=_IPV6_CHOICE[ipv6])
+
+
+def print_render(config: Config, facts: HostFacts) -> None:
+    print(json.dumps(transaction(render(config, facts), Existing.empty()), indent=2))
+
+
+def cmd_render(args: argparse.Namespace, config: Config) -> int:
+    print_render(config, facts_for(config, args.ipv6))
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace, config: Config) -> int:
+    if config.cleanup_only:
+        return cmd_cleanup(args, config)
+    if config.own_table:
+        raise ConfigError("--own-table needs `interceptd run`: an owned table belongs to the process that made it, "
+                          "and apply exits at once")
+    if config.dry_run:
+        # Istio's nft backend applies for real in dry-run; interceptd never touches the kernel.
+        print_render(config, facts_for(config))
+        return 0
+    if not config.skip_rule_apply:
+        facts = facts_for(config)
+        kernel = NftKernel()
+        preflight.run(config, facts.ipv6, kernel)
+        ruleset = render(config, facts)
+        applied = install.apply(kernel, Netlink(), ruleset, reference=False)
+        rules = sum(len(c.rules) for c in ruleset.chains)
+        print(f"interceptd: applied table inet {ruleset.table}: {len(ruleset.chains)} chains, {rules} rules, "
+              f"{len(ruleset.sets)} sets in {applied.duration_s * 1000:.1f} ms", file=sys.stderr)
+    if config.run_validation:
+        return cmd_validate(args, config)
+    return 0
+
+
+def _start_agent(config: Config, command: str) -> None:
+    """The one-shot flags make no sense for an agent that keeps the rules; then set up its logging."""
+    for key in ("dry_run", "cleanup_only", "skip_rule_apply", "run_validation"):
+        if getattr(config, key):
+            raise ConfigError(f"{OPTIONS_BY_KEY[key].flag} cannot be used with {command}")
+    logs.configure(config.log_level, config.log_format)
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    _start_agent(config, "run")
+    agent = Agent(config, lambda: load_all(args.option_flags, config_path=args.config))
+    return agent.run()
+
+
+def cmd_cleanup(args: argparse.Namespace, config: Config) -> int:
+    existed = install.remove(NftKernel(), Netlink(), config.table)
+    print(f"interceptd: table inet {config.table} {'removed' if existed else 'was not installed'}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_node(args: argparse.Namespace, config: Config) -> int:
+    from interceptd.runtime.node import Node, dir_config_loader
+
+    _start_agent(config, "node")
+    return Node(config, dir_config_loader(args.option_flags, args.config, config.netns_config_dir)).run()
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    kernel, table = NftKernel(), config.table
+    if args.netns:
+        from interceptd.runtime.node import agent_view, locate
+
+        if args.explain_top is not None:
+            raise ConfigError("--explain-top cannot be used with --netns: run it inside the namespace")
+        path, table = locate(config, args.netns)
+        kernel = NftKernel(netns=path)
+        print(f"network namespace {args.netns} ({path}); {agent_view(config, args.netns)}")
+    listing = kernel.list_table(table)
+    if listing is None:
+        print(f"interceptd: table inet {table} is not installed", file=sys.stderr)
+        return 3
+    if args.explain_top is not None:
+        from interceptd.cli import explaincmd
+
+        print(explaincmd.explain_top(config, facts_for(config), listing, args.explain_top))
+        return 0
+    stats = status.chain_stats(listing)
+    if args.json:
+        print(json.dumps(status.as_json(table, stats), indent=2))
+    else:
+        print(status.format_table(table, stats, status.set_elements(listing)))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace, config: Config) -> int:
+    run_validation(config, facts_for(config))
+    print("interceptd: validation passed: the redirect works", file=sys.stderr)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace, config: Config) -> int:
+    from interceptd.cli import explaincmd
+
+    return explaincmd.run(args, config, facts_for(config))

@@ -1,0 +1,208 @@
+"""`interceptd explain`: describe a connection on the command line, evaluate it, print the path and verdict.
+
+The connection's missing facts (source address, interfaces, owner) are filled in from the current network
+namespace the way the kernel would pick them, so `interceptd explain --dst 10.0.0.1:80` alone is a
+complete question.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+
+from interceptd.config import Config
+from interceptd.config.values import parse_port, resolve_gid, resolve_uid
+from interceptd.errors import ConfigError, NotInstalledError
+from interceptd.ruleset.explain import Connection, Explanation, IPAddress, as_json, borrow_why, explain, format_text
+from interceptd.ruleset.facts import HostFacts
+from interceptd.ruleset.model import Ruleset
+from interceptd.ruleset.nftjson import Json
+from interceptd.ruleset.nftparse import parse_listing
+from interceptd.ruleset.render import render
+from interceptd.ruleset.status import chain_stats
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("the connection to explain")
+    way = g.add_mutually_exclusive_group()
+    way.add_argument("--outbound", dest="direction", action="store_const", const="outbound",
+                     help="a local process connects out (default)")
+    way.add_argument("--inbound", dest="direction", action="store_const", const="inbound",
+                     help="a connection arrives from outside the pod")
+    g.add_argument("--protocol", choices=("tcp", "udp"), default="tcp", help="default: tcp")
+    g.add_argument("--dst", metavar="ADDR:PORT", help="destination ([v6]:port for IPv6)")
+    g.add_argument("--dst-addr", metavar="ADDR", help="destination address (instead of --dst)")
+    g.add_argument("--dst-port", metavar="PORT", help="destination port (with --dst-addr)")
+    g.add_argument("--src", metavar="ADDR[:PORT]", help="source (default: what the route picks)")
+    g.add_argument("--uid", help="socket owner, name or number (outbound; default: yours)")
+    g.add_argument("--gid", help="socket group, name or number (outbound; default: yours)")
+    g.add_argument("--iif", help="inbound: arriving interface (default: the route back to the source)")
+    g.add_argument("--oif", help="outbound: leaving interface (default: the route to the destination)")
+    g.add_argument("--from-kernel", action="store_true",
+                   help="explain against the table installed in this namespace, not the configuration")
+    g.add_argument("--kernel", action="store_true",
+                   help="also make a real probe connection, trace it in the kernel and compare")
+    g.add_argument("--all-steps", action="store_true", help="also show counting rules and chain exits")
+    g.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _address(text: str, flag: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        raise ConfigError(f"{flag}: invalid address {text!r}") from None
+
+
+def split_hostport(text: str, flag: str) -> tuple[IPAddress, int | None]:
+    """`10.0.0.1:80`, `[2001:db8::1]:80`, or a bare address (then the port is None)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else None
+        if rest and port is None:
+            raise ConfigError(f"{flag}: invalid address {text!r}")
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    else:
+        host, port = text, None
+    return _address(host, flag), _port(port, flag) if port is not None else None
+
+
+def _port(text: str, flag: str) -> int:
+    try:
+        return parse_port(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: invalid value {text!r}: {exc}") from None
+
+
+def _owner(text: str | None, resolve: Callable[[str], int], flag: str, default: int) -> int:
+    if text is None:
+        return default
+    try:
+        return resolve(text)
+    except ValueError as exc:
+        raise ConfigError(f"{flag}: invalid value {text!r}: {exc}") from None
+
+
+def route(dst: IPAddress) -> tuple[str, IPAddress | None]:
+    """The interface and preferred source the kernel's routing picks for `dst` in this namespace."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with IPRoute() as ipr:
+            found = ipr.route("get", dst=str(dst))[0]
+            index = found.get_attr("RTA_OIF")
+            name = ipr.get_links(index)[0].get_attr("IFLA_IFNAME")
+            src = found.get_attr("RTA_PREFSRC")
+    except (NetlinkError, OSError, IndexError) as exc:
+        raise ConfigError(f"--dst {dst}: no route in this namespace ({exc}); give --oif/--iif and --src") from None
+    return str(name), ipaddress.ip_address(src) if src else None
+
+
+def connection(args: argparse.Namespace) -> Connection:
+    direction = args.direction or "outbound"
+    if args.dst:
+        dst, dport = split_hostport(args.dst, "--dst")
+    elif args.dst_addr:
+        dst, dport = _address(args.dst_addr, "--dst-addr"), None
+    else:
+        raise ConfigError("--dst ADDR:PORT (or --dst-addr and --dst-port) is needed")
+    if args.dst_port is not None:
+        dport = _port(args.dst_port, "--dst-port")
+    if dport is None:
+        raise ConfigError("--dst: a destination port is needed (ADDR:PORT or --dst-port)")
+    src, sport = split_hostport(args.src, "--src") if args.src else (None, None)
+    if src is not None and src.version != dst.version:
+        raise ConfigError(f"--src {args.src}: not the same address family as --dst {dst}")
+    iif, oif = args.iif or "", args.oif or ""
+    uid: int | None
+    gid: int | None
+    if direction == "outbound":
+        routed, prefsrc = route(dst) if not (oif and src) else (oif, src)
+        oif, src = oif or routed, src or prefsrc
+        uid = _owner(args.uid, resolve_uid, "--uid", os.getuid())
+        gid = _owner(args.gid, resolve_gid, "--gid", os.getgid())
+    else:
+        if src is None:
+            raise ConfigError("--inbound: --src (the remote address) is needed")
+        iif = iif or route(src)[0]
+        uid = gid = None
+    if src is None:
+        raise ConfigError(f"--dst {dst}: the route names no source address; give --src")
+    return Connection(direction, args.protocol, dst, dport, src, sport or 40000, uid, gid, iif, oif)
+
+
+def ruleset_for(args: argparse.Namespace, config: Config, facts: HostFacts) -> Ruleset:
+    """The configured ruleset, or (--from-kernel) the installed one with the configured rules' meanings."""
+    from interceptd.system.kernel import NftKernel
+
+    rendered = render(config, facts)
+    if not args.from_kernel:
+        return rendered
+    listing = NftKernel().list_table(config.table)
+    if listing is None:
+        raise NotInstalledError(f"table inet {config.table} is not installed in this namespace")
+    return borrow_why(parse_listing(config.table, listing), rendered)
+
+
+def run(args: argparse.Namespace, config: Config, facts: HostFacts) -> int:
+    conn = connection(args)
+    ruleset = ruleset_for(args, config, facts)
+    try:
+        result: Explanation = explain(ruleset, conn)
+    except KeyError as exc:
+        raise NotInstalledError(f"the ruleset refers to {exc} which it does not hold") from None
+    if not args.kernel:
+        if args.json:
+            print(json.dumps(as_json(result), indent=2))
+        else:
+            print(format_text(result, args.all_steps))
+        return 0
+    from interceptd.system.trace import compare, probe, probe_interface
+
+    if conn.direction == "inbound":
+        # The probe arrives on a temporary veth of this namespace; the model is asked about that interface.
+        conn = replace(conn, iif=probe_interface())
+        result = explain(ruleset, conn)
+    observed = probe(config.table, conn)
+    report = compare(result, observed)
+    if not report.agree and any(s.action.startswith("tproxy") for s in result.steps):
+        # The kernel's tproxy needs a transparent listener: without the proxy running, that is the answer.
+        without = explain(ruleset, conn, tproxy_listening=False)
+        if compare(without, observed).agree:
+            print("interceptd: no transparent listener is bound to the TPROXY port in this namespace: real "
+                  "connections like this one are not captured until the proxy listens", file=sys.stderr)
+            result, report = without, compare(without, observed)
+    if args.json:
+        print(json.dumps({**as_json(result), "kernel": report.as_json()}, indent=2))
+    else:
+        print(format_text(result, args.all_steps))
+        print(report.text())
+    if not report.agree:
+        print("interceptd: MODEL AND KERNEL DISAGREE: this is a bug in interceptd; please report it with the "
+              "output above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def explain_top(config: Config, facts: HostFacts, listing: list[Json], n: int) -> str:
+    """`status --explain-top N`: the busiest deciding rules by packet count, each with what it means."""
+    known = borrow_why(parse_listing(config.table, listing), render(config, facts))
+    whys = {(c.name, r.name): r.why for c in known.chains for r in c.rules}
+    hooks = {c.name: c.hook.type for c in known.chains if c.hook is not None}
+    rules = sorted((r for c in chain_stats(listing) for r in c.rules if r.packets),
+                   key=lambda r: (-r.packets, r.chain, r.rule))[:n]
+    if not rules:
+        return f"no rule of table inet {config.table} has counted anything yet"
+    lines = [f"{'packets':>10}  rule: what it means"]
+    for r in rules:
+        why = whys.get((r.chain, r.rule)) or f"(not in the configured ruleset) {r.text}"
+        lines.append(f"{r.packets:>10}  {r.chain}/{r.rule}: {why}")
+    if any(kind == "nat" for kind in hooks.values()):
+        lines.append("nat chains see only the first packet of a connection: their counts are connections.")
+    return "\n".join(lines)

@@ -1,0 +1,161 @@
+"""Command line: `interceptd render|apply|run|cleanup|status|validate`, and the `istio-iptables` alias.
+
+The edge of the program: every InterceptdError becomes one line on stderr and its exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from interceptd import __version__
+from interceptd.cli import explaincmd
+from interceptd.config import OPTIONS, Config, Option, load_all
+from interceptd.errors import ConfigError, InterceptdError
+
+# pilot-agent's logging flags reach istio-iptables in injected pods; accepted and ignored.
+PILOT_AGENT_FLAGS = ("log_output_level", "log_stacktrace_level", "log_target", "log_caller", "log_rotate",
+                     "log_rotate_max_age", "log_rotate_max_size", "log_rotate_max_backups")
+PILOT_AGENT_BOOLS = ("log_as_json",)
+
+NAT_NOTE = ("Counters: nat chains see only the first packet of each connection, so their 'packets' count "
+            "connections; mangle and raw chains count every packet.")
+
+COMMANDS = {
+    "render": "print the nftables JSON ruleset for the configuration (no root, no kernel)",
+    "apply": "install the ruleset atomically and exit (init-container mode); a re-apply also removes the "
+             "chains, sets and TPROXY routes the new configuration no longer needs",
+    "run": "install the ruleset and keep it in place: repair drift, reload on SIGHUP (agent mode)",
+    "cleanup": "remove everything interceptd installed (its table and TPROXY routes)",
+    "status": "show the installed chains and rules with packet and byte counters",
+    "validate": "run the redirect self-test of --run-validation (exit 126 on failure)",
+    "explain": "where would this connection go, and why: the path through the rules and the verdict",
+    "node": "keep interception in every pod network namespace of the node (CNI registrations, --netns-dir)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # argparse quotes stray arguments verbatim: escape control characters so the error stays one line.
+        raise ConfigError("".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message))
+
+
+def _names(option: Option) -> list[str]:
+    return [f"-{option.short}", option.flag] if option.short else [option.flag]
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML file (below env and flags in precedence)")
+    groups = {"capture": parser.add_argument_group("capture (istio-iptables flags)"),
+              "compat": parser.add_argument_group("accepted for istio-iptables compatibility"),
+              "agent": parser.add_argument_group("interceptd")}
+    for option in OPTIONS:
+        env = f" [env: {', '.join(option.envs)}]" if option.envs else ""
+        text = f"{option.help} Default: {option.default!r}. TOML: {option.key}.{env}"
+        group = groups[option.scope]
+        if option.kind == "bool":
+            group.add_argument(*_names(option), dest=option.key, action="store_const", const="true",
+                               help=text)
+        else:
+            group.add_argument(*_names(option), dest=option.key, metavar=option.key.upper(), help=text)
+    for name in PILOT_AGENT_FLAGS:
+        parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
+    for name in PILOT_AGENT_BOOLS:
+        parser.add_argument(f"--{name}", action="store_const", const="true", help=argparse.SUPPRESS)
+
+
+_BOOL_FLAGS = {o.flag: o for o in OPTIONS if o.kind == "bool"}
+_SHORT = {f"-{o.short}" for o in OPTIONS if o.short}
+
+
+def normalise_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """pflag syntax argparse lacks: `--bool=false` and `-p=15001`. Returns argv and explicit booleans."""
+    out: list[str] = []
+    bools: dict[str, str] = {}
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if eq and name in _BOOL_FLAGS:
+            bools[_BOOL_FLAGS[name].key] = value
+            out.append(name)
+        elif eq and name in ("--log_as_json",):
+            out.append(name)
+        elif eq and name in _SHORT:
+            out += [name, value]
+        else:
+            out.append(arg)
+    return out, bools
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="interceptd", description="Transparent traffic interception for service meshes, "
+                     "on nftables, compatible with istio-iptables.", epilog=NAT_NOTE)
+    parser.add_argument("--version", action="version", version=f"interceptd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                           epilog=NAT_NOTE)
+        add_options(p)
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="machine-readable output")
+            p.add_argument("--netns", metavar="NAME", help="show the table of a namespace the node agent keeps "
+                           "(its name, or a namespace file's path)")
+            p.add_argument("--explain-top", metavar="N", nargs="?", type=int, const=10,
+                           help="the N busiest rules by counter (default 10), one line each on what they mean")
+        if name == "explain":
+            explaincmd.add_arguments(p)
+        if name == "render":
+            p.add_argument("--ipv6", choices=("auto", "on", "off"), default="auto",
+                           help="assume IPv6 on or off instead of reading the namespace's addresses")
+    return parser
+
+
+def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Config]:
+    args_list, bools = normalise_argv(argv)
+    args = build_parser().parse_args(args_list)
+    if args.command is None:
+        raise ConfigError("a command is needed: " + ", ".join(COMMANDS))
+    flags = {o.key: getattr(args, o.key) for o in OPTIONS if getattr(args, o.key, None) is not None}
+    flags.update(bools)
+    args.option_flags = flags  # `run` re-reads file and environment on SIGHUP; the flags stay
+    return args, load_all(flags, config_path=args.config)
+
+
+def _print_error(exc: InterceptdError) -> int:
+    print(f"interceptd: error: {exc}", file=sys.stderr)
+    return exc.exit_code
+
+
+def run_command(argv: Sequence[str]) -> int:
+    from interceptd.cli import commands
+
+    if argv[:1] == ["istio-iptables"]:
+        # Istio's injection template runs `<image entrypoint> istio-iptables ARGS` (pilot-agent's spelling):
+        # with interceptd's image as the proxy-init image, that is `interceptd istio-iptables ARGS`.
+        argv = ["apply", *argv[1:]]
+    try:
+        args, config = parse(argv)
+        handler: Callable[[argparse.Namespace, Config], int] = getattr(commands, f"cmd_{args.command}")
+        return handler(args, config)
+    except InterceptdError as exc:
+        return _print_error(exc)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `interceptd status | head`: the reader left; say nothing more (and let no flush at exit complain).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def main() -> None:
+    sys.exit(run_command(sys.argv[1:]))
+
+
+def istio_iptables_main() -> None:
+    """`istio-iptables ARGS`: Istio's init-container command line, unchanged."""
+    argv = sys.argv[1:]
+    # `istio-iptables istio-iptables ...` (pilot-agent's spelling through the alias) is run_command's case.
+    sys.exit(run_command(argv if argv[:1] == ["istio-iptables"] else ["apply", *argv]))
+

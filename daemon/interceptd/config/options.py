@@ -1,0 +1,334 @@
+"""Configuration: defaults < TOML file < environment (istio-iptables names) < command-line flags.
+
+One table (OPTIONS) describes every setting once: its TOML key, istio-iptables long and short flag,
+environment variables and parser. The CLI, the TOML loader, the README's reference and the tests all read
+it, so a setting cannot exist in one place and be missing in another.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pwd
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from interceptd.config import values as v
+from interceptd.errors import ConfigError
+
+Kind = Literal["bool", "int", "list", "str", "float"]
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str  # TOML key and Config attribute
+    long: str  # long flag without the leading dashes
+    short: str | None
+    envs: tuple[str, ...]  # later beats earlier; argv beats all
+    parse: Callable[[str], Any]
+    default: str
+    kind: Kind  # what TOML types are accepted
+    help: str
+    scope: Literal["capture", "compat", "agent"] = "capture"
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.long}"
+
+
+def _opt(key: str, long: str, short: str | None, envs: tuple[str, ...], parse: Callable[[str], Any],
+         default: str, kind: Kind, help: str, scope: Literal["capture", "compat", "agent"] = "capture",
+         ) -> Option:
+    return Option(key, long, short, envs, parse, default, kind, help, scope)
+
+
+OPTIONS: tuple[Option, ...] = (
+    _opt("envoy_port", "envoy-port", "p", (), v.parse_port, "15001", "int",
+         "Port the proxy listens on for captured outbound TCP (ENVOY_PORT is only echoed by Istio, not read)."),
+    _opt("inbound_capture_port", "inbound-capture-port", "z", ("INBOUND_CAPTURE_PORT",), v.parse_port,
+         "15006", "int", "Port captured inbound TCP is sent to (REDIRECT target, TPROXY on-port)."),
+    _opt("inbound_tunnel_port", "inbound-tunnel-port", "e", ("INBOUND_TUNNEL_PORT",), v.parse_port, "15008",
+         "int", "HBONE tunnel port, never captured inbound (exempt in TPROXY mode too, unlike Istio)."),
+    _opt("proxy_uid", "proxy-uid", "u", ("PROXY_UID",), v.parse_id_names, "", "list",
+         "User IDs or names of the proxy, whose traffic is never captured. Default: the uid of ENVOY_USER "
+         "(istio-proxy), else 1337. Several uids each behave as a single one (Istio lets the first shadow the "
+         "others)."),
+    _opt("proxy_gid", "proxy-gid", "g", ("PROXY_GID",), v.parse_id_names, "", "list",
+         "Group IDs or names of the proxy. Default: the same list as --proxy-uid."),
+    _opt("inbound_interception_mode", "istio-inbound-interception-mode", "m",
+         ("ISTIO_INBOUND_INTERCEPTION_MODE",), v.parse_mode, "REDIRECT", "str",
+         "REDIRECT or TPROXY. Istio silently treats any other value as REDIRECT; interceptd refuses it."),
+    _opt("inbound_tproxy_mark", "istio-inbound-tproxy-mark", "t", ("ISTIO_INBOUND_TPROXY_MARK",),
+         v.parse_u32, "1337", "int", "Packet mark for TPROXY mode (ignored in REDIRECT mode)."),
+    _opt("inbound_tproxy_route_table", "istio-inbound-tproxy-route-table", "r",
+         ("ISTIO_INBOUND_TPROXY_ROUTE_TABLE",), v.parse_route_table, "133", "int",
+         "Policy routing table for TPROXY mode (ignored in REDIRECT mode)."),
+    _opt("inbound_ports", "istio-inbound-ports", "b", ("ISTIO_INBOUND_PORTS",), v.parse_inbound_ports, "",
+         "list", "Inbound TCP ports to capture: '*' = all but --istio-local-exclude-ports and the tunnel port; "
+         "'' = no inbound capture."),
+    _opt("local_exclude_ports", "istio-local-exclude-ports", "d", ("ISTIO_LOCAL_EXCLUDE_PORTS",),
+         v.parse_ports, "", "list", "Inbound TCP ports never captured (only used with --istio-inbound-ports '*')."),
+    _opt("exclude_interfaces", "istio-exclude-interfaces", "c", ("ISTIO_EXCLUDE_INTERFACES",),
+         v.parse_ifnames, "", "list", "Interfaces whose traffic is never captured, in or out."),
+    _opt("service_cidr", "istio-service-cidr", "i", ("ISTIO_SERVICE_CIDR",), v.parse_include_cidrs, "",
+         "list", "Outbound destinations to capture: '*' = all, '' = none, or a CIDR list."),
+    _opt("service_exclude_cidr", "istio-service-exclude-cidr", "x", ("ISTIO_SERVICE_EXCLUDE_CIDR",),
+         v.parse_cidrs, "", "list", "Outbound destinations never captured (wins over -i and -q)."),
+    _opt("outbound_ports", "istio-outbound-ports", "q", ("ISTIO_OUTBOUND_PORTS",), v.parse_ports, "", "list",
+         "Outbound TCP ports always captured, whatever -i says (after -x)."),
+    _opt("local_outbound_ports_exclude", "istio-local-outbound-ports-exclude", "o",
+         ("ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",), v.parse_ports, "", "list",
+         "Outbound TCP and UDP ports never captured (checked first)."),
+    _opt("kube_virt_interfaces", "kube-virt-interfaces", "k", ("KUBE_VIRT_INTERFACES",), v.parse_ifnames, "",
+         "list", "Interfaces whose arriving traffic is treated as outbound (KubeVirt VMs)."),
+    _opt("dry_run", "dry-run", "n", ("DRY_RUN",), v.parse_bool, "false", "bool",
+         "Print the ruleset instead of installing it; never touches the kernel (Istio's nft backend does)."),
+    _opt("iptables_probe_port", "iptables-probe-port", None, ("IPTABLES_PROBE_PORT",), v.parse_uint16,
+         "15002", "int", "Destination port of the --run-validation probe."),
+    _opt("probe_timeout", "probe-timeout", None, ("PROBE_TIMEOUT",), v.parse_duration, "5s", "str",
+         "Deadline of the --run-validation probe (Go duration)."),
+    _opt("skip_rule_apply", "skip-rule-apply", None, ("SKIP_RULE_APPLY",), v.parse_bool, "false", "bool",
+         "Program nothing (use with --run-validation)."),
+    _opt("run_validation", "run-validation", None, ("RUN_VALIDATION",), v.parse_bool, "false", "bool",
+         "After applying, check that the redirect works; exit 126 if not."),
+    _opt("redirect_dns", "redirect-dns", None, ("REDIRECT_DNS", "ISTIO_META_DNS_CAPTURE"), v.parse_bool,
+         "false", "bool", "Capture DNS (port 53) to the agent's DNS proxy on 15053."),
+    _opt("capture_all_dns", "capture-all-dns", None, ("CAPTURE_ALL_DNS",), v.parse_bool, "false", "bool",
+         "With --redirect-dns: capture DNS to any server, not only resolv.conf's."),
+    _opt("drop_invalid", "drop-invalid", None, ("DROP_INVALID", "INVALID_DROP"), v.parse_bool, "false",
+         "bool", "Drop inbound TCP packets conntrack marks invalid."),
+    _opt("dual_stack", "dual-stack", None, ("DUAL_STACK", "ISTIO_DUAL_STACK"), v.parse_bool, "false", "bool",
+         "Enable IPv6 capture when any global IPv6 address exists (else the first address decides)."),
+    _opt("network_namespace", "network-namespace", None, ("NETWORK_NAMESPACE",), v.parse_text, "", "str",
+         "Accepted for compatibility; ignored (run interceptd inside the namespace).", "compat"),
+    _opt("cni_mode", "cni-mode", None, ("CNI_MODE",), v.parse_bool, "false", "bool",
+         "Accepted for compatibility; ignored.", "compat"),
+    _opt("reconcile", "reconcile", None, ("RECONCILE",), v.parse_bool, "false", "bool",
+         "Accepted for compatibility; every apply replaces the table atomically.", "compat"),
+    _opt("cleanup_only", "cleanup-only", None, ("CLEANUP_ONLY",), v.parse_bool, "false", "bool",
+         "Remove everything interceptd installed instead of installing."),
+    _opt("force_apply", "force-apply", None, ("FORCE_APPLY",), v.parse_bool, "false", "bool",
+         "Accepted for compatibility; ignored.", "compat"),
+    _opt("native_nftables", "native-nftables", None, ("NATIVE_NFTABLES",), v.parse_bool, "false", "bool",
+         "Accepted for compatibility; interceptd always uses nftables.", "compat"),
+    _opt("force_iptables_binary", "force-iptables-binary", None, ("FORCE_IPTABLES_BINARY",),
+         v.parse_iptables_binary, "", "str", "Accepted for compatibility (validated, then ignored).", "compat"),
+    _opt("outbound_owner_groups", "outbound-owner-groups", None, ("ISTIO_OUTBOUND_OWNER_GROUPS",),
+         v.parse_owner_groups, "*", "list",
+         "Groups whose outbound traffic may be captured ('*' = all; set but empty = none, as in Istio)."),
+    _opt("outbound_owner_groups_exclude", "outbound-owner-groups-exclude", None,
+         ("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",), v.parse_id_names, "", "list",
+         "Groups whose outbound traffic is never captured (only with owner groups '*')."),
+    _opt("outbound_ipv4_loopback_cidr", "outbound-ipv4-loopback-cidr", None,
+         ("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",), v.parse_loopback_cidr, "127.0.0.1/32", "str",
+         "IPv4 loopback destinations never captured."),
+    _opt("envoy_user", "envoy-user", None, ("ENVOY_USER",), v.parse_text, "istio-proxy", "str",
+         "User whose uid is the default --proxy-uid."),
+    _opt("table", "table", None, ("INTERCEPTD_TABLE",), v.parse_table_name, "interceptd", "str",
+         "Name of interceptd's own inet table (no other table is ever touched).", "agent"),
+    _opt("resolv_conf", "resolv-conf", None, ("INTERCEPTD_RESOLV_CONF",), v.parse_path, "/etc/resolv.conf",
+         "str", "Where DNS capture reads the nameservers from.", "agent"),
+    _opt("reconcile_interval", "reconcile-interval", None, ("INTERCEPTD_RECONCILE_INTERVAL",),
+         v.parse_seconds, "10", "float", "run: seconds between periodic drift checks (the backstop).", "agent"),
+    _opt("kernel_events", "kernel-events", None, ("INTERCEPTD_KERNEL_EVENTS",), v.parse_bool, "true", "bool",
+         "run: react to nftables change events at once (else only the periodic check).", "agent"),
+    _opt("cleanup_on_exit", "cleanup-on-exit", None, ("INTERCEPTD_CLEANUP_ON_EXIT",), v.parse_bool, "false",
+         "bool", "run: remove the rules when the agent stops (default: keep them; fail closed).", "agent"),
+    _opt("own_table", "own-table", None, ("INTERCEPTD_OWN_TABLE",), v.parse_bool, "false", "bool",
+         "run: create the table with nftables' owner flag, so no other process can flush, edit or delete it "
+         "(drift becomes impossible). Without the persist flag (libnftables < 1.1, kernel < 6.9) the table also "
+         "goes away when the agent exits: traffic is not captured until it starts again.", "agent"),
+    _opt("metrics_address", "metrics-address", None, ("INTERCEPTD_METRICS_ADDRESS",), v.parse_address,
+         "127.0.0.1:15321", "str",
+         "run: HOST:PORT of /metrics, /healthz and /readyz ('' = off). Port 15321 is used by no mesh. "
+         "A non-loopback address exempts the port from inbound capture.",
+         "agent"),
+    _opt("state_dir", "state-dir", None, ("INTERCEPTD_STATE_DIR",), v.parse_path, "/run/interceptd", "str",
+         "run, node: directory of the lock file; node: also of its socket and per-namespace state.", "agent"),
+    _opt("netns_dir", "netns-dir", None, ("INTERCEPTD_NETNS_DIR",), v.parse_optional_path, "/run/netns", "str",
+         "node: directory of network namespace files to keep intercepted, each with this configuration "
+         "('' = none; CNI-registered namespaces are kept either way).", "agent"),
+    _opt("netns_config_dir", "netns-config-dir", None, ("INTERCEPTD_NETNS_CONFIG_DIR",), v.parse_path,
+         "/etc/interceptd/netns.d", "str",
+         "node: per-namespace drop-ins: NAME.toml here overrides the configuration's keys for namespace NAME.",
+         "agent"),
+    _opt("log_level", "log-level", None, ("INTERCEPTD_LOG_LEVEL",), v.parse_log_level, "info", "str",
+         "debug, info, warning or error.", "agent"),
+    _opt("log_format", "log-format", None, ("INTERCEPTD_LOG_FORMAT",), v.parse_log_format, "auto", "str",
+         "auto (console on a terminal, JSON lines otherwise), json or console.", "agent"),
+)
+
+OPTIONS_BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated, typed configuration; built only by `load`."""
+
+    envoy_port: int
+    inbound_capture_port: int
+    inbound_tunnel_port: int
+    proxy_uid: tuple[int, ...]
+    proxy_gid: tuple[int, ...]
+    inbound_interception_mode: str
+    inbound_tproxy_mark: int
+    inbound_tproxy_route_table: int
+    inbound_ports: tuple[v.PortRange, ...] | None  # None = '*'
+    local_exclude_ports: tuple[v.PortRange, ...]
+    exclude_interfaces: tuple[str, ...]
+    service_cidr: tuple[v.IPNetwork, ...] | None  # None = '*'
+    service_exclude_cidr: tuple[v.IPNetwork, ...]
+    outbound_ports: tuple[v.PortRange, ...]
+    local_outbound_ports_exclude: tuple[v.PortRange, ...]
+    kube_virt_interfaces: tuple[str, ...]
+    dry_run: bool
+    iptables_probe_port: int
+    probe_timeout: float
+    skip_rule_apply: bool
+    run_validation: bool
+    redirect_dns: bool
+    capture_all_dns: bool
+    drop_invalid: bool
+    dual_stack: bool
+    network_namespace: str
+    cni_mode: bool
+    reconcile: bool
+    cleanup_only: bool
+    force_apply: bool
+    native_nftables: bool
+    force_iptables_binary: str
+    outbound_owner_groups: tuple[int, ...] | None  # None = '*'
+    outbound_owner_groups_exclude: tuple[int, ...]
+    outbound_ipv4_loopback_cidr: ipaddress.IPv4Network
+    envoy_user: str
+    table: str
+    resolv_conf: str
+    reconcile_interval: float
+    kernel_events: bool
+    cleanup_on_exit: bool
+    own_table: bool
+    metrics_address: tuple[str, int] | None
+    state_dir: str
+    netns_dir: str
+    netns_config_dir: str
+    log_level: str
+    log_format: str
+
+    @property
+    def tproxy(self) -> bool:
+        return self.inbound_interception_mode == "TPROXY"
+
+
+def _toml_text(option: Option, value: object) -> str:
+    """Turn a TOML value into the option's text form, refusing the wrong TOML type."""
+    where = f"key {option.key!r}"
+    if option.kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return "true" if value else "false"
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {_KIND_WORD[option.kind]}, got {value!r}")
+    if option.kind == "list" and isinstance(value, list):
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, int | str):
+                raise ConfigError(f"{where}: list items must be numbers or strings, got {item!r}")
+        return ",".join(str(item) for item in value)
+    if option.kind in ("int", "float") and isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, str) and option.kind in ("str", "list", "int", "float"):
+        return value
+    raise ConfigError(f"{where}: expected {_KIND_WORD[option.kind]}, got {value!r}")
+
+
+_KIND_WORD = {"bool": "true or false", "int": "a number", "list": "a list or a comma-separated string",
+              "str": "a string", "float": "a number"}
+
+
+def read_toml(path: str) -> dict[str, object]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file {path!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path!r}: TOML syntax error: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config {path!r}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"--config {path!r}: cannot read: {exc.strerror}") from None
+    for key in data:
+        if key not in OPTIONS_BY_KEY:
+            raise ConfigError(f"--config {path!r}: unknown key {key!r}")
+    return data
+
+
+def _parse(option: Option, text: str, where: str) -> Any:
+    try:
+        return option.parse(text)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: invalid value {text!r}: {exc}") from None
+
+
+def load(flags: Mapping[str, str], env: Mapping[str, str], toml: Mapping[str, object] | None = None,
+         toml_path: str = "") -> Config:
+    """Build the Config; `flags` maps option keys to the text given on the command line."""
+    raw: dict[str, Any] = {}
+    given: set[str] = set()
+    for option in OPTIONS:
+        value = _parse(option, option.default, f"default of {option.flag}")
+        if toml is not None and option.key in toml:
+            text = _toml_text(option, toml[option.key])
+            value = _parse(option, text, f"--config {toml_path!r} key {option.key!r}")
+            given.add(option.key)
+        for name in option.envs:
+            if name in env:
+                value = _parse(option, env[name], f"environment variable {name}")
+                given.add(option.key)
+        if option.key in flags:
+            short = f"-{option.short}/" if option.short else ""
+            value = _parse(option, flags[option.key], f"flag {short}{option.flag}")
+            given.add(option.key)
+        raw[option.key] = value
+
+    uid_names: tuple[str, ...] = raw["proxy_uid"] or (_default_uid(raw["envoy_user"]),)
+    gid_names: tuple[str, ...] = raw["proxy_gid"] or uid_names
+    raw["proxy_uid"] = _resolve(uid_names, v.resolve_uid, "proxy_uid", "--proxy-uid")
+    gid_flag = "--proxy-gid" if raw["proxy_gid"] else "--proxy-gid, which defaults to the --proxy-uid list"
+    raw["proxy_gid"] = _resolve(gid_names, v.resolve_gid, "proxy_gid", gid_flag)
+    groups = raw["outbound_owner_groups"]
+    if groups is not None:
+        raw["outbound_owner_groups"] = _resolve(groups, v.resolve_gid, "outbound_owner_groups",
+                                                "--outbound-owner-groups")
+    raw["outbound_owner_groups_exclude"] = _resolve(raw["outbound_owner_groups_exclude"], v.resolve_gid,
+                                                    "outbound_owner_groups_exclude",
+                                                    "--outbound-owner-groups-exclude")
+    return Config(**raw)
+
+
+def _default_uid(user: str) -> str:
+    try:
+        return str(pwd.getpwnam(user).pw_uid)
+    except KeyError:
+        return "1337"
+
+
+def _resolve(names: tuple[str, ...], resolve: Callable[[str], int], key: str, flag: str) -> tuple[int, ...]:
+    out: list[int] = []
+    for name in names:
+        try:
+            number = resolve(name)
+        except ValueError as exc:
+            raise ConfigError(f"{flag} (key {key!r}): invalid value {name!r}: {exc}") from None
+        if number not in out:
+            out.append(number)
+    return tuple(out)
+
+
+def load_all(flags: Mapping[str, str], env: Mapping[str, str] | None = None, config_path: str | None = None,
+             ) -> Config:
+    """The full precedence chain, reading the TOML file when one is named."""
+    toml = read_toml(config_path) if config_path else None
+    return load(flags, os.environ if env is None else env, toml, config_path or "")
+

@@ -1,0 +1,91 @@
+"""Apply and remove a ruleset: read our table, build one transaction, hand it to the kernel.
+
+Shared by `apply`, `cleanup`, the agent and the node daemon, so all of them install exactly alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from interceptd.errors import KernelRefusedError
+from interceptd.ruleset.model import Ruleset
+from interceptd.ruleset.nftjson import Existing, Json, deletion, elements_json, normalise, same_elements, transaction
+from interceptd.system import routes
+from interceptd.system.kernel import Kernel
+from interceptd.system.routes import Router
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What the kernel held right after our apply: the reference for drift detection."""
+
+    ruleset: Ruleset
+    listing: list[Json]  # normalised
+    duration_s: float
+
+
+APPLY_ATTEMPTS = 5
+
+
+def apply(kernel: Kernel, router: Router, ruleset: Ruleset, reference: bool = True) -> Applied:
+    """Install `ruleset`; the listing that becomes the drift reference must show it.
+
+    A one-shot `apply` keeps no reference (reference=False: no read-back, Applied.listing is empty).
+    Another process can change the table between our transaction and the listing that follows it. Taken
+    as the reference, that change would never count as drift (a flush right there left the pod
+    uncaptured for good), so a listing that does not hold the ruleset means: apply again.
+    """
+    started = time.monotonic()
+    for _attempt in range(APPLY_ATTEMPTS):
+        current = kernel.list_table(ruleset.table, ruleset.family)
+        existing = Existing.empty() if current is None else Existing.from_listing(current)
+        kernel.apply(transaction(ruleset, existing))
+        # After the table: marked packets only need the routes once the tproxy rules exist.
+        routes.sync(ruleset, router)
+        if not reference:
+            return Applied(ruleset, [], time.monotonic() - started)
+        after = kernel.list_table(ruleset.table, ruleset.family) or []
+        if holds(ruleset, after):
+            return Applied(ruleset, _share_elements(ruleset, normalise(after)), time.monotonic() - started)
+    raise KernelRefusedError(f"table {ruleset.family} {ruleset.table} was changed by another process right after "
+                             f"each of {APPLY_ATTEMPTS} applies")
+
+
+def _share_elements(ruleset: Ruleset, listing: list[Json]) -> list[Json]:
+    """The reference keeps, for each set the kernel lists exactly as rendered, the rendered element list
+    itself instead of an equal copy: 10,000 elements are then held once, not twice, for the agent's life."""
+    rendered = {s.name: elements_json(s.elements) for s in ruleset.sets}
+    for item in listing:
+        body = item.get("set")
+        if body is not None and body.get("elem") == rendered.get(body["name"]):
+            body["elem"] = rendered[body["name"]]
+    return listing
+
+
+def holds(ruleset: Ruleset, listing: list[Json]) -> bool:
+    """Does the listing show exactly the ruleset's chains, each with its rules in order (by name: the
+    kernel's spelling of expressions may differ), and its sets with exactly the rendered elements?"""
+    chains: set[str] = set()
+    rules: dict[str, list[str]] = defaultdict(list)
+    sets: dict[str, list[Any]] = {}
+    for item in listing:
+        if "chain" in item:
+            chains.add(item["chain"]["name"])
+        elif "rule" in item:
+            rules[item["rule"]["chain"]].append(item["rule"].get("comment", ""))
+        elif "set" in item:
+            sets[item["set"]["name"]] = item["set"].get("elem", [])
+    return (chains == {c.name for c in ruleset.chains}
+            and all(rules.get(c.name, []) == [r.name for r in c.rules] for c in ruleset.chains)
+            and all(s.name in sets and same_elements(sets[s.name], elements_json(s.elements)) for s in ruleset.sets))
+
+
+def remove(kernel: Kernel, router: Router, table: str, family: str = "inet") -> bool:
+    """Delete interceptd's table and its TPROXY rules and routes; True if the table existed."""
+    existed = kernel.list_table(table, family) is not None
+    kernel.apply(deletion(table, family))
+    routes.remove(router)
+    return existed

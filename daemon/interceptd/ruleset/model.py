@@ -1,0 +1,165 @@
+"""The rule model: what interceptd wants in its table, independent of how nftables spells it.
+
+Every rule has a stable name, unique in its chain; the name is the rule's nft comment, the suffix of its
+named counter ("<chain>/<rule>"), its metric label and what `status` and `explain` show. A rule with no
+actions only counts: each chain starts with one, named "entry", which is the chain's traffic counter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from interceptd.config.values import IPNetwork, PortRange
+
+# Fields a match can test, spelled as nft spells them.
+META_KEYS = ("iifname", "oifname", "l4proto", "nfproto", "skuid", "skgid", "mark")
+PAYLOAD_KEYS = ("tcp dport", "udp dport", "udp sport", "th dport", "ip saddr", "ip daddr", "ip6 saddr",
+                "ip6 daddr")
+CT_KEYS = ("ct mark", "ct state")
+
+Scalar = int | str | IPNetwork | PortRange
+
+
+@dataclass(frozen=True)
+class SetRef:
+    """A lookup in one of the table's named sets."""
+
+    name: str
+
+
+Value = Scalar | SetRef | tuple[Scalar, ...]  # a tuple is an anonymous set
+
+
+@dataclass(frozen=True)
+class Match:
+    key: str
+    value: Value
+    negate: bool = False
+
+
+@dataclass(frozen=True)
+class Jump:
+    chain: str
+
+
+@dataclass(frozen=True)
+class Return:
+    pass
+
+
+@dataclass(frozen=True)
+class Accept:
+    pass
+
+
+@dataclass(frozen=True)
+class Drop:
+    pass
+
+
+@dataclass(frozen=True)
+class Redirect:
+    port: int
+
+
+@dataclass(frozen=True)
+class TProxy:
+    family: str  # "ip" or "ip6"
+    port: int
+
+
+@dataclass(frozen=True)
+class SetMark:
+    mark: int
+
+
+@dataclass(frozen=True)
+class MarkFromCtMark:
+    pass
+
+
+@dataclass(frozen=True)
+class CtMarkFromMark:
+    pass
+
+
+@dataclass(frozen=True)
+class SetCtZone:
+    zone: int
+
+
+Action = Jump | Return | Accept | Drop | Redirect | TProxy | SetMark | MarkFromCtMark | CtMarkFromMark | SetCtZone
+VERDICTS = (Jump, Return, Accept, Drop, Redirect, TProxy)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    matches: tuple[Match, ...] = ()
+    actions: tuple[Action, ...] = ()
+    why: str = ""  # one line on what the rule means, for status --explain-top and explain
+
+    @property
+    def decides(self) -> bool:
+        return bool(self.actions)
+
+
+@dataclass(frozen=True)
+class Hook:
+    type: str  # nat, filter, route
+    hook: str  # prerouting, output
+    priority: int
+
+
+@dataclass(frozen=True)
+class Chain:
+    name: str
+    rules: tuple[Rule, ...]
+    hook: Hook | None = None
+
+
+@dataclass(frozen=True)
+class NamedSet:
+    name: str
+    type: str  # ipv4_addr, ipv6_addr, inet_service, ifname, uid, gid
+    elements: tuple[Scalar, ...]
+    interval: bool = False
+
+
+@dataclass(frozen=True)
+class Ruleset:
+    table: str
+    chains: tuple[Chain, ...]
+    sets: tuple[NamedSet, ...] = ()
+    family: str = "inet"
+    routes: tuple[PolicyRoute, ...] = field(default=())
+    lo_addresses: tuple[str, ...] = ()  # IPv6 addresses put on lo (Istio's ::6 passthrough source)
+
+    def chain(self, name: str) -> Chain:
+        for chain in self.chains:
+            if chain.name == name:
+                return chain
+        raise KeyError(name)
+
+    def set(self, name: str) -> NamedSet:
+        for nset in self.sets:
+            if nset.name == name:
+                return nset
+        raise KeyError(name)
+
+    def counter_names(self) -> list[str]:
+        return [counter_name(chain.name, rule.name) for chain in self.chains for rule in chain.rules]
+
+
+@dataclass(frozen=True, order=True)
+class PolicyRoute:
+    """TPROXY's policy routing: packets marked `mark` look up `table`, whose default route is local."""
+
+    family: int  # 4 or 6
+    mark: int
+    table: int
+
+
+def counter_name(chain: str, rule: str) -> str:
+    return f"{chain}/{rule}"
+

@@ -1,0 +1,118 @@
+"""What the CNI plugin and the node agent share: one state file per namespace, and the agent's socket.
+
+The state file is the truth about a managed namespace: where it is, the settings its Config is built from,
+and the normalised listing taken right after the last apply (the drift reference). The CNI plugin writes it
+at ADD, so the node agent learns of a pod even when it was down at the time; the agent rewrites it after
+each apply, and at start adopts a namespace whose kernel table still equals the reference without touching
+it. The socket only makes the agent act at once instead of at its next scan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from interceptd.config import Config, load
+from interceptd.ruleset.model import Ruleset
+from interceptd.ruleset.nftjson import Existing, Json, transaction
+
+STATE_SUBDIR = "netns"
+SOCKET_NAME = "node.sock"
+SOURCES = ("cni", "dir")
+
+
+@dataclass(frozen=True)
+class Record:
+    name: str
+    path: str  # the namespace file (CNI_NETNS, or a file of the watched directory)
+    source: str  # one of SOURCES
+    settings: dict[str, Any]  # TOML keys: what the namespace's Config is built from
+    ruleset_digest: str = ""  # of the ruleset the listing was taken after
+    listing: list[Json] = field(default_factory=list)  # normalised, right after the apply
+    container_id: str = ""
+
+    def config(self) -> Config:
+        return settings_config(self.settings, f"state of network namespace {self.name}")
+
+
+def settings_config(settings: dict[str, Any], where: str) -> Config:
+    """A pod's Config: its settings alone, nothing from the environment of the plugin or the agent."""
+    return load({}, {}, settings, where)
+
+
+def ruleset_digest(ruleset: Ruleset) -> str:
+    """Equal digests = the same ruleset (render is pure, the transaction from scratch is its full text)."""
+    text = json.dumps(transaction(ruleset, Existing.empty()), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def state_dir_of(state_dir: str) -> str:
+    return os.path.join(state_dir, STATE_SUBDIR)
+
+
+def socket_path(state_dir: str) -> str:
+    return os.path.join(state_dir, SOCKET_NAME)
+
+
+def _file(state_dir: str, name: str) -> str:
+    return os.path.join(state_dir_of(state_dir), f"{name}.json")
+
+
+def write(state_dir: str, record: Record) -> None:
+    """Atomically (rename): a reader never sees half a file, a crash leaves the previous one."""
+    directory = state_dir_of(state_dir)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    final = _file(state_dir, record.name)
+    tmp = f"{final}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(asdict(record), fh, separators=(",", ":"))
+    os.replace(tmp, final)
+
+
+def read(state_dir: str, name: str) -> Record | None:
+    """The record, or None when there is none or it cannot be used (then the namespace is treated as new)."""
+    try:
+        with open(_file(state_dir, name), encoding="utf-8") as fh:
+            data = json.load(fh)
+        record = Record(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+    return record if record.source in SOURCES and isinstance(record.settings, dict) else None
+
+
+def exists(state_dir: str, name: str) -> bool:
+    return os.path.exists(_file(state_dir, name))
+
+
+def remove(state_dir: str, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_file(state_dir, name))
+
+
+def names(state_dir: str) -> list[str]:
+    try:
+        entries = os.listdir(state_dir_of(state_dir))
+    except FileNotFoundError:
+        return []
+    return sorted(e[:-5] for e in entries if e.endswith(".json"))
+
+
+def request(state_dir: str, message: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """One JSON line to the node agent, one JSON line back. OSError/ValueError when it is not there."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+        sock.settimeout(timeout)
+        sock.connect(socket_path(state_dir))
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    reply: dict[str, Any] = json.loads(data)
+    return reply

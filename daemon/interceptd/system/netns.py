@@ -1,0 +1,128 @@
+"""Work inside another network namespace from one thread: setns(2) in, do the work, setns back.
+
+setns(2) moves only the calling thread, so the node agent's HTTP threads stay in the host namespace while
+its main thread visits pods. Whatever binds to a namespace when it is created (a libnftables context, a
+netlink socket) keeps working on that namespace after the thread has come back, so the agent enters a pod
+only to create those handles and to change routes; reading a pod's table needs no setns at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import sys
+import threading
+from collections.abc import Iterator
+
+from interceptd.errors import NamespaceError
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_PROC_NS = re.compile(r"^/proc/(\d+)/ns/net$")
+
+Identity = tuple[int, int]  # (st_dev, st_ino) of the nsfs inode: the same namespace under any path
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def identity(path: str) -> Identity | None:
+    """The namespace's identity, or None when `path` is not (or no longer) a network namespace."""
+    try:
+        st = os.stat(path)
+        home = os.stat("/proc/thread-self/ns/net")
+    except OSError:
+        return None
+    # Every namespace inode lives on the one nsfs device; a plain file (an `ip netns add` not yet
+    # bind-mounted, or left behind) does not.
+    return (st.st_dev, st.st_ino) if st.st_dev == home.st_dev else None
+
+
+def name_for(path: str) -> str:
+    """The namespace's short name (metrics label, state file): the file name, or pid-N for /proc/N/ns/net."""
+    match = _PROC_NS.match(os.path.normpath(path))
+    name = f"pid-{match.group(1)}" if match else os.path.basename(os.path.normpath(path))
+    if not _NAME.fullmatch(name):
+        raise NamespaceError(f"network namespace {path!r}: {name!r} is not usable as a name "
+                             f"(letters, digits, '.', '_', '-'; at most 128)")
+    return name
+
+
+_one_at_a_time = threading.RLock()
+
+
+@contextlib.contextmanager
+def entered(path: str) -> Iterator[None]:
+    """Run the block with the calling thread inside the network namespace at `path`.
+
+    One thread at a time (the node agent's loop, or a metrics scrape opening a pod's libnftables context).
+    """
+    with _one_at_a_time:
+        yield from _entered(path)
+
+
+def _entered(path: str) -> Iterator[None]:
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NamespaceError(f"network namespace {path!r}: cannot open: {exc.strerror}") from None
+        try:
+            _setns(fd)
+        except OSError as exc:
+            raise NamespaceError(f"network namespace {path!r}: cannot enter: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        try:
+            yield
+        finally:
+            try:
+                _setns(home)
+            except OSError as exc:
+                # Carrying on would apply the next pod's rules in this one: stop, the restart re-adopts.
+                print(f"interceptd: fatal: cannot return from network namespace {path!r}: {exc.strerror}",
+                      file=sys.stderr)
+                os._exit(70)
+    finally:
+        os.close(home)
+
+
+IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x4, 0x40, 0x80, 0x100, 0x200
+
+
+class DirWatch:
+    """inotify on one directory: readable when an entry appears, goes or changes (the caller rescans).
+
+    `ip netns add` creates the file before it bind-mounts the namespace on it (no event for the mount), so
+    a caller finding a plain file must look again shortly; netns.identity tells the two apart.
+    """
+
+    def __init__(self, path: str) -> None:
+        fd: int = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        mask = IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+        if _libc.inotify_add_watch(fd, os.fsencode(path), mask) < 0:
+            err = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(err, f"inotify_add_watch {path!r}: {os.strerror(err)}")
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._fd, 65536):
+                pass
+
+    def close(self) -> None:
+        os.close(self._fd)

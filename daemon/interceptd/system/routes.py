@@ -1,0 +1,164 @@
+"""Kernel state outside the nft table: TPROXY's policy routing and the ::6 passthrough address (spec 1.4, 2.2).
+
+Every `ip rule` and route interceptd installs carries ROUTE_PROTOCOL, so a re-apply and `cleanup` find
+exactly what interceptd put there, whatever configuration installed it, and never touch anyone else's.
+`sync` is idempotent: it adds what is missing and deletes what the ruleset no longer needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from interceptd.errors import RoutingError
+from interceptd.ruleset.model import Ruleset
+from interceptd.system import rtnl
+
+ROUTE_PROTOCOL = 245  # "proto 245" in `ip rule` / `ip route`: unassigned in iproute2's rt_protos
+RULE_PRIORITY = 32765  # what the kernel picks for Istio's `ip rule add` in a fresh namespace
+RT_SCOPE_HOST = 254
+_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+
+@dataclass(frozen=True, order=True)
+class Entry:
+    """One kernel object interceptd owns: a fwmark rule, a `local default dev lo` route, or an address on lo."""
+
+    kind: Literal["address", "route", "rule"]
+    family: int  # 4 or 6
+    table: int = 0  # rule, route
+    mark: int = 0  # rule
+    address: str = ""  # address
+
+    def __str__(self) -> str:
+        ip = "ip" if self.family == 4 else "ip -6"
+        if self.kind == "rule":
+            return f"{ip} rule fwmark {self.mark} lookup {self.table}"
+        if self.kind == "route":
+            return f"{ip} route local default dev lo table {self.table}"
+        return f"{ip} address {self.address} dev lo"
+
+
+class Router(Protocol):
+    def owned(self) -> set[Entry]:
+        """Every rule and route carrying ROUTE_PROTOCOL, and the wanted-kind addresses present on lo."""
+
+    def add(self, entry: Entry) -> None:
+        """Install the entry; already present is fine."""
+
+    def delete(self, entry: Entry) -> None:
+        """Remove the entry; already gone is fine."""
+
+
+def wanted(ruleset: Ruleset) -> set[Entry]:
+    out: set[Entry] = {Entry("address", 6, address=a) for a in ruleset.lo_addresses}
+    for pr in ruleset.routes:
+        out.add(Entry("rule", pr.family, pr.table, pr.mark))
+        out.add(Entry("route", pr.family, pr.table))
+    return out
+
+
+def sync(ruleset: Ruleset, router: Router) -> None:
+    """Add what the ruleset needs first (no gap when the table or mark changes), then drop the rest.
+
+    Addresses are only ever added: ::6 may carry the proxy's live passthrough connections, and Istio never
+    removes it either.
+    """
+    want = wanted(ruleset)
+    have = router.owned()
+    for entry in sorted(want - have):
+        router.add(entry)
+    for entry in sorted(have - want):
+        if entry.kind != "address":
+            router.delete(entry)
+
+
+def missing(ruleset: Ruleset, router: Router) -> list[str]:
+    """What the ruleset needs but the kernel lacks, for the agent's drift check ([] = all present)."""
+    return [str(e) for e in sorted(wanted(ruleset) - router.owned())]
+
+
+def remove(router: Router) -> list[Entry]:
+    """Delete every rule and route interceptd installed (cleanup); returns what was removed."""
+    gone = sorted(e for e in router.owned() if e.kind != "address")
+    for entry in gone:
+        router.delete(entry)
+    return gone
+
+
+class Netlink:
+    """The caller's network namespace, or the one at `netns` (a namespace file), through pyroute2."""
+
+    def __init__(self, addresses: Iterable[str] = ("::6",), netns: str = "") -> None:
+        self._addresses = tuple(addresses)  # which addresses on lo `owned` reports
+        self._netns = netns
+
+    def _ipr(self) -> Any:
+        from pyroute2 import IPRoute
+
+        if not self._netns:
+            return IPRoute()
+        from interceptd.system.netns import entered
+
+        with entered(self._netns):  # the netlink socket stays bound to the namespace it was opened in
+            return IPRoute()
+
+    def owned(self) -> set[Entry]:
+        """Read with rtnl (no pyroute2: reading happens on every apply, changing only in TPROXY mode)."""
+        out: set[Entry] = set()
+        with self._entered():
+            for version, fam in _FAMILY.items():
+                for r in rtnl.rules(fam):
+                    if r.protocol == ROUTE_PROTOCOL:
+                        out.add(Entry("rule", version, r.table, r.fwmark))
+                for r in rtnl.routes(fam):
+                    if r.protocol == ROUTE_PROTOCOL:
+                        out.add(Entry("route", version, r.table))
+            lo = socket.if_nametoindex("lo")
+            for a in rtnl.addresses(socket.AF_INET6):
+                if a.index == lo and a.prefixlen == 128 and a.address in self._addresses:
+                    out.add(Entry("address", 6, address=a.address))
+        return out
+
+    def _entered(self) -> contextlib.AbstractContextManager[object]:
+        if not self._netns:
+            return contextlib.nullcontext()
+        from interceptd.system.netns import entered
+
+        return entered(self._netns)
+
+    def add(self, entry: Entry) -> None:
+        self._call("add", entry, errno.EEXIST)
+
+    def delete(self, entry: Entry) -> None:
+        self._call("del", entry, errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
+
+    def _call(self, verb: str, entry: Entry, *tolerated: int) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        fam = _FAMILY[entry.family]
+        try:
+            with self._ipr() as ipr:
+                if entry.kind == "rule":
+                    ipr.rule(verb, family=fam, fwmark=entry.mark, table=entry.table, priority=RULE_PRIORITY,
+                             protocol=ROUTE_PROTOCOL)
+                elif entry.kind == "route":
+                    ipr.route(verb, family=fam, dst_len=0, table=entry.table, type="local", oif=_lo_index(ipr),
+                              proto=ROUTE_PROTOCOL, scope=RT_SCOPE_HOST)
+                else:
+                    ipr.addr(verb, index=_lo_index(ipr), family=fam, address=entry.address, prefixlen=128)
+        except NetlinkError as exc:
+            if exc.code not in tolerated:
+                action = "add" if verb == "add" else "delete"
+                raise RoutingError(f"cannot {action} `{entry}`: {exc.args[-1]}") from None
+
+
+def _lo_index(ipr: Any) -> int:
+    found: list[int] = ipr.link_lookup(ifname="lo")
+    if not found:
+        raise RoutingError("the namespace has no loopback interface 'lo'")
+    return found[0]

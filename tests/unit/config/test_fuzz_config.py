@@ -1,0 +1,135 @@
+"""Hostile input: every flag/env/TOML input yields a Config that renders safely, or one ConfigError line.
+
+Never another exception. 10,000+ derandomized examples in `make test`; `make fuzz` runs many more with
+fresh randomness (FUZZ_PROFILE=fuzz FUZZ_EXAMPLES=N).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.fuzz_strategies import FACTS, SAFE_STRING, SMUGGLE, inputs, names_of, strings_in, toml_text, value_for
+
+from interceptd.cli import main as cli
+from interceptd.config import OPTIONS, Config
+from interceptd.config import options as config
+from interceptd.errors import ConfigError
+from interceptd.ruleset.facts import HostFacts
+from interceptd.ruleset.nftjson import Existing, transaction
+from interceptd.ruleset.render import render
+
+settings.load_profile(os.environ.get("FUZZ_PROFILE", "ci"))
+SCALE = int(os.environ.get("FUZZ_EXAMPLES", "0")) or 1  # make fuzz multiplies every budget
+DAEMON = Path(__file__).resolve().parents[3] / "daemon" / "interceptd"
+
+
+def assert_one_line_naming(exc: ConfigError, names: set[str]) -> None:
+    message = str(exc)
+    assert message and "\n" not in message and "\r" not in message, repr(message)
+    assert any(name and name in message for name in names), (message, names)
+
+
+def assert_renders_safely(cfg: Config, facts: HostFacts) -> None:
+    try:
+        document = transaction(render(cfg, facts), Existing.empty())
+    except ConfigError as exc:  # a combination render cannot express (e.g. an unsupported feature)
+        assert "\n" not in str(exc)
+        return
+    bad = [s for s in strings_in(document) if not SAFE_STRING.match(s)]
+    assert not bad, bad
+    json.dumps(document)
+
+
+@settings(max_examples=6000 * SCALE)
+@given(inputs(), st.sampled_from(FACTS))
+def test_load_yields_config_or_one_line_error(given_input: tuple[dict[str, str], dict[str, str], dict[str, Any]],
+                                             facts: HostFacts) -> None:
+    flags, env, toml = given_input
+    try:
+        cfg = config.load(flags, env, toml, "fuzz.toml")
+    except ConfigError as exc:
+        assert_one_line_naming(exc, names_of(flags, env, toml))
+        return
+    assert_renders_safely(cfg, facts)
+
+
+@st.composite
+def argv(draw: st.DrawFn) -> list[str]:
+    """A command line as a user (or an attacker controlling a pod spec) could write it."""
+    out = [draw(st.sampled_from(["render", "render", "apply", "status", "cleanup", "bogus"]))]
+    for option in draw(st.lists(st.sampled_from(OPTIONS), max_size=6)):
+        name = draw(st.sampled_from([option.flag, f"-{option.short}" if option.short else option.flag]))
+        if option.kind == "bool":
+            form = draw(st.sampled_from(["bare", "eq", "eq"]))
+            out += [name] if form == "bare" else [f"{name}={draw(value_for(option))}"]
+        elif draw(st.booleans()):
+            out += [name, draw(value_for(option))]
+        else:
+            out.append(f"{name}={draw(value_for(option))}")
+    if draw(st.booleans()):
+        out.append(draw(st.sampled_from([*SMUGGLE, "--", "-", "--json", "--ipv6", "--config"])).replace("\0", ""))
+    return out
+
+
+@settings(max_examples=2000 * SCALE)
+@given(argv(), st.sampled_from(FACTS))
+def test_command_line_yields_config_or_one_line_error(args: list[str], facts: HostFacts) -> None:
+    try:
+        _ns, cfg = cli.parse(args)
+    except ConfigError as exc:
+        names = {a.partition("=")[0] for a in args} | {a for a in args if a} | {"command"}
+        names |= {o.flag for o in OPTIONS} | {o.key for o in OPTIONS} | {"argument", "arguments"}
+        assert_one_line_naming(exc, names)
+        return
+    except SystemExit:  # argparse's --help and --version: not reachable from these inputs
+        pytest.fail(f"exit from {args}")
+    assert_renders_safely(cfg, facts)
+
+
+@settings(max_examples=2000 * SCALE)
+@given(st.one_of(st.binary(max_size=200),
+                 st.builds(lambda flags, env, toml: toml_text(toml).encode(), *[st.just({})] * 2,
+                           inputs().map(lambda t: t[2])),
+                 st.text(max_size=200).map(str.encode)), st.sampled_from(FACTS))
+def test_toml_file_yields_config_or_one_line_error(tmp_path_factory: pytest.TempPathFactory, data: bytes,
+                                                   facts: HostFacts) -> None:
+    path = tmp_path_factory.getbasetemp() / "fuzz.toml"
+    path.write_bytes(data)
+    try:
+        cfg = config.load_all({}, {}, str(path))
+    except ConfigError as exc:
+        assert_one_line_naming(exc, {"--config", *[o.key for o in OPTIONS]})
+        return
+    assert_renders_safely(cfg, facts)
+
+
+def test_smuggling_names_are_refused() -> None:
+    """Interface, group and table names that carry nft syntax never reach a Config."""
+    for key in ("exclude_interfaces", "kube_virt_interfaces", "proxy_gid", "outbound_owner_groups_exclude",
+                "table"):
+        for text in ('eth0"; flush ruleset; "', "a}", "x\ny", "$(reboot)", "a b", "é"):
+            with pytest.raises(ConfigError, match=key.replace("_", "-")):
+                config.load({key: text}, {})
+
+
+def test_nothing_is_ever_passed_through_a_shell() -> None:
+    """No shell=True, os.system, os.popen or os.exec*: interceptd runs no program at all."""
+    offenders = []
+    for path in sorted(DAEMON.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                func = ast.unparse(node.func)
+                if func in ("os.system", "os.popen") or func.startswith(("os.exec", "os.spawn", "pty.spawn")):
+                    offenders.append(f"{path.name}:{node.lineno} {func}")
+                offenders += [f"{path.name}:{node.lineno} shell=" for kw in node.keywords if kw.arg == "shell"]
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                offenders += [f"{path.name}:{node.lineno} import {m}" for m in mods if m in ("subprocess", "pty")]
+    assert offenders == []

@@ -1,0 +1,64 @@
+"""config/kubernetes/node-daemonset.yaml (validated with the other manifests by test_kubernetes_manifests.py)
+runs what interceptd accepts: `node` with its environment, the CNI settings the init step chains, and only
+the capabilities the manifest explains."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from interceptd.cli import cni
+from interceptd.cli import main as cli
+from interceptd.config import options as config
+from interceptd.runtime.nodestate import settings_config
+
+MANIFEST = Path(__file__).resolve().parents[3] / "config" / "kubernetes" / "node-daemonset.yaml"
+
+
+def _spec() -> dict[str, Any]:
+    (daemonset,) = [d for d in yaml.safe_load_all(MANIFEST.read_text(encoding="utf-8")) if d]
+    assert daemonset["kind"] == "DaemonSet"
+    spec: dict[str, Any] = daemonset["spec"]["template"]["spec"]
+    return spec
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", [])}
+
+
+def test_the_agent_runs_node_on_cni_registrations_only() -> None:
+    (agent,) = _spec()["containers"]
+    args, _ = cli.parse(agent["args"])
+    assert args.command == "node"
+    cfg = config.load({}, _env(agent))
+    assert cfg.netns_dir == "" and cfg.state_dir == "/run/interceptd"
+    assert cfg.metrics_address is not None
+    ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
+    assert ports["metrics"] == cfg.metrics_address[1]
+    assert agent["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    mounts = {m["mountPath"] for m in agent["volumeMounts"]}
+    assert {"/run/interceptd", "/run/netns"} <= mounts
+
+
+def test_least_capabilities() -> None:
+    spec = _spec()
+    (agent,) = spec["containers"]
+    assert agent["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "SYS_ADMIN"]}
+    assert agent["securityContext"]["privileged"] is False
+    (init,) = spec["initContainers"]
+    assert init["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "SYS_ADMIN" in MANIFEST.read_text(encoding="utf-8").split("add: [NET_ADMIN, SYS_ADMIN]")[0]
+
+
+def test_the_init_step_chains_valid_settings_with_the_agents_state_dir() -> None:
+    (init,) = _spec()["initContainers"]
+    settings = json.loads(_env(init)["INTERCEPTD_CNI_SETTINGS"])
+    pod = cni.pod_settings({"interceptd": settings}, {})
+    assert pod is not None
+    assert settings_config(pod, "test").state_dir == config.load({}, _env(_spec()["containers"][0])).state_dir
+    script = init["command"][-1]
+    assert "-m interceptd.cli.cni install /host/etc/cni/net.d" in script
+    assert 'exec /opt/interceptd/bin/python -m interceptd.cli.cni "$@"' in script.replace("\\n", "\n")

@@ -1,0 +1,47 @@
+"""systemd/interceptd.service: accepted by `systemd-analyze verify`, and carries the agent's contract."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+UNIT = ROOT / "systemd" / "interceptd.service"
+INSTALLED = "/usr/local/bin/interceptd"
+
+
+def directives() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            out.setdefault(key, []).append(value)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze missing: `make deps` installs Debian's systemd package")
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    # verify insists that ExecStart's binary exists: point it at this checkout's entry point.
+    text = UNIT.read_text()
+    assert INSTALLED in text
+    copy = tmp_path / "interceptd.service"
+    copy.write_text(text.replace(INSTALLED, str(ROOT / ".venv" / "bin" / "interceptd")))
+    result = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_unit_is_a_hardened_notify_service() -> None:
+    d = directives()
+    assert d["Type"] == ["notify"] and d["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert d["Restart"] == ["on-failure"] and d["WatchdogSec"] and d["RuntimeDirectory"] == ["interceptd"]
+    assert d["ExecStart"][0].startswith(f"{INSTALLED} run ")
+    assert d["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"] and d["AmbientCapabilities"] == ["CAP_NET_ADMIN"]
+    assert set(d["RestrictAddressFamilies"][0].split()) == {"AF_UNIX", "AF_NETLINK", "AF_INET", "AF_INET6"}
+    for key, value in (("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"),
+                       ("PrivateTmp", "yes")):
+        assert d[key] == [value], key
+    assert "PrivateNetwork" not in d  # the agent must see the namespace it guards

@@ -1,0 +1,62 @@
+"""The lock file cannot be abused: planted links and foreign or shared state directories are refused."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from interceptd.errors import LockedError
+from interceptd.runtime.lockfile import Lock, lock_path
+
+
+def test_state_dir_is_created_private_and_the_lock_file_0600(tmp_path: Path) -> None:
+    lock = Lock(str(tmp_path / "a" / "run"), "interceptd")
+    lock.acquire()
+    assert stat.S_IMODE(os.stat(tmp_path / "a" / "run").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(lock.path).st_mode) == 0o600
+    lock.release()
+
+
+def test_hard_link_to_a_victim_is_refused_and_the_victim_kept(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    state = tmp_path / "run"
+    state.mkdir(mode=0o700)
+    os.link(victim, lock_path(str(state), "interceptd"))
+    with pytest.raises(LockedError, match="one link"):
+        Lock(str(state), "interceptd").acquire()
+    assert victim.read_text() == "precious"
+
+
+def test_symlinked_state_dir_is_refused_before_anything_is_created(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    os.symlink(elsewhere, tmp_path / "run")
+    with pytest.raises(LockedError, match="not a symlink"):
+        Lock(str(tmp_path / "run"), "interceptd").acquire()
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770])
+def test_a_shared_state_dir_of_ours_is_made_private_first(tmp_path: Path, mode: int) -> None:
+    """A Kubernetes emptyDir is created 0777: the agent makes it 0700 before it creates anything in it."""
+    state = tmp_path / "run"
+    state.mkdir()
+    state.chmod(mode)
+    lock = Lock(str(state), "interceptd")
+    lock.acquire()
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    lock.release()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the directory away")
+def test_a_state_dir_of_someone_else_is_refused(tmp_path: Path) -> None:
+    state = tmp_path / "run"
+    state.mkdir(mode=0o700)
+    os.chown(state, 1000, 1000)
+    with pytest.raises(LockedError, match="owned by uid 0, not uid 1000"):
+        Lock(str(state), "interceptd").acquire()
+    assert list(state.iterdir()) == []
