@@ -25,7 +25,16 @@ class BindingMissingError(InterceptdError):
     """The libnftables Python binding (Debian's python3-nftables) is not importable."""
 
 
-class RoutingError(InterceptdError):
+class KernelSideError(InterceptdError):
+    """Base of every failure on the kernel's side of one network namespace: a refused transaction or listing,
+    refused routes, a namespace that went, missing permission, descriptors run out.
+
+    A table controller turns any of them into "not ready, retry with backoff" for its own table only: one pod's
+    trouble never ends the process that keeps every other pod's rules.
+    """
+
+
+class RoutingError(KernelSideError):
     """An `ip rule`, route or lo address (TPROXY routing, ::6) could not be changed over netlink."""
 
 
@@ -33,12 +42,16 @@ class PreflightError(InterceptdError):
     """The host lacks something interceptd needs (libnftables, a kernel feature); nothing was changed."""
 
 
-class NamespaceError(InterceptdError):
+class NamespaceError(KernelSideError):
     """A network namespace file is missing, is not a network namespace, or cannot be entered."""
 
 
-class KernelRefusedError(InterceptdError):
+class KernelRefusedError(KernelSideError):
     """libnftables refused a transaction; the kernel kept the previous ruleset."""
+
+
+class ResourceError(KernelSideError):
+    """A process resource ran out (descriptors): the operation was not attempted, nothing was changed."""
 
 
 class LockedError(InterceptdError):

@@ -1,14 +1,20 @@
-"""`interceptd node`: one agent keeps interception in place in every pod network namespace of the node.
+"""`interceptd node`: keep interception in place in every pod network namespace of the node.
 
-Namespaces come from two sources: the CNI plugin's records in the state directory (it applied the pod's
-rules itself at ADD and says so over the socket), and a watched directory of namespace files (/run/netns),
-each configured by the node's configuration plus an optional drop-in NAME.toml. Each namespace is driven
-by the per-namespace logic of `interceptd run` (agent.Agent: apply, check, repair, retry with backoff,
-reload); this module replaces only its loop. One thread selects over every namespace's kernel events, the
-socket, the directory watch and the signals; a periodic full pass (rescan and check all) is the backstop.
+node = loop + discovery + CNI socket + {namespace: table controller}. Namespaces come from two sources: the
+CNI plugin's records in the state directory (it applied the pod's rules itself at ADD and says so over the
+socket), and a watched directory of namespace files (--netns-dir), each configured by the node's configuration
+plus an optional drop-in NAME.toml. Each namespace has its own control.controller.TableController (apply,
+check, repair, retry with backoff, reload); this module decides when each one runs, from one event loop
+(runtime.loop) that selects over every namespace's kernel events, the socket, the directory watch and the
+signals. A periodic full pass (rescan and check all) is the backstop.
 
-Each namespace's libnftables context and event socket are created inside it (see netns.py), so reading
-and repairing a pod needs no setns; the HTTP threads read counters through the same handles.
+Isolation: whatever happens in one namespace (its transaction refused, its routes refused, the namespace
+deleted mid-pass, its table owned by someone else, descriptors run out) is that namespace's failure: it is
+not ready, retried with backoff, and shown in the log, the metrics and /readyz; every other namespace keeps
+its repairs. A namespace that cannot even be managed (a bad drop-in, no address yet) is reported the same way.
+
+Scale: each namespace keeps only its kernel-event sockets, moved above FD_SETSIZE (system.fds); its
+libnftables context is made per call, inside the namespace, and so always gets a low descriptor.
 
 Restart: a namespace's state file holds the listing taken after its last apply; a namespace whose table
 still equals it, and whose configuration renders the same ruleset, is adopted without being touched.
@@ -19,42 +25,37 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
-import selectors
-import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from types import FrameType
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from interceptd.config import Config, load, read_toml
+from interceptd.control.controller import TableController
 from interceptd.control.install import Applied
 from interceptd.control.state import AgentState
-from interceptd.errors import ConfigError, InterceptdError, KernelRefusedError, ListenError, LockedError, NamespaceError
-from interceptd.ruleset import drift
+from interceptd.errors import ConfigError, InterceptdError, ListenError, LockedError, NamespaceError
 from interceptd.ruleset.facts import HostFacts
-from interceptd.ruleset.nftjson import normalise
 from interceptd.runtime import logs, nodestate
-from interceptd.runtime.agent import Agent, catch_signals
 from interceptd.runtime.lockfile import Lock
+from interceptd.runtime.loop import EventLoop
 from interceptd.runtime.metrics import Collector, MetricsServer
 from interceptd.runtime.sdnotify import Notifier
 from interceptd.system import host, netns
 from interceptd.system.events import NftEvents
-from interceptd.system.kernel import NftKernel
-from interceptd.system.routes import Netlink
+from interceptd.system.fds import move_socket_high, raise_nofile_limit
+from interceptd.system.kernel import Kernel, NftKernel
+from interceptd.system.routes import Netlink, Router
 
 RESCAN_SOON_S = 0.05  # a namespace file not yet bind-mounted (`ip netns add` is two steps)
 NODE_WIDE = ("interceptd_build",)  # families exported once, without a netns label
 MAX_REQUEST = 65536
-FD_SETSIZE = 1024  # libnftables select(2)s on its socket: each context's descriptor must stay below this
-FD_HEADROOM = 32  # for the listener, the HTTP threads and the transient netlink sockets of an apply
+MAX_DETAIL = 10  # namespaces named in /readyz and in the status line
 
 
 @dataclass(frozen=True)
@@ -72,67 +73,45 @@ def _facts_in(path: str, config: Config) -> HostFacts:
         return host.detect(config)
 
 
-class Member(Agent):
-    """One managed namespace: Agent's apply/check/repair/reload, driven by the node's loop, not Agent.run."""
+def _events_in(path: str, table: str) -> NftEvents:
+    with netns.entered(path):
+        return NftEvents(table)
 
-    def __init__(self, source: Source, config: Config, reload: Callable[[], Config], node: Node) -> None:
-        self.source = source
-        self.events: NftEvents | None = None
-        self._node = node
-        if config.own_table:
-            raise ConfigError(f"network namespace {source.name}: own_table cannot be used with node (an owned "
-                              f"table lives only as long as the libnftables context that made it)")
-        super().__init__(config, reload, kernel=NftKernel(netns=source.path, keep_context=False),
-                         router=Netlink(netns=source.path),
-                         facts=lambda cfg: _facts_in(source.path, cfg), notifier=Notifier(env={}))
-        # Agent's own loop never runs here (the node's serves every member): release its descriptors now.
-        # That matters: libnftables waits on its socket with select(2), so the descriptor of each context
-        # (made per call) must stay below FD_SETSIZE (1024); a member keeps only its events' three.
-        Agent.close(self)
-        self.log = self.log.bind(netns=source.name)
-        self.collector = Collector(self.kernel, self.state)
-        self.saved: Applied | None = None  # what the state file holds
 
-    def _set_events(self, enabled: bool) -> None:
-        """The namespace's kernel events, opened inside it and read by the node's loop."""
-        if enabled and self.events is None:
-            try:
-                with netns.entered(self.source.path):
-                    self.events = NftEvents(self.config.table)
-            except (OSError, NamespaceError) as exc:
-                self.log.warning("kernel events unavailable; periodic checks only", error=str(exc))
-            else:
-                self._node.selector.register(self.events, selectors.EVENT_READ, self)
-        elif not enabled and self.events is not None:
-            self._node.selector.unregister(self.events)
-            self.events.close()
-            self.events = None
-        with self.state.lock:
-            self.state.kernel_events = self.events is not None
+class EventSource(Protocol):
+    """A namespace's kernel events (system.events.NftEvents): readable when our table or routes may have changed."""
 
-    def close(self) -> None:
-        self._set_events(False)
+    def fileno(self) -> int: ...
+    def read(self) -> bool: ...
+    def close(self) -> None: ...
 
-    def _wake(self) -> None:
-        """/readyz saw drift: the node's loop checks (and repairs) this namespace at once."""
-        self._node.request_check(self.source.name)
 
-    def adopt(self, record: nodestate.Record | None) -> bool:
-        """Take the kernel's table as ours, untouched, if it is exactly what the record says we applied."""
-        if record is None or not record.listing or record.ruleset_digest != nodestate.ruleset_digest(self.ruleset):
-            return False
-        try:
-            listing = self.kernel.list_table(self.ruleset.table, self.ruleset.family)
-        except KernelRefusedError:
-            return False
-        if listing is None or drift.compare(record.listing, normalise(listing)):
-            return False
-        self.applied = self.saved = Applied(self.ruleset, record.listing, 0.0)
-        with self.state.lock:
-            self.state.ready = True
-            self.state.generation = 1
-            self.state.last_apply_success_ts = self.state.last_reload_success_ts = time.time()
-        return True
+@dataclass(frozen=True)
+class Ports:
+    """How the node reaches a namespace (its path): the real adapters, or fakes in unit tests."""
+
+    kernel: Callable[[str], Kernel] = lambda path: NftKernel(netns=path, keep_context=False)
+    router: Callable[[str], Router] = lambda path: Netlink(netns=path)
+    facts: Callable[[str, Config], HostFacts] = _facts_in
+    events: Callable[[str, str], EventSource] = _events_in
+    identity: Callable[[str], netns.Identity | None] = netns.identity
+
+
+@dataclass(eq=False)
+class Member:
+    """One managed namespace: where it came from, its controller, its kernel events."""
+
+    source: Source
+    controller: TableController
+    collector: Collector
+    events: EventSource | None = None
+    saved: Applied | None = None  # what the state file holds
+    event_seen: bool = field(default=False)
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
 
 
 def dir_config_loader(flags: dict[str, str], config_path: str | None, drop_in_dir: str,
@@ -152,7 +131,7 @@ def dir_config_loader(flags: dict[str, str], config_path: str | None, drop_in_di
 
 
 class NodeCollector:
-    """Every namespace's families (kernel counters and agent state) with a `netns` label, merged by name."""
+    """Every namespace's families (kernel counters and controller state) with a `netns` label, merged by name."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -168,8 +147,7 @@ class NodeCollector:
                 if family.name in NODE_WIDE:
                     merged.setdefault(family.name, family)
                     continue
-                family.samples = [s._replace(labels={"netns": member.source.name, **s.labels})
-                                  for s in family.samples]
+                family.samples = [s._replace(labels={"netns": member.name, **s.labels}) for s in family.samples]
                 if family.name in merged:
                     merged[family.name].samples.extend(family.samples)
                 else:
@@ -181,32 +159,37 @@ class NodeCollector:
         for kind in nodestate.SOURCES:
             count.add_metric([kind], sum(1 for m in members if m.source.kind == kind))
         yield count
+        failed = GaugeMetricFamily("interceptd_node_namespace_unmanaged", "1 for each namespace the node agent "
+                                   "found but cannot manage (see its log line and /readyz for why).",
+                                   labels=["netns"])
+        for name in sorted(self.node.failures()):
+            failed.add_metric([name], 1)
+        yield failed
         yield GaugeMetricFamily("interceptd_node_ready", "1 when every known namespace holds its ruleset "
                                 "(what /readyz reports), else 0.", value=int(self.node.ready()))
 
 
 class Node:
     def __init__(self, config: Config, dir_config: Callable[[str], Config], notifier: Notifier | None = None,
-                 ) -> None:
+                 ports: Ports | None = None) -> None:
         self.config = config
         self.state_dir = config.state_dir
         self._dir_config = dir_config
+        self.ports = ports or Ports()
         self.notifier = notifier or Notifier()
+        self.loop = EventLoop(self.notifier)
         self.log = logs.get(component="node")
         self.members: dict[str, Member] = {}
-        self._lock = threading.Lock()  # guards `members` and `_due`: the loop writes, HTTP threads read
-        self._failed: dict[str, str] = {}  # name -> last error, so a broken namespace is logged once
-        self._due: set[str] = set()
+        self._lock = threading.Lock()  # guards `members`, `_failed` and `_due`: the loop writes, HTTP threads read
+        self._failed: dict[str, str] = {}  # name -> why it cannot be managed (logged once per distinct error)
+        self._due: set[str] = set()  # namespaces to check at the next tick (/readyz saw drift)
         self._scanned = False
+        self._rescan_at: float | None = None
+        self._next_pass = 0.0
         self.state = AgentState("*", "node")  # for /readyz: its probe asks every namespace
         self.state.probe = self.ready
-        self.selector = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._listener: socket.socket | None = None
         self._watch: netns.DirWatch | None = None
-        self._stop_requested = False
-        self._reload_requested = False
 
     # --- what other threads call ---
 
@@ -214,35 +197,55 @@ class Node:
         with self._lock:
             return list(self.members.values())
 
+    def failures(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._failed)
+
     def ready(self) -> bool:
-        """Every known namespace holds its ruleset (as of its last check or apply)."""
-        bad = []
-        for member in self.snapshot():
-            with member.state.lock:
-                if not member.state.ready or member.retry_at is not None:
-                    bad.append(member.source.name)
-        ready = self._scanned and not bad
+        """Every known namespace holds its ruleset (as of its last check or apply), and none is unmanageable."""
+        bad = sorted(m.name for m in self.snapshot() if not m.controller.ready())
+        failed = self.failures()
+        ready = self._scanned and not bad and not failed
+        if ready:
+            why = ""
+        elif not self._scanned:
+            why = "starting"
+        else:
+            parts = []
+            if bad:
+                parts.append(f"{len(bad)} namespaces do not hold their ruleset: " + "; ".join(
+                    f"{name} ({self._last_error(name)})" for name in bad[:MAX_DETAIL]))
+            if failed:
+                parts.append(f"{len(failed)} namespaces cannot be managed: " + "; ".join(
+                    f"{name} ({failed[name]})" for name in sorted(failed)[:MAX_DETAIL]))
+            why = " | ".join(parts)
         with self.state.lock:
             self.state.ready = ready
-            self.state.last_error = ("" if ready else "starting" if not self._scanned else
-                                     f"{len(bad)} namespaces do not hold their ruleset: {', '.join(sorted(bad)[:10])}")
+            self.state.last_error = why
         return ready
+
+    def _last_error(self, name: str) -> str:
+        member = self.members.get(name)
+        if member is None:
+            return "gone"
+        with member.controller.state.lock:
+            return member.controller.state.last_error or "drift seen, repair pending"
 
     def request_check(self, name: str) -> None:
         with self._lock:
             self._due.add(name)
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"\0")
+        self.loop.wake()
 
     # --- discovering namespaces ---
 
     def discover(self) -> tuple[dict[str, tuple[Source, nodestate.Record | None]], bool]:
         """What should be managed now, and whether a namespace file was seen half-created."""
+        identity = self.ports.identity
         records = {name: nodestate.read(self.state_dir, name) for name in nodestate.names(self.state_dir)}
         found: dict[str, tuple[Source, nodestate.Record | None]] = {}
         for name, record in records.items():
             if record is not None and record.source == "cni":
-                ident = netns.identity(record.path)
+                ident = identity(record.path)
                 if ident is None:  # the pod is gone and nobody said DEL (e.g. while the node rebooted)
                     nodestate.remove(self.state_dir, name)
                     continue
@@ -256,7 +259,7 @@ class Node:
                 entries = []
             for entry in entries:
                 path = os.path.join(self.config.netns_dir, entry)
-                ident = netns.identity(path)
+                ident = identity(path)
                 if ident is None:
                     pending = pending or os.path.isfile(path)
                     continue
@@ -272,6 +275,9 @@ class Node:
         for name, record in records.items():
             if record is not None and record.source == "dir" and name not in found:
                 nodestate.remove(self.state_dir, name)  # its namespace went while the agent was away
+        with self._lock:  # a namespace that is no longer there is no longer a failure either
+            for name in [n for n in self._failed if n not in found and n not in entries_of(self.config.netns_dir)]:
+                del self._failed[name]
         return found, pending
 
     def scan(self) -> bool:
@@ -287,86 +293,162 @@ class Node:
         return pending
 
     def manage(self, source: Source, record: nodestate.Record | None) -> Member | None:
+        """Take the namespace on: adopt its table if it is what we applied before, else apply. None (and the
+        failure noted for log, metric and /readyz) when it cannot be managed now; the next pass tries again."""
         started = time.monotonic()
-        if _lowest_free_fd() >= FD_SETSIZE - FD_HEADROOM:
-            self._note_failure(source.name, f"too many namespaces ({len(self.members)}): libnftables needs a "
-                                            f"descriptor below {FD_SETSIZE}, and each namespace holds three")
-            return None
         try:
-            if source.kind == "cni" and record is not None:
-                config = record.config()
-                member = Member(source, config, lambda: config, self)
-            else:
-                member = Member(source, self._dir_config(source.name), lambda: self._dir_config(source.name), self)
+            member = self._member(source, record)
         except InterceptdError as exc:
             self._note_failure(source.name, str(exc))
             return None
-        self._failed.pop(source.name, None)
-        member._set_events(member.config.kernel_events)  # before any apply: no change goes unseen
-        adopted = member.adopt(record)
+        with self._lock:
+            self._failed.pop(source.name, None)
+        self._set_events(member, member.controller.config.kernel_events)  # before any apply: nothing unseen
+        adopted = record is not None and member.controller.adopt(record.listing, record.ruleset_digest,
+                                                                 nodestate.ruleset_digest)
         if not adopted:
-            member.apply_desired("start")
+            member.controller.apply_desired("start")
         self._save(member, record)
         with self._lock:
             self.members[source.name] = member
-        member.log.info("manage", source=source.kind, path=source.path, adopted=adopted,
-                        duration_ms=round((time.monotonic() - started) * 1000, 3))
+        member.controller.log.info("manage", source=source.kind, path=source.path, adopted=adopted,
+                                   duration_ms=round((time.monotonic() - started) * 1000, 3))
         return member
+
+    def _member(self, source: Source, record: nodestate.Record | None) -> Member:
+        if source.kind == "cni" and record is not None:
+            config = record.config()
+            reload: Callable[[], Config] = lambda: config  # noqa: E731 - a CNI pod's settings came with ADD
+        else:
+            config = self._dir_config(source.name)
+            reload = lambda: self._dir_config(source.name)  # noqa: E731
+        if config.own_table:
+            raise ConfigError(f"network namespace {source.name}: own_table cannot be used with node (an owned "
+                              f"table lives only as long as the libnftables context that made it)")
+        kernel = self.ports.kernel(source.path)
+        controller = TableController(
+            config, kernel=kernel, router=self.ports.router(source.path),
+            facts=lambda cfg: self.ports.facts(source.path, cfg), load=reload,
+            log=logs.get(table=config.table, netns=source.name),
+            on_drift=lambda: self.request_check(source.name))
+        return Member(source, controller, Collector(kernel, controller.state))
 
     def forget(self, member: Member, why: str, remove_record: bool) -> None:
         """Stop managing a namespace; its rules are left as they are (the namespace usually went with them)."""
         with self._lock:
-            if self.members.get(member.source.name) is member:
-                del self.members[member.source.name]
-            self._due.discard(member.source.name)
-        member.close()
+            if self.members.get(member.name) is member:
+                del self.members[member.name]
+            self._due.discard(member.name)
+        self._set_events(member, False)
         if remove_record:
-            nodestate.remove(self.state_dir, member.source.name)
-        member.log.info("forget", why=why)
+            nodestate.remove(self.state_dir, member.name)
+        member.controller.log.info("forget", why=why)
 
     def _note_failure(self, name: str, error: str) -> None:
-        if self._failed.get(name) != error:
+        with self._lock:
+            new = self._failed.get(name) != error
             self._failed[name] = error
+        if new:
             self.log.warning("cannot manage namespace", netns=name, error=error)
 
     def _save(self, member: Member, record: nodestate.Record | None = None) -> None:
         """Rewrite the state file when the reference changed (after an apply), so a restart can adopt."""
-        applied = member.applied
+        applied = member.controller.applied
         if applied is None or applied is member.saved:
             return
-        old = record if record is not None else nodestate.read(self.state_dir, member.source.name)
+        old = record if record is not None else nodestate.read(self.state_dir, member.name)
         settings = old.settings if old is not None and member.source.kind == "cni" else {}
         nodestate.write(self.state_dir, nodestate.Record(
-            member.source.name, member.source.path, member.source.kind, settings,
+            member.name, member.source.path, member.source.kind, settings,
             nodestate.ruleset_digest(applied.ruleset), applied.listing, old.container_id if old else ""))
         member.saved = applied
 
     def _still_there(self, member: Member) -> bool:
-        if netns.identity(member.source.path) != member.source.ident:
+        if self.ports.identity(member.source.path) != member.source.ident:
             return False
-        return member.source.kind != "cni" or nodestate.exists(self.state_dir, member.source.name)
+        return member.source.kind != "cni" or nodestate.exists(self.state_dir, member.name)
 
-    def check(self, member: Member, trigger: str) -> None:
-        """A namespace that went is forgotten, never repaired (DEL removes the table on purpose)."""
+    def _set_events(self, member: Member, enabled: bool) -> None:
+        """The namespace's kernel events, opened inside it and read by the node's loop."""
+        if enabled and member.events is None:
+            try:
+                member.events = self.ports.events(member.source.path, member.controller.config.table)
+            except (OSError, InterceptdError) as exc:
+                member.controller.log.warning("kernel events unavailable; periodic checks only", error=str(exc))
+            else:
+                self.loop.watch(member.events, lambda: self._on_events(member))
+        elif not enabled and member.events is not None:
+            self.loop.unwatch(member.events)
+            member.events.close()
+            member.events = None
+        with member.controller.state.lock:
+            member.controller.state.kernel_events = member.events is not None
+
+    def _on_events(self, member: Member) -> None:
+        if member.events is not None and member.events.read():
+            member.event_seen = True
+
+    # --- the steps, one namespace at a time ---
+
+    def _step(self, member: Member, what: Callable[[TableController], object], step: str) -> None:
+        """Run one controller step on a namespace that is still there; a namespace that went is forgotten,
+        never repaired (DEL removes the table on purpose). The controller turns kernel-side failures into a
+        retry; anything else a namespace throws (its files vanishing mid-step) is that namespace's failure
+        too, never the node's."""
         if not self._still_there(member):
             self.forget(member, "gone", remove_record=True)
             return
-        member.check(trigger)
+        try:
+            what(member.controller)
+        except (InterceptdError, OSError) as exc:
+            member.controller.failed(step, str(exc))
         self._save(member)
+
+    def check(self, member: Member, trigger: str) -> None:
+        self._step(member, lambda c: c.check(trigger), "check")
 
     def check_all(self, trigger: str = "timer") -> float:
         """The backstop: one full reconcile pass over every namespace; returns its duration in seconds."""
         started = time.monotonic()
         for member in list(self.members.values()):
-            self.check(member, trigger)
+            if member.controller.retry_at is None:
+                self.check(member, trigger)
         return time.monotonic() - started
 
     def reload_all(self) -> None:
         """SIGHUP: the watched directory's namespaces re-read the node's file and their drop-ins."""
         for member in list(self.members.values()):
             if member.source.kind == "dir":
-                member.reload()
-                self._save(member)
+                self._step(member, lambda c: c.reload(), "reload")
+
+    def tick(self) -> float | None:
+        """One turn of the loop: events, /readyz requests, rescans, retries and the periodic pass."""
+        changed = {m.name for m in self.members.values() if m.event_seen}
+        with self._lock:
+            changed |= self._due
+            self._due.clear()
+        for name in sorted(changed):
+            member = self.members.get(name)
+            if member is not None:
+                member.event_seen = False
+                if member.controller.retry_at is None:
+                    self.check(member, "event")
+        now = time.monotonic()
+        if self._rescan_at is not None and now >= self._rescan_at:
+            self._rescan_at = now + RESCAN_SOON_S if self.scan() else None
+        for member in [m for m in self.members.values() if m.controller.retry_due(now)]:
+            self._step(member, lambda c: c.apply_desired("retry"), "retry")
+        if now >= self._next_pass:
+            if self.scan():
+                self._rescan_at = now + RESCAN_SOON_S
+            scanned = time.monotonic()
+            checked = self.check_all("timer")
+            self.log.debug("pass", namespaces=len(self.members), scan_ms=round((scanned - now) * 1000, 3),
+                           check_ms=round(checked * 1000, 3))
+            self.notifier.status(self.status_line())
+            self._next_pass = time.monotonic() + self.config.reconcile_interval
+        retries = [m.controller.retry_at for m in self.members.values() if m.controller.retry_at is not None]
+        return min([self._next_pass, *retries, *([self._rescan_at] if self._rescan_at is not None else [])])
 
     # --- the socket: registrations from interceptd-cni, status queries ---
 
@@ -375,15 +457,15 @@ class Node:
         member = self.members.get(name)
         if op == "add":
             record = nodestate.read(self.state_dir, name)
-            ident = netns.identity(record.path) if record is not None and record.source == "cni" else None
+            ident = self.ports.identity(record.path) if record is not None and record.source == "cni" else None
             if record is None or ident is None:
                 return {"ok": False, "error": f"network namespace {name}: no usable CNI record"}
             if member is not None:
                 self.forget(member, "registered again", remove_record=False)
             added = self.manage(Source(name, record.path, "cni", ident), record)
             if added is None:
-                return {"ok": False, "error": self._failed.get(name, "cannot manage")}
-            return {"ok": True, "ready": added.state.ready}
+                return {"ok": False, "error": self.failures().get(name, "cannot manage")}
+            return {"ok": True, "ready": added.controller.ready()}
         if op == "del":
             if member is not None and member.source.kind == "cni":
                 self.forget(member, "unregistered", remove_record=False)
@@ -391,8 +473,8 @@ class Node:
         if op == "status":
             if member is None:
                 return {"ok": False, "error": f"network namespace {name} is not managed by the node agent"}
-            with member.state.lock:
-                s = member.state
+            with member.controller.state.lock:
+                s = member.controller.state
                 return {"ok": True, "source": member.source.kind, "path": member.source.path, "ready": s.ready,
                         "generation": s.generation, "repairs": sum(s.drift_repairs.values()),
                         "last_error": s.last_error}
@@ -416,7 +498,7 @@ class Node:
                 message = json.loads(data)
                 reply = self.handle(message) if isinstance(message, dict) else {"ok": False, "error": "not an object"}
                 conn.sendall(json.dumps(reply).encode() + b"\n")
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RecursionError) as exc:
                 self.log.warning("bad request on the node socket", error=str(exc))
 
     # --- lifecycle ---
@@ -430,7 +512,7 @@ class Node:
                 from None
         metrics = None
         try:
-            _raise_fd_limit()
+            raise_nofile_limit()  # a few descriptors per namespace, all above 1024
             if self.config.metrics_address:
                 reg = CollectorRegistry(auto_describe=False)
                 reg.register(NodeCollector(self))
@@ -440,25 +522,33 @@ class Node:
             if self.config.netns_dir:
                 os.makedirs(self.config.netns_dir, exist_ok=True)
                 self._watch = netns.DirWatch(self.config.netns_dir)
-                self.selector.register(self._watch, selectors.EVENT_READ, "watch")
-            restore_signals = catch_signals(self._wake_w, self._on_signal)
-            try:
-                started = time.monotonic()
-                rescan_at = time.monotonic() + RESCAN_SOON_S if self.scan() else None
-                self._scanned = True
-                self.log.info("start", namespaces=len(self.members), duration_ms=round(
-                    (time.monotonic() - started) * 1000, 3))
-                self.notifier.ready(self.status_line())
-                self._loop(rescan_at)
-            finally:
-                self.notifier.stopping()
-                restore_signals()
+                self.loop.watch(self._watch, self._on_watch)
+            self.loop.run(self._first_tick, self.reload_all)
         finally:
+            self.notifier.stopping()
             self._close()
             if metrics is not None:
                 metrics.stop()
             lock.release()
         return 0
+
+    def _first_tick(self) -> float | None:
+        """The start (inside the loop, so SIGTERM during a long start is a clean stop): scan and apply all."""
+        if self._scanned:
+            return self.tick()
+        started = time.monotonic()
+        self._rescan_at = time.monotonic() + RESCAN_SOON_S if self.scan() else None
+        self._scanned = True
+        self.log.info("start", namespaces=len(self.members), unmanaged=len(self._failed),
+                      duration_ms=round((time.monotonic() - started) * 1000, 3))
+        self.notifier.ready(self.status_line())
+        self._next_pass = time.monotonic() + self.config.reconcile_interval
+        return self.tick()
+
+    def _on_watch(self) -> None:
+        assert self._watch is not None
+        self._watch.drain()
+        self._rescan_at = time.monotonic()
 
     def _open_socket(self) -> None:
         path = nodestate.socket_path(self.state_dir)
@@ -476,76 +566,19 @@ class Node:
         except OSError as exc:
             listener.close()
             raise ListenError(f"--state-dir {self.state_dir!r}: cannot listen on {path!r}: {exc.strerror}") from None
-        self._listener = listener
-        self.selector.register(listener, selectors.EVENT_READ, "socket")
-
-    def _loop(self, rescan_at: float | None) -> None:
-        interval = self.config.reconcile_interval
-        next_pass = time.monotonic() + interval
-        watchdog = self.notifier.watchdog_s
-        next_ping = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if watchdog is not None and now >= next_ping:
-                self.notifier.watchdog()
-                next_ping = now + watchdog / 2
-            retries = [m.retry_at for m in self.members.values() if m.retry_at is not None]
-            deadlines = [next_pass, rescan_at, min(retries, default=None), next_ping if watchdog else None]
-            timeout = max(0.0, min(d for d in deadlines if d is not None) - now)
-            changed: set[str] = set()
-            for key, _ in self.selector.select(timeout):
-                if key.data == "wake":
-                    with contextlib.suppress(BlockingIOError):
-                        while os.read(self._wake_r, 4096):
-                            pass
-                elif key.data == "socket":
-                    self._serve_one()
-                elif key.data == "watch":
-                    assert self._watch is not None
-                    self._watch.drain()
-                    rescan_at = time.monotonic()
-                elif isinstance(key.data, Member) and key.data.events is not None and key.data.events.read():
-                    changed.add(key.data.source.name)
-            if self._stop_requested:
-                return
-            if self._reload_requested:
-                self._reload_requested = False
-                self.reload_all()
-            with self._lock:
-                changed |= self._due
-                self._due.clear()
-            for name in sorted(changed):
-                member = self.members.get(name)
-                if member is not None and member.retry_at is None:
-                    self.check(member, "event")
-            now = time.monotonic()
-            if rescan_at is not None and now >= rescan_at:
-                rescan_at = now + RESCAN_SOON_S if self.scan() else None
-            for member in [m for m in self.members.values() if m.retry_at is not None and now >= m.retry_at]:
-                if self._still_there(member):
-                    member.apply_desired("retry")
-                    self._save(member)
-                else:
-                    self.forget(member, "gone", remove_record=True)
-            if now >= next_pass:
-                if self.scan():
-                    rescan_at = now + RESCAN_SOON_S
-                scanned = time.monotonic()
-                checked = self.check_all("timer")
-                self.log.debug("pass", namespaces=len(self.members), scan_ms=round((scanned - now) * 1000, 3),
-                               check_ms=round(checked * 1000, 3))
-                self.notifier.status(self.status_line())
-                next_pass = time.monotonic() + interval
+        self._listener = move_socket_high(listener)
+        self.loop.watch(self._listener, self._serve_one)
 
     def status_line(self) -> str:
         members = self.snapshot()
-        ready = sum(1 for m in members if m.state.ready)
-        return f"node: {len(members)} namespaces, {ready} ready"
+        ready = sum(1 for m in members if m.controller.ready())
+        failed = len(self.failures())
+        return f"node: {len(members)} namespaces, {ready} ready" + (f", {failed} unmanaged" if failed else "")
 
     def _close(self) -> None:
         """Release everything; every namespace keeps its rules (fail closed)."""
         for member in list(self.members.values()):
-            member.close()
+            self._set_events(member, False)
         with self._lock:
             self.members.clear()
         if self._listener is not None:
@@ -554,30 +587,18 @@ class Node:
                 os.unlink(nodestate.socket_path(self.state_dir))
         if self._watch is not None:
             self._watch.close()
-        self.selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self.loop.close()
         self.log.info("stop")
 
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        if signum == signal.SIGHUP:
-            self._reload_requested = True
-        else:
-            self._stop_requested = True
 
-
-def _lowest_free_fd() -> int:
-    """The descriptor the next libnftables context would get."""
-    fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-    os.close(fd)
-    return fd
-
-
-def _raise_fd_limit() -> None:
-    """A few descriptors per namespace (libnftables, events, the per-namespace agent): use what we may."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+def entries_of(directory: str) -> set[str]:
+    """The names in the watched directory (none when it is unset or missing)."""
+    if not directory:
+        return set()
+    try:
+        return set(os.listdir(directory))
+    except OSError:
+        return set()
 
 
 def locate(config: Config, name: str) -> tuple[str, str]:

@@ -10,11 +10,13 @@ is reported as "changed" so the agent does a full check.
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import struct
 from collections.abc import Callable
 
+from interceptd.system.fds import move_high, move_socket_high
 from interceptd.system.routes import ROUTE_PROTOCOL
 
 NETLINK_NETFILTER = 12
@@ -124,7 +126,11 @@ class NftEvents:
         except OSError:
             self._nft.close()
             raise
-        self._poll = select.epoll()
+        # Long-lived: above FD_SETSIZE, so that a node agent's hundreds of these leave libnftables low ones.
+        self._nft, self._rt = move_socket_high(self._nft), move_socket_high(self._rt)
+        poll = select.epoll()
+        self._poll = select.epoll.fromfd(move_high(os.dup(poll.fileno())))
+        poll.close()
         self._poll.register(self._nft.fileno(), select.EPOLLIN)
         self._poll.register(self._rt.fileno(), select.EPOLLIN)
 
@@ -150,8 +156,10 @@ def _drain(sock: socket.socket, relevant: Callable[[bytes], bool]) -> bool:
         except BlockingIOError:
             return changed
         except OSError as exc:
+            # ENOBUFS: the kernel dropped events. Any other error: the socket cannot tell us more now. Either
+            # way only a full check can tell what happened (and the periodic check goes on regardless).
             if exc.errno != errno.ENOBUFS:
-                raise
-            changed = True  # the kernel dropped events: only a full check can tell what happened
+                return True
+            changed = True
             continue
         changed = changed or relevant(data)

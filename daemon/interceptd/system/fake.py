@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from interceptd.errors import KernelRefusedError
+from interceptd.errors import KernelRefusedError, RoutingError
 from interceptd.ruleset.nftjson import Json
 from interceptd.system.routes import Entry
 
@@ -20,9 +20,16 @@ class FakeKernel:
     def __init__(self) -> None:
         self.tables: dict[tuple[str, str], dict[str, Any]] = {}
         self.refuse: int = 0  # refuse this many next apply() calls
+        self.fail_next: Exception | None = None  # raised by the next apply() or list_table() (any failure kind)
         self.applies = 0
 
+    def _fail(self) -> None:
+        error, self.fail_next = self.fail_next, None
+        if error is not None:
+            raise error
+
     def apply(self, document: Json) -> None:
+        self._fail()
         if self.refuse:
             self.refuse -= 1
             raise KernelRefusedError("libnftables refused the transaction (fake)")
@@ -76,6 +83,7 @@ class FakeKernel:
         return ("owner",)
 
     def list_table(self, table: str, family: str = "inet") -> list[Json] | None:
+        self._fail()
         t = self.tables.get((family, table))
         if t is None:
             return None
@@ -107,14 +115,22 @@ class FakeRouter:
     def __init__(self) -> None:
         self.entries: set[Entry] = set()
         self.calls: list[tuple[str, Entry]] = []
+        self.refuse = 0  # refuse this many next add() or delete() calls, as a netlink error would
+
+    def _refused(self, verb: str, entry: Entry) -> None:
+        if self.refuse:
+            self.refuse -= 1
+            raise RoutingError(f"cannot {verb} `{entry}`: Operation not permitted (fake)")
 
     def owned(self) -> set[Entry]:
         return set(self.entries)
 
     def add(self, entry: Entry) -> None:
+        self._refused("add", entry)
         self.calls.append(("add", entry))
         self.entries.add(entry)
 
     def delete(self, entry: Entry) -> None:
+        self._refused("delete", entry)
         self.calls.append(("delete", entry))
         self.entries.discard(entry)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 from interceptd.errors import BindingMissingError, KernelRefusedError
 from interceptd.ruleset.nftjson import Json
+from interceptd.system.fds import low_descriptor_free
 
 BINDING_HINT = ("the libnftables Python binding is missing: install Debian's python3-nftables "
                 "(apt-get install python3-nftables) and use a Python that sees it (a venv with "
@@ -81,9 +83,17 @@ class NftKernel:
 
     @contextlib.contextmanager
     def _context(self) -> Iterator[Any]:
-        """The context for one call, used under the lock (a fresh one is freed when dropped)."""
-        with self._lock:
-            yield self._kept if self._kept is not None else self._new()
+        """The context for one call, used under the lock (a fresh one is freed when dropped).
+
+        The agent's signals are blocked meanwhile: a SIGHUP landing in libnftables' netlink exchange made
+        it fail with "Interrupted system call" (a refused reload). Blocked, they wait for the call to end.
+        """
+        with self._lock, _signals_blocked():
+            if self._kept is not None:
+                yield self._kept
+                return
+            low_descriptor_free("libnftables")  # a fresh context's socket must get a descriptor below 1024
+            yield self._new()
 
     def _run(self, document: Json, dry_run: bool = False) -> tuple[int, str]:
         document = self._for_owned(document)
@@ -232,6 +242,18 @@ class NftKernel:
             raise KernelRefusedError(f"cannot {command}: {_one_line(str(err))}")
         items: list[Json] = json.loads(out)["nftables"] if out else []
         return [item for item in items if "metainfo" not in item]
+
+
+_AGENT_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _AGENT_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 _FLAGS = re.compile(r"^\tflags (.+)$", re.M)

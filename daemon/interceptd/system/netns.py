@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 
 from interceptd.errors import NamespaceError
+from interceptd.system.fds import move_high
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -114,7 +115,7 @@ class DirWatch:
             err = ctypes.get_errno()
             os.close(fd)
             raise OSError(err, f"inotify_add_watch {path!r}: {os.strerror(err)}")
-        self._fd = fd
+        self._fd = move_high(fd)  # long-lived: keep the low descriptors for libnftables
 
     def fileno(self) -> int:
         return self._fd
