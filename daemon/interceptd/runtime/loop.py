@@ -51,7 +51,8 @@ class EventLoop:
 
     def wake(self) -> None:
         """From any thread: make the loop run its tick now."""
-        with contextlib.suppress(BlockingIOError):  # a full pipe means the loop is already due to wake
+        # A full pipe means the loop is already due to wake; a closed one (-1: EBADF) that it has stopped.
+        with contextlib.suppress(OSError):
             os.write(self._wake_w, b"\0")
 
     def run(self, tick: Callable[[], float | None], reload: Callable[[], object]) -> None:
@@ -84,9 +85,13 @@ class EventLoop:
             restore()
 
     def close(self) -> None:
+        """Release the loop's descriptors (idempotent)."""
+        if self._wake_r < 0:
+            return
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        self._wake_r = self._wake_w = -1
 
     def _catch_signals(self) -> Callable[[], None]:
         """Route SIGHUP/SIGTERM/SIGINT to flags, wake through the pipe; returns what puts the old ones back."""
