@@ -1,0 +1,159 @@
+"""`interceptd node` with 20 pod namespaces, where one pod at a time fails in each way a pod can fail: its
+TPROXY route is refused by the kernel, its namespace is deleted while the agent works, its table is held by a
+foreign owner, the kernel refuses its transaction. Meanwhile the other 19 keep being repaired within 1 s, the
+failing pod shows as not ready (metric, log, /readyz detail), and it recovers when the fault goes away.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+
+import pytest
+from support.netlab import wait_until
+from support.nodelab import NodeAgent, NsDir
+
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+pytest.importorskip("nftables")
+
+PODS = 20
+NODE_TOML = 'service_cidr = "*"\ninbound_ports = "*"\nlocal_exclude_ports = [15020, 15021, 15090]\n'
+TPROXY_TOML = 'inbound_interception_mode = "TPROXY"\ndual_stack = true\n'
+TPROXY_POD = "pod00"
+REPAIR_S = 1.0
+
+
+@pytest.fixture
+def node() -> Iterator[tuple[NsDir, NodeAgent]]:
+    with ExitStack() as stack:
+        nsdir = stack.enter_context(NsDir())
+        conf = nsdir.path + "-etc"
+        os.makedirs(os.path.join(conf, "netns.d"))
+        stack.callback(lambda: shutil.rmtree(conf, ignore_errors=True))
+        with open(os.path.join(conf, "node.toml"), "w", encoding="utf-8") as fh:
+            fh.write(NODE_TOML)
+        with open(os.path.join(conf, "netns.d", f"{TPROXY_POD}.toml"), "w", encoding="utf-8") as fh:
+            fh.write(TPROXY_TOML)
+        for i in range(PODS):
+            nsdir.add(f"pod{i:02d}", f"198.51.100.{i + 1}/32")
+        nsdir.run_in(TPROXY_POD, "ip", "addr", "add", "2001:db8::100/128", "dev", "lo")
+        agent = NodeAgent(os.path.join(conf, "state"), nsdir.path, ("--config", os.path.join(conf, "node.toml")),
+                          {"INTERCEPTD_NETNS_CONFIG_DIR": os.path.join(conf, "netns.d"),
+                           "INTERCEPTD_RECONCILE_INTERVAL": "10"})
+        stack.enter_context(agent)
+        yield nsdir, agent
+
+
+def nft(nsdir: NsDir, pod: str, *script: str) -> None:
+    nsdir.run_in(pod, "nft", *script)
+
+
+def has_table(nsdir: NsDir, pod: str) -> bool:
+    return nsdir.run_in(pod, "nft", "list", "table", "inet", "interceptd", check=False).returncode == 0
+
+
+def ready_value(agent: NodeAgent, pod: str) -> float | None:
+    return agent.metrics().get(f'interceptd_ready{{netns="{pod}"}}')
+
+
+def others_are_repaired(nsdir: NsDir, agent: NodeAgent, healthy: list[str]) -> None:
+    """Delete the table in three healthy pods; each is back within REPAIR_S."""
+    for pod in healthy[:3]:
+        nft(nsdir, pod, "delete", "table", "inet", "interceptd")
+        deleted = time.monotonic()
+        assert wait_until(lambda pod=pod: has_table(nsdir, pod), REPAIR_S, 0.01), \
+            f"{pod} was not repaired within {REPAIR_S} s while another pod failed: {agent.logs()[-2000:]}"
+        assert time.monotonic() - deleted <= REPAIR_S
+
+
+def fails_visibly(agent: NodeAgent, pod: str, words: str) -> None:
+    def says_so() -> bool:
+        status, text = agent.get("/readyz")
+        return status == 503 and pod in text and words in text
+
+    assert wait_until(says_so, 10, 0.05), agent.get("/readyz")
+    assert ready_value(agent, pod) in (0.0, None)  # a forgotten namespace has no series at all
+    assert any(e.get("netns") == pod and e.get("level") in ("error", "warning") for e in agent.events())
+
+
+def recovers(agent: NodeAgent, nsdir: NsDir, pod: str) -> None:
+    assert wait_until(lambda: ready_value(agent, pod) == 1.0 and agent.get("/readyz")[0] == 200, 60, 0.1), \
+        agent.get("/readyz")
+    assert has_table(nsdir, pod)
+
+
+def healthy(failing: str) -> list[str]:
+    return [f"pod{i:02d}" for i in range(PODS) if f"pod{i:02d}" != failing]
+
+
+def test_a_refused_tproxy_route(node: tuple[NsDir, NodeAgent]) -> None:
+    nsdir, agent = node
+    # With lo down the kernel refuses IPv6 routes through it (ENETDOWN); taking lo down also
+    # removes the pod's routes, which the agent sees and tries to repair.
+    nsdir.run_in(TPROXY_POD, "ip", "link", "set", "lo", "down")
+    fails_visibly(agent, TPROXY_POD, "route local default dev lo table 133`: Network is down")
+    others_are_repaired(nsdir, agent, healthy(TPROXY_POD))
+    nsdir.run_in(TPROXY_POD, "ip", "link", "set", "lo", "up")
+    recovers(agent, nsdir, TPROXY_POD)
+    routes = nsdir.run_in(TPROXY_POD, "ip", "-6", "route", "show", "table", "133").stdout
+    assert "local default dev lo" in routes
+
+
+def test_a_namespace_deleted_while_the_agent_works(node: tuple[NsDir, NodeAgent]) -> None:
+    nsdir, agent = node
+    pod = "pod05"
+    nft(nsdir, pod, "delete", "table", "inet", "interceptd")  # a repair is under way when the namespace goes
+    nsdir.remove(pod)
+    assert wait_until(lambda: f'interceptd_ready{{netns="{pod}"}}' not in agent.metrics(), 10, 0.05)
+    assert any(e.get("netns") == pod and e.get("event") == "forget" for e in agent.events())
+    others_are_repaired(nsdir, agent, healthy(pod))
+    assert agent.get("/readyz")[0] == 200
+    nsdir.add(pod, "198.51.100.6/32")  # the pod comes back: managed again
+    recovers(agent, nsdir, pod)
+
+
+OWNER = """
+import sys, time, nftables
+nft = nftables.Nftables()
+# One transaction: between two, the agent would already have repaired the deleted table.
+rc, _out, err = nft.cmd("delete table inet interceptd\\nadd table inet interceptd { flags owner; }")
+print("owned" if rc == 0 else err, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_table_held_by_a_foreign_owner(node: tuple[NsDir, NodeAgent]) -> None:
+    nsdir, agent = node
+    pod = "pod07"
+    owner = subprocess.Popen(["nsenter", f"--net={os.path.join(nsdir.path, pod)}", sys.executable, "-c", OWNER],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "owned"
+        fails_visibly(agent, pod, "owned by another process")
+        others_are_repaired(nsdir, agent, healthy(pod))
+    finally:
+        owner.kill()  # the owner's table goes with its process
+        owner.wait()
+    recovers(agent, nsdir, pod)
+
+
+def test_a_refused_transaction(node: tuple[NsDir, NodeAgent]) -> None:
+    nsdir, agent = node
+    pod = "pod11"
+    # A foreign chain that a foreign verdict map jumps to: our transaction deletes chains it did not render, and
+    # the kernel refuses to delete a chain still referenced (EBUSY), so the whole transaction is refused.
+    script = ("add chain inet interceptd foreign\n"
+              "add map inet interceptd jumps { type ipv4_addr : verdict; }\n"
+              "add element inet interceptd jumps { 192.0.2.9 : jump foreign }\n")
+    subprocess.run(["nsenter", f"--net={os.path.join(nsdir.path, pod)}", "nft", "-f", "-"], input=script, text=True,
+                   check=True)
+    fails_visibly(agent, pod, "refused")
+    others_are_repaired(nsdir, agent, healthy(pod))
+    nft(nsdir, pod, "delete", "map", "inet", "interceptd", "jumps")  # the fault goes away
+    recovers(agent, nsdir, pod)
+
