@@ -76,9 +76,11 @@ class TableController:
     """One table in one namespace. Build it with a rendered-able config: a bad one raises before any change."""
 
     def __init__(self, config: Config, *, kernel: Kernel, router: Router, facts: Callable[[Config], HostFacts],
-                 load: Callable[[], Config], log: EventLog, on_drift: Callable[[], None] = lambda: None) -> None:
+                 load: Callable[[], Config], log: EventLog, on_drift: Callable[[], None] = lambda: None,
+                 share: Callable[[Applied], Applied] = lambda applied: applied) -> None:
         """`facts` reads the target namespace, `load` re-reads the configuration for a reload, `on_drift` is
-        called (from any thread) when /readyz finds drift, so that the driver schedules a check now."""
+        called (from any thread) when /readyz finds drift, so that the driver schedules a check now. `share`
+        may swap an Applied for an equal one whose ruleset and listing other tables hold already (node mode)."""
         self.config = config
         self.kernel = kernel
         self.router = router
@@ -86,6 +88,7 @@ class TableController:
         self._load = load
         self.log = log
         self._on_drift = on_drift
+        self._share = share
         self.state = AgentState(config.table, config.inbound_interception_mode)
         self.state.probe = self.kernel_matches
         self.ruleset: Ruleset = render(config, facts(config))  # a bad config fails before any change
@@ -103,8 +106,8 @@ class TableController:
         try:
             with self._kernel_lock:
                 previous = self.applied
-                applied = install.apply(self.kernel, self.router, ruleset)
-                self.applied, self.ruleset = applied, ruleset
+                applied = self._share(install.apply(self.kernel, self.router, ruleset))
+                self.applied, self.ruleset = applied, applied.ruleset
         except KernelSideError:
             with self.state.lock:
                 self.state.applies[trigger, "error"] += 1
@@ -239,7 +242,8 @@ class TableController:
             return False
         if current is None or compare(listing, normalise(current)):
             return False
-        self.applied = Applied(self.ruleset, listing, 0.0)
+        self.applied = self._share(Applied(self.ruleset, listing, 0.0))
+        self.ruleset = self.applied.ruleset
         with self.state.lock:
             self.state.ready = True
             self.state.generation = 1

@@ -8,8 +8,6 @@ to systemd (READY, RELOADING, STATUS, WATCHDOG, STOPPING) and gives the heap bac
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import time
 from collections.abc import Callable
 
@@ -19,7 +17,7 @@ from interceptd.errors import KernelSideError, ListenError
 from interceptd.ruleset.facts import HostFacts
 from interceptd.runtime import logs
 from interceptd.runtime.lockfile import Lock
-from interceptd.runtime.loop import EventLoop
+from interceptd.runtime.loop import EventLoop, trim_heap
 from interceptd.runtime.metrics import MetricsServer
 from interceptd.runtime.sdnotify import Notifier
 from interceptd.system import host
@@ -30,22 +28,6 @@ from interceptd.system.routes import Netlink, Router
 
 NO_PERSIST = ("libnftables or the kernel cannot set the persist flag: the owned table goes away when this agent "
               "exits (stop, crash or restart), and traffic is not captured until the next start")
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim
-    except AttributeError:  # not glibc
-        return None
-
-
-def trim_heap() -> None:
-    """Give the heap that a table listing used back to the system: a listing of 10,000 set elements is a
-    few MB of short-lived objects, and without this the agent's resident memory stays at its high-water mark."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 class Agent:

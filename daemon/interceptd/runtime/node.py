@@ -28,6 +28,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -41,9 +42,11 @@ from interceptd.control.install import Applied
 from interceptd.control.state import AgentState
 from interceptd.errors import ConfigError, InterceptdError, ListenError, LockedError, NamespaceError
 from interceptd.ruleset.facts import HostFacts
+from interceptd.ruleset.model import Ruleset
+from interceptd.ruleset.nftjson import Json
 from interceptd.runtime import logs, nodestate
 from interceptd.runtime.lockfile import Lock
-from interceptd.runtime.loop import EventLoop
+from interceptd.runtime.loop import EventLoop, trim_heap
 from interceptd.runtime.metrics import Collector, MetricsServer
 from interceptd.runtime.sdnotify import Notifier
 from interceptd.system import host, netns
@@ -95,6 +98,40 @@ class Ports:
     facts: Callable[[str, Config], HostFacts] = _facts_in
     events: Callable[[str, str], EventSource] = _events_in
     identity: Callable[[str], netns.Identity | None] = netns.identity
+
+
+class SharedListing(list[Json]):
+    """A reference listing that several namespaces hold (a list subclass, so it can be weakly referenced)."""
+
+
+class Interner:
+    """One copy of each distinct ruleset and reference listing for all of the node's namespaces.
+
+    Pods mostly share one configuration, and each copy of a seed ruleset and its listing is some 60 KiB of
+    Python objects: at 1,000 pods that is most of the agent's memory. Entries go when no namespace holds them.
+    """
+
+    def __init__(self) -> None:
+        self._rulesets: weakref.WeakValueDictionary[str, Ruleset] = weakref.WeakValueDictionary()
+        self._listings: weakref.WeakValueDictionary[str, SharedListing] = weakref.WeakValueDictionary()
+        self._digests: weakref.WeakKeyDictionary[Ruleset, str] = weakref.WeakKeyDictionary()
+
+    def digest(self, ruleset: Ruleset) -> str:
+        """nodestate.ruleset_digest, computed once per ruleset object."""
+        found = self._digests.get(ruleset)
+        if found is None:
+            found = self._digests[ruleset] = nodestate.ruleset_digest(ruleset)
+        return found
+
+    def __call__(self, applied: Applied) -> Applied:
+        key = self.digest(applied.ruleset)
+        ruleset = self._rulesets.setdefault(key, applied.ruleset)
+        listing = self._listings.get(key)
+        if listing is None or listing != applied.listing:  # the same ruleset nearly always lists the same
+            listing = SharedListing(applied.listing)
+            self._listings[key] = listing
+        self._digests.setdefault(ruleset, key)
+        return Applied(ruleset, listing, applied.duration_s)
 
 
 @dataclass(eq=False)
@@ -179,6 +216,7 @@ class Node:
         self.notifier = notifier or Notifier()
         self.loop = EventLoop(self.notifier)
         self.log = logs.get(component="node")
+        self.shared = Interner()
         self.members: dict[str, Member] = {}
         self._lock = threading.Lock()  # guards `members`, `_failed` and `_due`: the loop writes, HTTP threads read
         self._failed: dict[str, str] = {}  # name -> why it cannot be managed (logged once per distinct error)
@@ -241,9 +279,18 @@ class Node:
     def discover(self) -> tuple[dict[str, tuple[Source, nodestate.Record | None]], bool]:
         """What should be managed now, and whether a namespace file was seen half-created."""
         identity = self.ports.identity
-        records = {name: nodestate.read(self.state_dir, name) for name in nodestate.names(self.state_dir)}
+        records: dict[str, nodestate.Record | None] = {}
         found: dict[str, tuple[Source, nodestate.Record | None]] = {}
-        for name, record in records.items():
+        for name in nodestate.names(self.state_dir):
+            member = self.members.get(name)
+            if member is not None and identity(member.source.path) == member.source.ident:
+                # Managed and still there: its record is ours (we wrote it); reading every record on every pass
+                # would parse a listing per namespace (most of a pass's time at 1,000 pods).
+                records[name] = None
+                if member.source.kind == "cni":
+                    found[name] = (member.source, None)
+                continue
+            record = records[name] = nodestate.read(self.state_dir, name)
             if record is not None and record.source == "cni":
                 ident = identity(record.path)
                 if ident is None:  # the pod is gone and nobody said DEL (e.g. while the node rebooted)
@@ -272,9 +319,11 @@ class Node:
                     continue
                 record = records.get(name)
                 found[name] = (Source(name, path, "dir", ident), record if record and record.source == "dir" else None)
-        for name, record in records.items():
-            if record is not None and record.source == "dir" and name not in found:
-                nodestate.remove(self.state_dir, name)  # its namespace went while the agent was away
+        for name in records:
+            if name not in found and name not in self.members:
+                record = records[name]
+                if record is not None and record.source == "dir":
+                    nodestate.remove(self.state_dir, name)  # its namespace went while the agent was away
         with self._lock:  # a namespace that is no longer there is no longer a failure either
             for name in [n for n in self._failed if n not in found and n not in entries_of(self.config.netns_dir)]:
                 del self._failed[name]
@@ -305,7 +354,7 @@ class Node:
             self._failed.pop(source.name, None)
         self._set_events(member, member.controller.config.kernel_events)  # before any apply: nothing unseen
         adopted = record is not None and member.controller.adopt(record.listing, record.ruleset_digest,
-                                                                 nodestate.ruleset_digest)
+                                                                 self.shared.digest)
         if not adopted:
             member.controller.apply_desired("start")
         self._save(member, record)
@@ -330,7 +379,7 @@ class Node:
             config, kernel=kernel, router=self.ports.router(source.path),
             facts=lambda cfg: self.ports.facts(source.path, cfg), load=reload,
             log=logs.get(table=config.table, netns=source.name),
-            on_drift=lambda: self.request_check(source.name))
+            on_drift=lambda: self.request_check(source.name), share=self.shared)
         return Member(source, controller, Collector(kernel, controller.state))
 
     def forget(self, member: Member, why: str, remove_record: bool) -> None:
@@ -360,7 +409,7 @@ class Node:
         settings = old.settings if old is not None and member.source.kind == "cni" else {}
         nodestate.write(self.state_dir, nodestate.Record(
             member.name, member.source.path, member.source.kind, settings,
-            nodestate.ruleset_digest(applied.ruleset), applied.listing, old.container_id if old else ""))
+            self.shared.digest(applied.ruleset), applied.listing, old.container_id if old else ""))
         member.saved = applied
 
     def _still_there(self, member: Member) -> bool:
@@ -446,6 +495,7 @@ class Node:
             self.log.debug("pass", namespaces=len(self.members), scan_ms=round((scanned - now) * 1000, 3),
                            check_ms=round(checked * 1000, 3))
             self.notifier.status(self.status_line())
+            trim_heap()  # a pass reads every namespace's listing: give the heap back
             self._next_pass = time.monotonic() + self.config.reconcile_interval
         retries = [m.controller.retry_at for m in self.members.values() if m.controller.retry_at is not None]
         return min([self._next_pass, *retries, *([self._rescan_at] if self._rescan_at is not None else [])])
