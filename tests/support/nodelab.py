@@ -188,18 +188,18 @@ class NodeAgent:
             raise AssertionError(f"node agent not ready: {self.get('/readyz')} {self.logs()[-2000:]}")
         return self
 
-    def get(self, path: str) -> tuple[int, str]:
+    def get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as resp:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as resp:
                 return resp.status, resp.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
         except OSError as exc:
             return 0, str(exc)
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, timeout: float = 10.0) -> dict[str, float]:
         """`name{labels}` -> value, from the text exposition."""
-        status, text = self.get("/metrics")
+        status, text = self.get("/metrics", timeout)
         assert status == 200, text
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                 if line and not line.startswith("#")}
