@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import socket
+import stat
 import threading
 import time
 import weakref
@@ -57,7 +58,9 @@ from interceptd.system.routes import Netlink, Router
 
 RESCAN_SOON_S = 0.05  # a namespace file not yet bind-mounted (`ip netns add` is two steps)
 NODE_WIDE = ("interceptd_build",)  # families exported once, without a netns label
-MAX_REQUEST = 65536
+MAX_REQUEST = 4096  # a request is one short line: {"op": "add", "name": "..."}
+MAX_CLIENTS = 32  # at once; interceptd-cni connects once per ADD/DEL and is gone in milliseconds
+REQUEST_DEADLINE_S = 2.0  # a client that has not sent a whole line by then is dropped
 MAX_DETAIL = 10  # namespaces named in /readyz and in the status line
 
 
@@ -132,6 +135,15 @@ class Interner:
             self._listings[key] = listing
         self._digests.setdefault(ruleset, key)
         return Applied(ruleset, listing, applied.duration_s)
+
+
+@dataclass(eq=False)
+class _Client:
+    """A connection to the node socket, read a chunk at a time by the loop until its line is complete."""
+
+    sock: socket.socket
+    deadline: float
+    data: bytes = b""
 
 
 @dataclass(eq=False)
@@ -227,7 +239,9 @@ class Node:
         self.state = AgentState("*", "node")  # for /readyz: its probe asks every namespace
         self.state.probe = self.ready
         self._listener: socket.socket | None = None
+        self._clients: dict[socket.socket, _Client] = {}
         self._watch: netns.DirWatch | None = None
+        self._own = self.ports.identity("/proc/thread-self/ns/net")  # the node's own namespace: never a pod
 
     # --- what other threads call ---
 
@@ -293,6 +307,10 @@ class Node:
             record = records[name] = nodestate.read(self.state_dir, name)
             if record is not None and record.source == "cni":
                 ident = identity(record.path)
+                if ident is not None and ident == self._own:
+                    self._note_failure(name, f"{record.path!r} is the node agent's own network namespace: never "
+                                             f"managed")
+                    continue
                 if ident is None:  # the pod is gone and nobody said DEL (e.g. while the node rebooted)
                     nodestate.remove(self.state_dir, name)
                     continue
@@ -306,9 +324,19 @@ class Node:
                 entries = []
             for entry in entries:
                 path = os.path.join(self.config.netns_dir, entry)
+                refused = _not_a_pod_file(path)
+                if refused:
+                    self._note_failure(entry, f"{path!r}: {refused}")
+                    continue
                 ident = identity(path)
+                if ident is None and netns.on_nsfs(path):
+                    self._note_failure(entry, f"{path!r} is a namespace of another kind, not a network namespace")
+                    continue
                 if ident is None:
                     pending = pending or os.path.isfile(path)
+                    continue
+                if ident == self._own:
+                    self._note_failure(entry, f"{path!r} is the node agent's own network namespace: never managed")
                     continue
                 if entry in found or ident in cni_idents:
                     continue  # the CNI's registration (with the pod's own settings) wins
@@ -497,8 +525,10 @@ class Node:
             self.notifier.status(self.status_line())
             trim_heap()  # a pass reads every namespace's listing: give the heap back
             self._next_pass = time.monotonic() + self.config.reconcile_interval
-        retries = [m.controller.retry_at for m in self.members.values() if m.controller.retry_at is not None]
-        return min([self._next_pass, *retries, *([self._rescan_at] if self._rescan_at is not None else [])])
+        self._expire_clients(time.monotonic())
+        deadlines = [m.controller.retry_at for m in self.members.values() if m.controller.retry_at is not None]
+        deadlines += [c.deadline for c in self._clients.values()]
+        return min([self._next_pass, *deadlines, *([self._rescan_at] if self._rescan_at is not None else [])])
 
     # --- the socket: registrations from interceptd-cni, status queries ---
 
@@ -510,6 +540,9 @@ class Node:
             ident = self.ports.identity(record.path) if record is not None and record.source == "cni" else None
             if record is None or ident is None:
                 return {"ok": False, "error": f"network namespace {name}: no usable CNI record"}
+            if ident == self._own:
+                return {"ok": False, "error": f"network namespace {name}: {record.path!r} is the node agent's own "
+                                              f"network namespace: never managed"}
             if member is not None:
                 self.forget(member, "registered again", remove_record=False)
             added = self.manage(Source(name, record.path, "cni", ident), record)
@@ -530,26 +563,68 @@ class Node:
                         "last_error": s.last_error}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
-    def _serve_one(self) -> None:
+    def _accept(self) -> None:
+        """A new client of the socket: read without ever waiting on it (the loop serves every namespace)."""
         assert self._listener is not None
         try:
             conn, _ = self._listener.accept()
-        except BlockingIOError:
+        except (BlockingIOError, InterruptedError):
             return
-        with conn:
-            try:
-                conn.settimeout(2.0)
-                data = b""
-                while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
-                    chunk = conn.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                message = json.loads(data)
-                reply = self.handle(message) if isinstance(message, dict) else {"ok": False, "error": "not an object"}
-                conn.sendall(json.dumps(reply).encode() + b"\n")
-            except (OSError, ValueError, RecursionError) as exc:
-                self.log.warning("bad request on the node socket", error=str(exc))
+        except OSError as exc:  # descriptors ran out: the client waits in the backlog, the loop goes on
+            self.log.warning("cannot accept on the node socket", error=exc.strerror)
+            return
+        if len(self._clients) >= MAX_CLIENTS:
+            conn.close()
+            self.log.warning("node socket busy: client refused", clients=len(self._clients))
+            return
+        conn.setblocking(False)
+        client = _Client(conn, time.monotonic() + REQUEST_DEADLINE_S)
+        self._clients[conn] = client
+        self.loop.watch(conn, lambda: self._read(client))
+
+    def _read(self, client: _Client) -> None:
+        try:
+            chunk = client.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(client, f"read failed: {exc.strerror}")
+            return
+        client.data += chunk
+        if b"\n" in client.data:
+            line = client.data.split(b"\n", 1)[0]
+            reply = self._answer(line)
+            with contextlib.suppress(OSError):  # a small reply; a client that does not read loses it
+                client.sock.send(json.dumps(reply).encode() + b"\n")
+            self._drop(client, "" if reply.get("ok") else str(reply.get("error")))
+        elif len(client.data) > MAX_REQUEST:
+            self._drop(client, f"request longer than {MAX_REQUEST} bytes")
+        elif not chunk:
+            self._drop(client, "closed before a complete request")
+
+    def _answer(self, line: bytes) -> dict[str, Any]:
+        """One request line: a flat JSON object of short strings (no nesting to recurse into)."""
+        try:
+            message = json.loads(line)
+        except (ValueError, RecursionError):
+            return {"ok": False, "error": "not a JSON object"}
+        if not isinstance(message, dict) or not all(isinstance(v, str) for v in message.values()):
+            return {"ok": False, "error": "a request is a flat JSON object of strings"}
+        name = message.get("name", "")
+        if not netns.is_name(name):
+            return {"ok": False, "error": f"{name!r} is not a network namespace name"}
+        return self.handle(message)
+
+    def _drop(self, client: _Client, error: str) -> None:
+        self.loop.unwatch(client.sock)
+        self._clients.pop(client.sock, None)
+        client.sock.close()
+        if error:
+            self.log.warning("bad request on the node socket", error=error)
+
+    def _expire_clients(self, now: float) -> None:
+        for client in [c for c in self._clients.values() if now >= c.deadline]:
+            self._drop(client, f"no complete request within {REQUEST_DEADLINE_S:g} s")
 
     # --- lifecycle ---
 
@@ -570,7 +645,8 @@ class Node:
                 metrics = MetricsServer(self.config.metrics_address, reg, self.state).start()
             self._open_socket()
             if self.config.netns_dir:
-                os.makedirs(self.config.netns_dir, exist_ok=True)
+                os.makedirs(self.config.netns_dir, mode=0o755, exist_ok=True)
+                check_netns_dir(self.config.netns_dir)
                 self._watch = netns.DirWatch(self.config.netns_dir)
                 self.loop.watch(self._watch, self._on_watch)
             self.loop.run(self._first_tick, self.reload_all)
@@ -617,7 +693,7 @@ class Node:
             listener.close()
             raise ListenError(f"--state-dir {self.state_dir!r}: cannot listen on {path!r}: {exc.strerror}") from None
         self._listener = move_socket_high(listener)
-        self.loop.watch(self._listener, self._serve_one)
+        self.loop.watch(self._listener, self._accept)
 
     def status_line(self) -> str:
         members = self.snapshot()
@@ -631,6 +707,8 @@ class Node:
             self._set_events(member, False)
         with self._lock:
             self.members.clear()
+        for client in list(self._clients.values()):
+            self._drop(client, "")
         if self._listener is not None:
             self._listener.close()
             with contextlib.suppress(FileNotFoundError):
@@ -639,6 +717,38 @@ class Node:
             self._watch.close()
         self.loop.close()
         self.log.info("stop")
+
+
+def _not_a_pod_file(path: str) -> str:
+    """Why a watched directory's entry is not trusted as a pod's namespace file ("" when it is): it must be a
+    file of root's itself (a bind mount target), not a symlink that could point at any namespace, e.g. the
+    node's own (/proc/self/ns/net)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "gone"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink, not a namespace bind mount: never followed"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"belongs to uid {st.st_uid}, not root: not trusted as a pod's namespace"
+    return ""
+
+
+def check_netns_dir(directory: str) -> None:
+    """The watched directory must be root's and writable by root only: whoever can add an entry there decides
+    what the node agent intercepts. A directory others can write is refused, never fixed silently."""
+    try:
+        st = os.lstat(directory)
+    except OSError as exc:
+        raise ConfigError(f"--netns-dir {directory!r}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"--netns-dir {directory!r}: must be a directory (not a symlink)")
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"--netns-dir {directory!r}: must belong to root and be writable by root only "
+                          f"(it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): whoever can add a file "
+                          f"there decides what is intercepted")
 
 
 def entries_of(directory: str) -> set[str]:

@@ -18,8 +18,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from interceptd.config import Config, load
+from interceptd.errors import NamespaceError
 from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import Existing, Json, transaction
+from interceptd.system.netns import is_name
 
 STATE_SUBDIR = "netns"
 SOCKET_NAME = "node.sock"
@@ -60,6 +62,9 @@ def socket_path(state_dir: str) -> str:
 
 
 def _file(state_dir: str, name: str) -> str:
+    """The record's path; a name that could leave the directory ('/', '..') is refused, never joined."""
+    if not is_name(name):
+        raise NamespaceError(f"network namespace name {name!r}: letters, digits, '.', '_', '-' only")
     return os.path.join(state_dir_of(state_dir), f"{name}.json")
 
 
@@ -69,7 +74,11 @@ def write(state_dir: str, record: Record) -> None:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     final = _file(state_dir, record.name)
     tmp = f"{final}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # our own leftover from a crash (unlink never follows a link planted there)
+    # O_EXCL|O_NOFOLLOW: a symlink or file planted under the temporary name is never written through.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(asdict(record), fh, separators=(",", ":"))
     os.replace(tmp, final)
 
@@ -77,10 +86,11 @@ def write(state_dir: str, record: Record) -> None:
 def read(state_dir: str, name: str) -> Record | None:
     """The record, or None when there is none or it cannot be used (then the namespace is treated as new)."""
     try:
-        with open(_file(state_dir, name), encoding="utf-8") as fh:
+        fd = os.open(_file(state_dir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, encoding="utf-8") as fh:
             data = json.load(fh)
         record = Record(**data)
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, RecursionError, NamespaceError):
         return None
     return record if record.source in SOURCES and isinstance(record.settings, dict) else None
 
@@ -99,7 +109,7 @@ def names(state_dir: str) -> list[str]:
         entries = os.listdir(state_dir_of(state_dir))
     except FileNotFoundError:
         return []
-    return sorted(e[:-5] for e in entries if e.endswith(".json"))
+    return sorted(e[:-5] for e in entries if e.endswith(".json") and is_name(e[:-5]))
 
 
 def request(state_dir: str, message: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import re
 import sys
@@ -20,6 +21,7 @@ from interceptd.errors import NamespaceError
 from interceptd.system.fds import move_high
 
 CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3), linux/nsfs.h
 _libc = ctypes.CDLL(None, use_errno=True)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _PROC_NS = re.compile(r"^/proc/(\d+)/ns/net$")
@@ -34,22 +36,50 @@ def _setns(fd: int) -> None:
 
 
 def identity(path: str) -> Identity | None:
-    """The namespace's identity, or None when `path` is not (or no longer) a network namespace."""
+    """The namespace's identity, or None when `path` is not (or no longer) a *network* namespace.
+
+    Every namespace inode lives on the one nsfs device; a plain file (an `ip netns add` not yet bind-mounted, or
+    left behind) does not. Other kinds of namespace (mount, pid, ...) live there too: the kernel's
+    NS_GET_NSTYPE tells them apart, so a bind mount of another kind is never taken for a pod.
+    """
     try:
         st = os.stat(path)
         home = os.stat("/proc/thread-self/ns/net")
     except OSError:
         return None
-    # Every namespace inode lives on the one nsfs device; a plain file (an `ip netns add` not yet
-    # bind-mounted, or left behind) does not.
-    return (st.st_dev, st.st_ino) if st.st_dev == home.st_dev else None
+    if st.st_dev != home.st_dev:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return (st.st_dev, st.st_ino) if kind == CLONE_NEWNET else None
+
+
+def on_nsfs(path: str) -> bool:
+    """Is `path` a namespace file of any kind (a bind mount of /proc/PID/ns/*), as opposed to a plain file?"""
+    try:
+        return os.stat(path).st_dev == os.stat("/proc/thread-self/ns/net").st_dev
+    except OSError:
+        return False
+
+
+def is_name(text: str) -> bool:
+    """Is `text` usable as a namespace's short name (a state file name, a label): no '/', no '..'."""
+    return bool(_NAME.fullmatch(text)) and text not in (".", "..")
 
 
 def name_for(path: str) -> str:
     """The namespace's short name (metrics label, state file): the file name, or pid-N for /proc/N/ns/net."""
     match = _PROC_NS.match(os.path.normpath(path))
     name = f"pid-{match.group(1)}" if match else os.path.basename(os.path.normpath(path))
-    if not _NAME.fullmatch(name):
+    if not is_name(name):
         raise NamespaceError(f"network namespace {path!r}: {name!r} is not usable as a name "
                              f"(letters, digits, '.', '_', '-'; at most 128)")
     return name
