@@ -71,7 +71,7 @@ def test_a_namespace_of_another_kind_is_not_a_pod(watched: tuple[Node, Path, dic
     bind("/proc/self/ns/uts", directory / "uts")
     assert netns.identity(str(directory / "uts")) is None
     assert not node.scan()  # not "half-created": no rescan every 50 ms
-    assert node.members == {} and "another kind" in node.failures()["uts"]
+    assert node.members == {} and kernels == {} and "another kind" in node.failures()["uts"]
 
 
 def test_a_foreign_writable_directory_is_refused_not_fixed(tmp_path: Path) -> None:
