@@ -6,8 +6,10 @@ failing pod shows as not ready (metric, log, /readyz detail), and it recovers wh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +19,8 @@ from contextlib import ExitStack
 import pytest
 from support.netlab import wait_until
 from support.nodelab import NodeAgent, NsDir
+
+from interceptd.runtime.nodestate import request as nodestate_request
 
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 pytest.importorskip("nftables")
@@ -157,3 +161,24 @@ def test_a_refused_transaction(node: tuple[NsDir, NodeAgent]) -> None:
     nft(nsdir, pod, "delete", "map", "inet", "interceptd", "jumps")  # the fault goes away
     recovers(agent, nsdir, pod)
 
+
+
+def test_socket_clients_never_stall_the_repairs(node: tuple[NsDir, NodeAgent]) -> None:
+    nsdir, agent = node
+    path = os.path.join(agent.state_dir, "node.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as slow, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as deep:
+        slow.connect(path)
+        slow.send(b"{")  # and nothing more for now: a client dribbling its request
+        deep.connect(path)
+        with contextlib.suppress(OSError):  # the agent may close it before it has all been sent
+            deep.sendall(b"[" * 60000 + b"\n")
+        others_are_repaired(nsdir, agent, healthy(""))
+        time.sleep(2.5)  # past the request deadline: the dribbling client was dropped
+        with contextlib.suppress(OSError):
+            slow.send(b'"op": "status"}')
+        assert slow.recv(100) == b""
+    assert agent.proc is not None and agent.proc.poll() is None
+    reply = nodestate_request(agent.state_dir, {"op": "add", "name": "../../x"})
+    assert reply == {"ok": False, "error": "'../../x' is not a network namespace name"}
+    assert agent.get("/readyz")[0] == 200
