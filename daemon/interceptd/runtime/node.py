@@ -295,6 +295,7 @@ class Node:
         identity = self.ports.identity
         records: dict[str, nodestate.Record | None] = {}
         found: dict[str, tuple[Source, nodestate.Record | None]] = {}
+        opted_out: set[netns.Identity] = set()
         for name in nodestate.names(self.state_dir):
             member = self.members.get(name)
             if member is not None and identity(member.source.path) == member.source.ident:
@@ -307,6 +308,9 @@ class Node:
             record = records[name] = nodestate.read(self.state_dir, name)
             if record is not None and record.source == "cni":
                 ident = identity(record.path)
+                if ident is not None and record.opted_out:
+                    opted_out.add(ident)  # never ours, whatever directory it shows in
+                    continue
                 if ident is not None and ident == self._own:
                     self._note_failure(name, f"{record.path!r} is the node agent's own network namespace: never "
                                              f"managed")
@@ -338,8 +342,8 @@ class Node:
                 if ident == self._own:
                     self._note_failure(entry, f"{path!r} is the node agent's own network namespace: never managed")
                     continue
-                if entry in found or ident in cni_idents:
-                    continue  # the CNI's registration (with the pod's own settings) wins
+                if entry in found or ident in cni_idents or ident in opted_out:
+                    continue  # the CNI's registration (the pod's own settings, or its opt-out) wins
                 try:
                     name = netns.name_for(path)
                 except NamespaceError as exc:
@@ -540,6 +544,13 @@ class Node:
             ident = self.ports.identity(record.path) if record is not None and record.source == "cni" else None
             if record is None or ident is None:
                 return {"ok": False, "error": f"network namespace {name}: no usable CNI record"}
+            if record.opted_out:
+                # The watched directory may have brought the namespace in before its opt-out arrived: the opt-out
+                # wins, and the rules it got meanwhile go.
+                for taken in [m for m in self.members.values() if m.source.ident == ident]:
+                    self._step(taken, lambda c: c.remove(), "opt-out")
+                    self.forget(taken, "opted out", remove_record=False)
+                return {"ok": True, "ready": True}
             if ident == self._own:
                 return {"ok": False, "error": f"network namespace {name}: {record.path!r} is the node agent's own "
                                               f"network namespace: never managed"}

@@ -37,6 +37,9 @@ class Record:
     ruleset_digest: str = ""  # of the ruleset the listing was taken after
     listing: list[Json] = field(default_factory=list)  # normalised, right after the apply
     container_id: str = ""
+    # The pod opted out (interceptionMode NONE, an excluded Kubernetes namespace): no rules, and a node agent
+    # that also finds this namespace in its watched directory leaves it alone.
+    opted_out: bool = False
 
     def config(self) -> Config:
         return settings_config(self.settings, f"state of network namespace {self.name}")
