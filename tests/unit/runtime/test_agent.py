@@ -18,7 +18,7 @@ from interceptd.ruleset.facts import HostFacts
 from interceptd.runtime import logs
 from interceptd.runtime.agent import Agent, Backoff
 from interceptd.runtime.sdnotify import Notifier
-from interceptd.system.fake import FakeKernel
+from interceptd.system.fake import FakeKernel, FakeRouter
 
 BASE = {"service_cidr": "*", "inbound_ports": "*"}
 
@@ -32,7 +32,8 @@ class Harness:
         self.sock.setblocking(False)
         self.log = io.StringIO()
         logs.configure("debug", "json", self.log)
-        self.agent = Agent(config.load(BASE, {}), self.load, kernel=self.kernel,
+        # router: the default (Netlink) would read, and could edit, the host's own routing
+        self.agent = Agent(config.load(BASE, {}), self.load, kernel=self.kernel, router=FakeRouter(),
                            facts=lambda _c: HostFacts(ipv6=False, host_ip=None),
                            notifier=Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify")}))
 
