@@ -15,11 +15,14 @@ What it refuses, as the kernel does:
   a set without `flags interval`, overlapping intervals, `"elem": []`;
 - a set re-declared with another type or flags, a base chain re-declared with another type, hook or
   priority, or declared over an existing regular chain; hooks a chain type lacks (nat on forward or at
-  priority -200 or lower, route anywhere but output); a jump to a base chain;
+  priority -200 or lower, route anywhere but output); a jump to a base chain; a redirect or tproxy port
+  in a rule that matches no transport protocol before it;
 - deleting a chain, set or named counter a rule still refers to (deleting a chain that only holds rules
   is accepted: libnftables 1.0.6 deletes recursively, the rules go with it);
-- at commit, seen from each base chain through jumps and gotos: a loop, `redirect` outside nat
-  prerouting/output, `tproxy` outside prerouting; and a redirect or tproxy port without a transport match.
+- at commit, seen from each base chain through jumps and gotos (a chain no base chain reaches is not
+  checked, as in the kernel): a loop, `redirect` outside nat prerouting/output, `tproxy` outside prerouting.
+Anything it does not model (another statement, key or set flag) is refused with a message saying so,
+never accepted unchecked.
 
 What it keeps like the kernel: `flush table` removes the rules only (set elements and named counter values
 stay), a failed transaction changes nothing.
@@ -163,7 +166,7 @@ def _bounds(value: Any, type_: str) -> tuple[int, int]:
     return point, point
 
 
-def element(value: Any, type_: str, interval: bool) -> tuple[Any, tuple[int, int]]:
+def _element(value: Any, type_: str, interval: bool) -> tuple[Any, tuple[int, int]]:
     """One set element or literal as the kernel lists it (host bits of a prefix cleared, a full-length
     prefix as an address) and the interval it covers; a prefix or range needs `interval`."""
     if isinstance(value, dict) and ("prefix" in value or "range" in value):
@@ -211,7 +214,7 @@ class _Transaction:
         return found
 
     def run(self, verb: str, kind: str, obj: Json) -> None:
-        handler = getattr(self, f"{verb}_{kind}", None)
+        handler = getattr(self, f"{verb}_{kind}", None) if verb in ("add", "flush", "delete") else None
         if handler is None:
             raise Refused(f"the fake does not model `{verb} {kind}`")
         handler(obj)
@@ -293,18 +296,18 @@ class _Transaction:
         if not isinstance(elems, list) or not elems:
             raise Refused("Invalid set elem expression")
         interval = "interval" in nset.get("flags", [])
-        new = [element(e, nset["type"], interval) for e in elems]
+        new = [_element(e, nset["type"], interval) for e in elems]
         if interval:
             if _overlap([span for _, span in new]):
                 raise Refused("conflicting intervals specified")
-            have = {span: e for e, span in (element(e, nset["type"], True) for e in nset["elem"])}
+            have = {span: e for e, span in (_element(e, nset["type"], True) for e in nset["elem"])}
             fresh = [(e, span) for e, span in new if span not in have]
             if _overlap([*have, *(span for _, span in fresh)]):
                 raise Refused(f"File exists: an element of {nset['name']} overlaps one it holds")
             merged = [*((e, span) for span, e in have.items()), *fresh]
             nset["elem"] = [e for e, _ in sorted(merged, key=lambda item: item[1])]  # listed in order
         else:
-            have_points = {element(e, nset["type"], False)[1] for e in nset["elem"]}
+            have_points = {_element(e, nset["type"], False)[1] for e in nset["elem"]}
             for e, span in new:
                 if span not in have_points:
                     have_points.add(span)
@@ -378,7 +381,7 @@ class _Transaction:
         elif kind == "mangle":
             type_ = _key_type(body["key"])
             if not isinstance(body["value"], dict):
-                element(body["value"], type_, False)
+                _element(body["value"], type_, False)
             elif _key_type(body["value"]) != type_:
                 raise Refused(f"datatype mismatch: {type_} set from {_key_type(body['value'])}")
         elif kind not in ("return", "accept", "drop"):
@@ -398,13 +401,13 @@ class _Transaction:
                 raise Refused(f"datatype mismatch, expected {type_}, set has type {nset['type']}")
         elif type_ == "ct_state" and isinstance(right, list):
             for state in right:
-                element(state, type_, False)
+                _element(state, type_, False)
         elif isinstance(right, dict) and "set" in right:
-            spans = [element(e, type_, True)[1] for e in right["set"]]
+            spans = [_element(e, type_, True)[1] for e in right["set"]]
             if _overlap(spans):
                 raise Refused("conflicting intervals specified")
         else:
-            element(right, type_, True)  # a literal may be a prefix or a range
+            _element(right, type_, True)  # a literal may be a prefix or a range
 
     # -- commit ------------------------------------------------------------------------------------
     def validate(self) -> None:
