@@ -109,7 +109,9 @@ class _Builder:
 
     # -- sets --------------------------------------------------------------------------------------
     def named(self, name: str, type_: str, elements: Iterable[Scalar], interval: bool = False) -> SetRef:
-        self.sets[name] = NamedSet(name, type_, tuple(elements), interval)
+        """Each element once: the kernel lists a set without duplicates, and `install.holds` (the reference's
+        read-back) must find exactly the rendered elements there (`-c eth1,eth1` never became ready)."""
+        self.sets[name] = NamedSet(name, type_, tuple(dict.fromkeys(elements)), interval)
         return SetRef(name)
 
     def ports(self, name: str, ports: Iterable[PortRange]) -> SetRef:

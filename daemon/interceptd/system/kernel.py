@@ -36,6 +36,15 @@ class Kernel(Protocol):
     def list_counters(self, table: str, family: str = "inet") -> list[Json] | None:
         """Only the table's named counters (a scrape: its size does not grow with the sets), or None."""
 
+    def check(self, document: Json) -> None:
+        """Validate the document as apply would, committing nothing; raise KernelRefusedError if refused."""
+
+    def table_flags(self, table: str, family: str = "inet") -> tuple[str, ...]:
+        """The table's flags (owner, persist); () when it has none or does not exist."""
+
+    def version(self) -> str:
+        """libnftables' version, for preflight's minimum and for reports."""
+
 
 def describe_command(cmd: Json) -> str:
     """`add rule inet interceptd istio-output "proxy-uid-return"`: how an error names a failing command."""
