@@ -8,8 +8,9 @@ Here instead:
 
 - one selector thread reads requests and serves them once complete, then closes the connection (the
   answers are small and made in milliseconds; Prometheus opens a connection per scrape anyway);
-- at most `max_connections` at once: further ones are accepted and closed at once, so they neither wait
-  in the backlog nor hold a descriptor;
+- at most `max_connections` at once: a further one takes the place of the oldest client that has not
+  finished its request (or, with every place answering, is closed at once), so idle clients can delay a
+  scrape but not lock it out, and no client waits in the backlog;
 - each connection has `deadline_s` from its accept to the end of the answer: idle and slow clients go;
 - the listener and every client sit on descriptors >= 1024 (runtime.fds), away from libnftables;
 - a client that goes away mid-request or mid-answer is one structured log line, never a traceback;
@@ -209,7 +210,7 @@ class HttpServer:
                 self._selector.unregister(self._listener)
                 self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
                 return
-            if len(self._conns) >= self._max:
+            if len(self._conns) >= self._max and not self._evict():
                 sock.close()
                 self._refused += 1
                 continue
@@ -218,6 +219,16 @@ class HttpServer:
             conn = _Conn(sock, show(peer), time.monotonic() + self._deadline_s)
             self._conns[sock.fileno()] = conn
             self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _evict(self) -> bool:
+        """Make room for a new client by closing the oldest one still sending its request: clients that
+        hold connections without asking anything can then delay a scrape, never lock it out."""
+        oldest = next((c for c in self._conns.values() if c.out is None), None)
+        if oldest is None:  # every place is sending an answer: the newcomer is the one turned away
+            return False
+        self._refused += 1
+        self._close(oldest)
+        return True
 
     def _read(self, conn: _Conn) -> None:
         try:

@@ -32,7 +32,7 @@ class Seen:
         self.requests.append(request)
         if request.path == "/boom":
             raise ValueError("handler bug")
-        return Response(200, BODY * 1000 if request.path == "/big" else BODY)
+        return Response(200, BODY * 100_000 if request.path == "/big" else BODY)
 
 
 @pytest.fixture
@@ -110,24 +110,39 @@ def test_a_failing_handler_is_a_500_and_one_log_line(log: io.StringIO) -> None:
     assert json.loads(line)["event"] == "http-handler-failed" and "handler bug" in line
 
 
-def test_connections_beyond_the_limit_are_closed_at_once_and_the_held_ones_still_served() -> None:
+def test_a_client_beyond_the_limit_takes_the_place_of_the_oldest_idle_one() -> None:
     srv = serve(Seen(), max_connections=4)
     held = [connect(srv) for _ in range(4)]
     try:
         assert wait_until(lambda: srv.connections() == 4)
-        extra = [connect(srv) for _ in range(3)]
-        for s in extra:
+        newer = [connect(srv) for _ in range(3)]
+        for s in held[:3]:  # the oldest three made room
             assert closed_by_server(s)
-            s.close()
-        assert srv.connections() == 4
-        held[0].sendall(b"GET / HTTP/1.1\r\n\r\n")
-        assert held[0].recv(100).startswith(b"HTTP/1.1 200")
-        assert wait_until(lambda: srv.connections() == 3)
-        with connect(srv) as again:  # a freed place is taken by the next client
-            again.sendall(b"GET / HTTP/1.1\r\n\r\n")
-            assert again.recv(100).startswith(b"HTTP/1.1 200")
+        assert wait_until(lambda: srv.connections() == 4)
+        for s in [held[3], *newer]:
+            s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 200")
+        assert wait_until(lambda: srv.connections() == 0)
     finally:
-        for s in held:
+        for s in held + newer:
+            s.close()
+        srv.stop()
+
+
+def test_with_every_place_answering_a_new_client_is_closed_at_once() -> None:
+    srv = serve(Seen(), max_connections=2)
+    readers = []
+    try:
+        for _ in range(2):  # clients that ask for 10 MB and read nothing: their answers wait
+            s = connect(srv)
+            s.sendall(b"GET /big HTTP/1.1\r\n\r\n")
+            readers.append(s)
+        assert wait_until(lambda: srv.connections() == 2 and all(c.out for c in srv._conns.values()))
+        with connect(srv) as late:
+            assert closed_by_server(late)
+        assert srv.connections() == 2
+    finally:
+        for s in readers:
             s.close()
         srv.stop()
 
