@@ -96,6 +96,7 @@ def test_notifier_abstract_address_and_absence() -> None:
     assert Notifier({"WATCHDOG_USEC": "0"}).watchdog_s is None
 
 
+@pytest.mark.usefixtures("own_netns")
 def test_second_lock_refused_then_free_after_release(tmp_path: Path) -> None:
     first = Lock(str(tmp_path / "run"), "interceptd")
     first.acquire()
@@ -112,6 +113,7 @@ def test_second_lock_refused_then_free_after_release(tmp_path: Path) -> None:
     second.release()
 
 
+@pytest.mark.usefixtures("own_netns")
 def test_lock_refuses_symlink_and_fifo(tmp_path: Path) -> None:
     target = tmp_path / "victim"
     target.write_text("precious")
