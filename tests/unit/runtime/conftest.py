@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import io
 import os
 from collections.abc import Iterator
 
 import pytest
+
+from interceptd.runtime import logs
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -38,3 +41,12 @@ def own_netns() -> Iterator[None]:
             _check(_libc.setns(home, CLONE_NEWNET))
     finally:
         os.close(home)
+
+
+@pytest.fixture
+def log() -> Iterator[io.StringIO]:
+    """The structured log as JSON lines in a buffer, for the test to read."""
+    out = io.StringIO()
+    logs.configure("info", "json", out)
+    yield out
+    logs.configure("info", "json")

@@ -97,10 +97,11 @@ def test_notifier_abstract_address_and_absence() -> None:
 
 
 @pytest.mark.usefixtures("own_netns")
-def test_second_lock_refused_then_free_after_release(tmp_path: Path) -> None:
+@pytest.mark.parametrize("second_dir", ["run", "elsewhere"])  # the table claim refuses whatever the --state-dir
+def test_second_lock_refused_then_free_after_release(tmp_path: Path, second_dir: str) -> None:
     first = Lock(str(tmp_path / "run"), "interceptd")
     first.acquire()
-    second = Lock(str(tmp_path / "run"), "interceptd")
+    second = Lock(str(tmp_path / second_dir), "interceptd")
     with pytest.raises(LockedError, match=rf"another interceptd \(pid {os.getpid()}\) already keeps table inet "
                                           r"interceptd"):
         second.acquire()

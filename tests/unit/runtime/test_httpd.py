@@ -8,12 +8,11 @@ import resource
 import socket
 import struct
 import threading
-from collections.abc import Iterator
 
 import pytest
 from support.netlab import wait_until
 
-from interceptd.runtime import fds, logs
+from interceptd.runtime import fds
 from interceptd.runtime.httpd import HttpServer, Request, Response
 
 BODY = b"x" * 100
@@ -33,14 +32,6 @@ class Seen:
         if request.path == "/boom":
             raise ValueError("handler bug")
         return Response(200, BODY * 100_000 if request.path == "/big" else BODY)
-
-
-@pytest.fixture
-def log() -> Iterator[io.StringIO]:
-    out = io.StringIO()
-    logs.configure("info", "json", out)
-    yield out
-    logs.configure("info", "json")
 
 
 def serve(handler: Seen, **kw: float) -> HttpServer:

@@ -8,83 +8,26 @@ import json
 import os
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from interceptd.errors import LockedError
-from interceptd.runtime import logs
 from interceptd.runtime.lockfile import Lock, TableClaim, claim_address
 
 pytestmark = pytest.mark.usefixtures("own_netns")
 
 
-def test_a_second_agent_with_another_state_dir_is_refused(tmp_path: Path) -> None:
-    first = Lock(str(tmp_path / "a"), "interceptd")
-    first.acquire()
-    second = Lock(str(tmp_path / "b"), "interceptd")
-    with pytest.raises(LockedError, match=rf"^another interceptd \(pid {os.getpid()}\) already keeps table inet "
-                                          r"interceptd in this network namespace$"):
-        second.acquire()
-    other = Lock(str(tmp_path / "b"), "other")
-    other.acquire()  # another table is another claim
-    other.release()
-    first.release()
-    second.acquire()  # the claim went with the first one's socket
-    second.release()
-
-
-def test_the_claim_goes_with_the_process(tmp_path: Path) -> None:
-    """SIGKILL releases it: the kernel drops the name with the last descriptor."""
+@contextmanager
+def child_holding(take: Callable[[], object]) -> Iterator[int]:
+    """A forked process that runs `take` (and keeps what it returns) until the block ends; yields its pid."""
     ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            held = TableClaim("interceptd")
-            held.acquire()
-            os.write(ready_w, b"1")
-            signal.pause()
-        finally:
-            os._exit(1)
-    os.close(ready_w)
-    try:
-        assert os.read(ready_r, 1) == b"1"
-        with pytest.raises(LockedError, match=rf"\(pid {pid}\)"):
-            TableClaim("interceptd").acquire()
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(ready_r)
-    claim = TableClaim("interceptd")
-    assert claim.acquire() is True
-    claim.release()
-
-
-@pytest.fixture
-def log() -> Iterator[io.StringIO]:
-    out = io.StringIO()
-    logs.configure("info", "json", out)
-    yield out
-    logs.configure("info", "json")
-
-
-@pytest.fixture(params=["listening", "bound only"])
-def squatter(request: pytest.FixtureRequest) -> Iterator[int]:
-    """An unprivileged process (uid 65534, no capabilities) holding the table's claim name."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to drop to another uid")
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(claim_address("interceptd"))
-            if request.param == "listening":
-                sock.listen()
+            _held = take()  # a live local: what it holds (a socket) stays open until the kill
             os.write(ready_w, b"1")
             signal.pause()
         finally:
@@ -97,6 +40,42 @@ def squatter(request: pytest.FixtureRequest) -> Iterator[int]:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(ready_r)
+
+
+def _claimed() -> TableClaim:
+    claim = TableClaim("interceptd")
+    claim.acquire()
+    return claim
+
+
+def test_the_claim_goes_with_the_process() -> None:
+    """SIGKILL releases it: the kernel drops the name with the last descriptor."""
+    with child_holding(_claimed) as pid, pytest.raises(LockedError, match=rf"\(pid {pid}\)"):
+        TableClaim("interceptd").acquire()
+    claim = TableClaim("interceptd")
+    assert claim.acquire() is True
+    claim.release()
+
+
+def _squat(listening: bool) -> socket.socket:
+    """As uid 65534 without capabilities: bind the table's claim name (and listen, as interceptd does)."""
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(claim_address("interceptd"))
+    if listening:
+        sock.listen()
+    return sock
+
+
+@pytest.fixture(params=["listening", "bound only"])
+def squatter(request: pytest.FixtureRequest) -> Iterator[int]:
+    """An unprivileged process holding the table's claim name."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop to another uid")
+    with child_holding(lambda: _squat(request.param == "listening")) as pid:
+        yield pid
 
 
 def test_a_squatter_without_cap_net_admin_does_not_stop_the_agent(squatter: int, log: io.StringIO,
