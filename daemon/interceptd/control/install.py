@@ -33,22 +33,30 @@ APPLY_ATTEMPTS = 5
 def apply(kernel: Kernel, router: Router, ruleset: Ruleset, reference: bool = True) -> Applied:
     """Install `ruleset`; the listing that becomes the drift reference must show it.
 
+    TPROXY's policy rules and routes cannot join the table's transaction, so the order makes up for it:
+    the new ruleset's rules and routes first, then the table that marks packets for them, then the ones
+    no rule marks for any more. A process killed anywhere in between leaves the old table with its routes
+    (plus unused new ones), or the new table with its routes (plus unused old ones); never a table whose
+    marked packets find no route. Whatever is extra or missing, the next apply or start puts right:
+    each step compares with the kernel, not with what the previous run meant to do.
+
     A one-shot `apply` keeps no reference (reference=False: no read-back, Applied.listing is empty).
     Another process can change the table between our transaction and the listing that follows it. Taken
     as the reference, that change would never count as drift (a flush right there left the pod
     uncaptured for good), so a listing that does not hold the ruleset means: apply again.
     """
     started = time.monotonic()
+    routes.add_missing(ruleset, router)
     for _attempt in range(APPLY_ATTEMPTS):
         current = kernel.list_table(ruleset.table, ruleset.family)
         existing = Existing.empty() if current is None else Existing.from_listing(current)
         kernel.apply(transaction(ruleset, existing))
-        # After the table: marked packets only need the routes once the tproxy rules exist.
-        routes.sync(ruleset, router)
         if not reference:
+            routes.drop_stale(ruleset, router)
             return Applied(ruleset, [], time.monotonic() - started)
         after = kernel.list_table(ruleset.table, ruleset.family) or []
         if holds(ruleset, after):
+            routes.drop_stale(ruleset, router)
             return Applied(ruleset, _share_elements(ruleset, normalise(after)), time.monotonic() - started)
     raise KernelRefusedError(f"table {ruleset.family} {ruleset.table} was changed by another process right after "
                              f"each of {APPLY_ATTEMPTS} applies")

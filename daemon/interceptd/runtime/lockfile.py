@@ -1,4 +1,5 @@
-"""One agent per table and network namespace: an flock(2) on a file under the state directory.
+"""One agent per table and network namespace: an flock(2) on a file under the state directory, and a
+claim on the table inside the network namespace itself (TableClaim) that no --state-dir can sidestep.
 
 The kernel drops the lock when the process dies, so a crashed agent never blocks its successor. The file
 is opened with O_NOFOLLOW and O_NONBLOCK and must be a regular file with one link, owned by us: a symlink,
@@ -8,11 +9,17 @@ is created private (0700) and must be a real directory of ours that nobody else 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
+import socket
 import stat
+import struct
 
 from interceptd.errors import LockedError
+from interceptd.runtime import fds, logs
+from interceptd.system import netns
 
 
 def netns_id() -> int:
@@ -24,11 +31,113 @@ def lock_path(state_dir: str, table: str) -> str:
     return os.path.join(state_dir, f"{table}.net{netns_id()}.lock")
 
 
+CAP_NET_ADMIN = 12
+
+
+def claim_address(table: str, family: str = "inet") -> str:
+    """The abstract unix socket name that stands for "an interceptd keeps this table here"."""
+    return f"\0interceptd/table/{family}/{table}"
+
+
+class TableClaim:
+    """An abstract unix socket bound inside the network namespace, named after the table.
+
+    Why this and not (only) a file: the file lock lives under --state-dir, so two agents given different
+    state directories (or two containers of one pod, each with its own /run) never saw each other and
+    fought over one table. Abstract unix socket names are scoped by network namespace, which is exactly the
+    scope of an nftables table; they need no file system, no cleanup (the name goes with the last
+    descriptor, also on SIGKILL) and no permission. A namespace other than the caller's (the node agent
+    claims one per pod) is claimed by creating the socket inside it (system.netns.entered): the socket
+    stays in the namespace it was created in.
+
+    No permission also means any process in the namespace, the pod's own application included, may bind
+    the name first. Such a squatter must not keep the repairs from starting, so the name only stops us
+    when its holder could itself keep the table: it has CAP_NET_ADMIN (read from /proc when its pid is
+    visible to us), or, in another pid namespace, runs as root or as our own uid. Otherwise, and when the
+    holder cannot be asked at all, the claim is skipped with a warning and the file lock remains.
+    """
+
+    def __init__(self, table: str, family: str = "inet", netns_path: str = "") -> None:
+        """`netns_path`: a network namespace file to claim the table in; "" for the caller's namespace."""
+        self.table = table
+        self.family = family
+        self._netns = netns_path
+        self._sock: socket.socket | None = None
+
+    def _socket(self) -> socket.socket:
+        with netns.entered(self._netns) if self._netns else contextlib.nullcontext():
+            return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+
+    def acquire(self) -> bool:
+        """Claim the table; LockedError names a rival holder. False: claimed by a process that cannot be a
+        rival (see the class docstring), and we carry on without the claim."""
+        address = claim_address(self.table, self.family)
+        sock = self._socket()
+        try:
+            sock.bind(address)
+            sock.listen(socket.SOMAXCONN)  # a rival's question is answered by the kernel: nothing to accept
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRINUSE:
+                raise LockedError(f"cannot claim table {self.family} {self.table} in the network namespace: "
+                                  f"{exc.strerror}") from None
+            self._refuse_or_skip(address)
+            return False
+        self._sock = fds.move_high(sock)
+        return True
+
+    def _refuse_or_skip(self, address: str) -> None:
+        pid, uid, why = self._holder(address)
+        if why is None:
+            raise LockedError(f"another interceptd (pid {pid or 'in another pid namespace'}) already keeps table "
+                              f"{self.family} {self.table} in this network namespace")
+        logs.get(table=self.table).warning("table-claim-skipped", holder_pid=pid or None, holder_uid=uid,
+                                           reason=why, note="another process holds the name that marks this "
+                                           "table as kept; it cannot be an interceptd, so this one starts")
+
+    def _holder(self, address: str) -> tuple[int, int | None, str | None]:
+        """(pid, uid, None) for a rival holder; a reason string when the holder cannot be one."""
+        with self._socket() as probe:
+            try:
+                probe.connect(address)
+            except BlockingIOError:
+                return 0, None, "its queue is full, it cannot be asked"
+            except ConnectionRefusedError:
+                return 0, None, "it does not listen, as interceptd does"
+            pid, uid, _gid = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                  struct.calcsize("3i")))
+        if pid > 0:
+            return (pid, uid, None) if _has_net_admin(pid) else (pid, uid, "it lacks CAP_NET_ADMIN")
+        return (pid, uid, None) if uid in (0, os.geteuid()) else (pid, uid, "an unprivileged user of another "
+                                                                             "pid namespace")
+
+    def release(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def _has_net_admin(pid: int) -> bool:
+    """Whether the process has CAP_NET_ADMIN in effect; a process that is gone or unreadable counts as having
+    it (it was bound a moment ago by someone who may be a rival: refusing is the safe side then)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except OSError:
+        pass
+    return True
+
+
 class Lock:
+    """The state directory's lock file and the namespace's TableClaim, taken and released together."""
+
     def __init__(self, state_dir: str, table: str) -> None:
         self.path = lock_path(state_dir, table)
         self._table = table
         self._fd: int | None = None
+        self.claim = TableClaim(table)
 
     def acquire(self) -> None:
         """Take the lock or raise LockedError naming the holder; writes our pid into the file."""
@@ -68,12 +177,14 @@ class Lock:
                                   f"in this network namespace (lock {self.path!r})") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self.claim.acquire()
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
 
     def release(self) -> None:
+        self.claim.release()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

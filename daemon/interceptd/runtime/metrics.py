@@ -10,13 +10,10 @@ nat chains see only the first packet of a connection: their "packets" count conn
 
 from __future__ import annotations
 
-import ipaddress
 import math
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
@@ -30,10 +27,11 @@ from prometheus_client.metrics_core import (
 
 from interceptd import __version__
 from interceptd.control.state import CHECK_RESULTS, CHECK_TRIGGERS, TRIGGERS, AgentState
-from interceptd.errors import InterceptdError, ListenError
+from interceptd.errors import InterceptdError
 from interceptd.ruleset.drift import REASONS
 from interceptd.ruleset.nftjson import Json
 from interceptd.ruleset.status import counters
+from interceptd.runtime.httpd import HttpServer, Request, Response
 from interceptd.system.kernel import Kernel
 
 RESULTS = ("success", "error")
@@ -191,63 +189,34 @@ def registry(kernel: Kernel, state: AgentState) -> CollectorRegistry:
     return reg
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: MetricsServer
-
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            self._reply(200, encoder(self.server.registry), content_type)
-        elif path == "/healthz":
-            self._reply(200, b"ok\n")
-        elif path == "/readyz":
-            if self.server.state.kernel_matches():
-                self._reply(200, b"ready\n")
-            else:
-                with self.server.state.lock:
-                    why = self.server.state.last_error or "the ruleset is not applied or does not match the kernel"
-                self._reply(503, f"not ready: {why}\n".encode())
-        else:
-            self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
-
-    def _reply(self, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Scrapes every few seconds would flood the agent's log."""
-
-
-def _show(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-class MetricsServer(ThreadingHTTPServer):
-    """/metrics, /healthz and /readyz on one address, served from a daemon thread."""
-
-    daemon_threads = True
+class MetricsServer:
+    """/metrics, /healthz and /readyz on one address (GET and HEAD), served by a bounded HttpServer:
+    no client, idle or slow, can take the descriptors or the time the repairs need (see runtime.httpd)."""
 
     def __init__(self, address: tuple[str, int], kernel: Kernel | CollectorRegistry, state: AgentState) -> None:
         """`kernel`: one table's kernel, or a ready registry (the node agent's, over many namespaces)."""
-        self.address_family = socket.AF_INET6 if ipaddress.ip_address(address[0]).version == 6 else socket.AF_INET
         self.state = state
         self.registry = kernel if isinstance(kernel, CollectorRegistry) else registry(kernel, state)
-        try:
-            super().__init__(address, _Handler)
-        except OSError as exc:
-            raise ListenError(f"--metrics-address {_show(address)}: cannot listen: {exc.strerror}") from None
-        self._thread = threading.Thread(target=self.serve_forever, name="metrics", daemon=True)
+        self.http = HttpServer(address, self.answer)
+        self.server_address = self.http.server_address
+
+    def answer(self, request: Request) -> Response:
+        if request.path == "/metrics":
+            encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+            return Response(200, encoder(self.registry), content_type)
+        if request.path == "/healthz":
+            return Response(200, b"ok\n")
+        if request.path == "/readyz":
+            if self.state.kernel_matches():
+                return Response(200, b"ready\n")
+            with self.state.lock:
+                why = self.state.last_error or "the ruleset is not applied or does not match the kernel"
+            return Response(503, f"not ready: {why}\n".encode())
+        return Response(404, b"not found: try /metrics, /healthz or /readyz\n")
 
     def start(self) -> MetricsServer:
-        self._thread.start()
+        self.http.start()
         return self
 
     def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        self._thread.join()
+        self.http.stop()

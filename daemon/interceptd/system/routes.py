@@ -2,7 +2,7 @@
 
 Every `ip rule` and route interceptd installs carries ROUTE_PROTOCOL, so a re-apply and `cleanup` find
 exactly what interceptd put there, whatever configuration installed it, and never touch anyone else's.
-`sync` is idempotent: it adds what is missing and deletes what the ruleset no longer needs.
+`add_missing` and `drop_stale` are idempotent; a change runs the first before the table and the second after.
 """
 
 from __future__ import annotations
@@ -62,17 +62,22 @@ def wanted(ruleset: Ruleset) -> set[Entry]:
     return out
 
 
-def sync(ruleset: Ruleset, router: Router) -> None:
-    """Add what the ruleset needs first (no gap when the table or mark changes), then drop the rest.
+def add_missing(ruleset: Ruleset, router: Router) -> None:
+    """Install what the ruleset needs and the kernel lacks; the first half of a change, done before the
+    table that marks packets, so no marked packet ever finds its rule or route missing.
 
-    Addresses are only ever added: ::6 may carry the proxy's live passthrough connections, and Istio never
-    removes it either.
+    Routes go in before the rules that look them up: a rule is never there without its route, even when a
+    kill stops us in between. Addresses are only ever added: ::6 may carry the proxy's live passthrough
+    connections, and Istio never removes it either.
     """
-    want = wanted(ruleset)
-    have = router.owned()
-    for entry in sorted(want - have):
+    for entry in sorted(wanted(ruleset) - router.owned()):
         router.add(entry)
-    for entry in sorted(have - want):
+
+
+def drop_stale(ruleset: Ruleset, router: Router) -> None:
+    """Delete the rules and routes the ruleset no longer needs; the second half, done after the table that
+    stopped setting their marks. Rules go before their routes (the reverse of add_missing)."""
+    for entry in sorted(router.owned() - wanted(ruleset), reverse=True):
         if entry.kind != "address":
             router.delete(entry)
 

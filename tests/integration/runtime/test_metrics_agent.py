@@ -6,10 +6,14 @@ own scrapes go over lo as root and are counted by `app-loopback-uid-return`, nev
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import resource
 import signal
+import socket
+import struct
 import subprocess
 import time
 import urllib.error
@@ -21,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.netlab import INTERCEPTD, ROOT, Lab, call_in, wait_until
+from support.netlab import INTERCEPTD, ROOT, Lab, call_in, enter, wait_until
 
 N = 5
 PROXY_UID = 1337
@@ -71,10 +75,12 @@ REPAIRS: Series = ("interceptd_applies_total", (("result", "success"), ("trigger
 
 
 @contextmanager
-def agent(lab: Lab, workdir: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
-    """`interceptd run` in the pod namespace until the block ends; ready when /readyz says so."""
+def agent(lab: Lab, workdir: Path, *args: str, wrapper: tuple[str, ...] = ()) -> Iterator[subprocess.Popen[bytes]]:
+    """`interceptd run` in the pod namespace until the block ends; ready when /readyz says so.
+
+    `wrapper`: a command that runs it (`prlimit --nofile=...`)."""
     log = (workdir / "agent.log").open("wb")
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.pod, INTERCEPTD, "run", "--state-dir",
+    proc = subprocess.Popen([*wrapper, "ip", "netns", "exec", lab.pod, INTERCEPTD, "run", "--state-dir",
                              str(workdir / "state"), "--log-format", "json", *args],
                             stdout=log, stderr=subprocess.STDOUT)
     address = next((a.split("=", 1)[1] for a in args if a.startswith("--metrics-address=")), METRICS)
@@ -285,3 +291,107 @@ def test_prometheus_reads_the_intercepted_connection_rate(lab: Lab, tmp_path: Pa
             names |= found
         assert names - scraped == set()
         assert {"interceptd_rule_packets_total", "interceptd_drift_repairs_total"} <= names
+
+
+FLOOD = 2000
+
+
+def _hold_idle(port: int, n: int, ready_fd: int) -> None:
+    """In a forked child inside the pod: n connections that send the start of a request and nothing more."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    held = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with contextlib.suppress(OSError):  # the server already made room for a newer one: hold it all the same
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")
+        held.append(s)
+    os.write(ready_fd, b"1")
+    signal.pause()
+
+
+@contextmanager
+def idle_clients(lab: Lab, n: int, port: int = 15321) -> Iterator[None]:
+    """n idle connections to the agent's metrics port from the pod namespace, held until the block ends."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(rfd)
+            enter(lab.pod)
+            _hold_idle(port, n, wfd)
+        finally:
+            os._exit(1)
+    os.close(wfd)
+    try:
+        assert os.read(rfd, 1) == b"1", "the idle clients could not connect"
+        yield
+    finally:
+        os.close(rfd)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def table_present(lab: Lab) -> bool:
+    return subprocess.run(["ip", "netns", "exec", lab.pod, "nft", "list", "table", "inet", "interceptd"],
+                          capture_output=True).returncode == 0
+
+
+def descriptors(pid: int) -> list[int]:
+    return [int(fd) for fd in os.listdir(f"/proc/{pid}/fd")]
+
+
+def test_idle_connections_cannot_stop_the_repairs(lab: Lab, tmp_path: Path) -> None:
+    """2,000 idle clients against an agent started with systemd's soft limit of 1024 descriptors: the
+    server holds a bounded number, all above 1023, libnftables keeps its low descriptors, the repair works."""
+    with agent(lab, tmp_path, "-b", "*", wrapper=("prlimit", "--nofile=1024:4096")) as proc, \
+            idle_clients(lab, FLOOD):
+        before = scrape(lab)
+        nft(lab, "delete", "table", "inet", "interceptd")
+        assert wait_until(lambda: table_present(lab), timeout=1.0), (tmp_path / "agent.log").read_text()[-2000:]
+        assert proc.poll() is None
+        after = wait_for(lab, REPAIRS, before.get(REPAIRS, 0))  # /metrics answers with the flood still held
+        assert after[("interceptd_ready", ())] == 1
+        high = [fd for fd in descriptors(proc.pid) if fd >= 1024]
+        assert 0 < len(high) <= 64 + 3  # clients, the listener and the server's wake-up pipe
+        assert len(descriptors(proc.pid)) < 200
+    log = (tmp_path / "agent.log").read_text()
+    assert "Too many open files" not in log and "FD_SETSIZE" not in log
+
+
+def _abort_scrapes(port: int, n: int) -> None:
+    """Scrapes that go away with a reset in the middle of their request, as a timed-out client does.
+
+    The server reads ready connections in the order they became ready: once /healthz, asked after the
+    half request was sent, has been answered, the server holds that half request and sees the reset.
+    """
+    for _ in range(n):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            assert _raw(port, b"GET /healthz HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # gone with a reset
+
+
+def test_aborted_scrapes_are_one_json_line_each_and_head_works(lab: Lab, tmp_path: Path) -> None:
+    aborted = 200
+    with agent(lab, tmp_path, "-b", "*"):
+        call_in(lab.pod, _abort_scrapes, 15321, aborted)
+        assert scrape(lab)[("interceptd_ready", ())] == 1
+        for path in ("/metrics", "/healthz", "/readyz"):
+            get, head = (call_in(lab.pod, _raw, 15321, f"{method} {path} HTTP/1.1\r\n\r\n".encode())
+                         for method in ("GET", "HEAD"))
+            assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+            assert get.startswith(head.split(b"Content-Type")[0]) and len(get) > len(head)
+    lines = (tmp_path / "agent.log").read_text().splitlines()
+    events = [json.loads(line) for line in lines]  # every line is JSON: no traceback
+    gone = [e for e in events if e["event"] == "http-client-aborted"]
+    assert len(gone) == aborted, [e for e in events if e["event"].startswith("http")][:5]
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        return data

@@ -4,6 +4,7 @@ the capabilities the manifest explains."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,26 @@ def test_the_agent_runs_node_on_cni_registrations_only() -> None:
     assert cfg.metrics_address is not None
     ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
     assert ports["metrics"] == cfg.metrics_address[1]
-    assert agent["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    # hostNetwork: the listener stays on the node's loopback unless the manifest's comment is followed
+    assert ipaddress.ip_address(cfg.metrics_address[0]).is_loopback
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert agent[probe]["httpGet"]["host"] == cfg.metrics_address[0]
+        assert agent[probe]["httpGet"]["port"] == "metrics"
+    assert agent["startupProbe"]["httpGet"]["path"] == "/readyz"
     mounts = {m["mountPath"] for m in agent["volumeMounts"]}
     assert {"/run/interceptd", "/run/netns"} <= mounts
+
+
+def test_the_documented_node_address_binding_is_what_interceptd_accepts() -> None:
+    """The commented alternative: the downward API's status.hostIP, expanded by the kubelet into the address."""
+    text = MANIFEST.read_text(encoding="utf-8")
+    commented = "\n".join(line.split("#", 1)[1][3:] for line in text.splitlines()
+                          if line.strip().startswith("#   "))
+    env = yaml.safe_load(commented)
+    assert env[0] == {"name": "HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}
+    value = env[1]["value"].replace("$(HOST_IP)", "192.0.2.10")  # what the kubelet does with a node address
+    cfg = config.load({}, {"INTERCEPTD_METRICS_ADDRESS": value})
+    assert cfg.metrics_address == ("192.0.2.10", 15322)
 
 
 def test_least_capabilities() -> None:

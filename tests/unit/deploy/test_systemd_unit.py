@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from interceptd.runtime import fds, httpd
+
 ROOT = Path(__file__).resolve().parents[3]
 UNIT = ROOT / "systemd" / "interceptd.service"
 INSTALLED = "/usr/local/bin/interceptd"
@@ -45,3 +47,12 @@ def test_unit_is_a_hardened_notify_service() -> None:
                        ("PrivateTmp", "yes")):
         assert d[key] == [value], key
     assert "PrivateNetwork" not in d  # the agent must see the namespace it guards
+
+
+def test_descriptor_limits_leave_room_above_fd_setsize_for_the_metrics_clients() -> None:
+    """Soft 1024 (what select(2) users expect), a hard limit the agent raises to: room for the bounded
+    metrics clients, the listener and the server's pipe above descriptor 1023."""
+    (value,) = directives()["LimitNOFILE"]
+    soft, hard = (int(v) for v in value.split(":"))
+    assert soft == fds.FD_SETSIZE
+    assert hard >= fds.FD_SETSIZE + httpd.MAX_CONNECTIONS + 3

@@ -96,10 +96,12 @@ def test_notifier_abstract_address_and_absence() -> None:
     assert Notifier({"WATCHDOG_USEC": "0"}).watchdog_s is None
 
 
-def test_second_lock_refused_then_free_after_release(tmp_path: Path) -> None:
+@pytest.mark.usefixtures("own_netns")
+@pytest.mark.parametrize("second_dir", ["run", "elsewhere"])  # the table claim refuses whatever the --state-dir
+def test_second_lock_refused_then_free_after_release(tmp_path: Path, second_dir: str) -> None:
     first = Lock(str(tmp_path / "run"), "interceptd")
     first.acquire()
-    second = Lock(str(tmp_path / "run"), "interceptd")
+    second = Lock(str(tmp_path / second_dir), "interceptd")
     with pytest.raises(LockedError, match=rf"another interceptd \(pid {os.getpid()}\) already keeps table inet "
                                           r"interceptd"):
         second.acquire()
@@ -112,6 +114,7 @@ def test_second_lock_refused_then_free_after_release(tmp_path: Path) -> None:
     second.release()
 
 
+@pytest.mark.usefixtures("own_netns")
 def test_lock_refuses_symlink_and_fifo(tmp_path: Path) -> None:
     target = tmp_path / "victim"
     target.write_text("precious")

@@ -11,6 +11,8 @@ import pytest
 from interceptd.errors import LockedError
 from interceptd.runtime.lockfile import Lock, lock_path
 
+pytestmark = pytest.mark.usefixtures("own_netns")
+
 
 def test_state_dir_is_created_private_and_the_lock_file_0600(tmp_path: Path) -> None:
     lock = Lock(str(tmp_path / "a" / "run"), "interceptd")

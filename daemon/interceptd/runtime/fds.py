@@ -1,0 +1,62 @@
+"""Keep the descriptors outsiders can make us open out of libnftables' way.
+
+libnftables waits for the kernel's answer with select(2) on the netlink socket it opens for each call, and
+select's fd_set only holds descriptors 0-1023: when that socket gets descriptor 1024 or more, glibc aborts
+the whole process (`*** bit out of range 0 - FD_SETSIZE on fd_set ***`) and the repairs stop. A new
+descriptor is always the lowest free one, so the socket lands that high only once the 1,024 lowest are
+taken, and the descriptors anyone can make us open in numbers are a listener's client connections.
+
+So those (and long-lived listeners) move to 1024 and above: `raise_nofile_limit()` once at start (the soft
+RLIMIT_NOFILE up to the hard limit, systemd's default being 1024 soft / 524288 hard), then `move_high()`
+for each such descriptor. Their number must still be bounded by the caller (the metrics server keeps at
+most MAX_CONNECTIONS): moving them only keeps the low range free for libnftables, it adds no descriptors.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import resource
+import socket
+from typing import overload
+
+FD_SETSIZE = 1024  # the first descriptor select(2) cannot watch
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (nothing to ask for: any process may); returns the
+    soft limit now in force. Idempotent, so every component that needs high descriptors may call it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:  # the kernel caps the limit at fs.nr_open
+        with open("/proc/sys/fs/nr_open") as f:
+            hard = int(f.read())
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+@overload
+def move_high(fd: int) -> int: ...
+@overload
+def move_high(fd: socket.socket) -> socket.socket: ...
+
+
+def move_high(fd: int | socket.socket) -> int | socket.socket:
+    """`fd` (a socket, or a bare descriptor: pipe, inotify, netlink) moved to a close-on-exec descriptor
+    >= FD_SETSIZE; the original descriptor is closed.
+
+    When the limit leaves no room up there (a hard limit of 1024, or all taken), `fd` is returned as it
+    was: the caller's bound on how many it holds is then what leaves libnftables room.
+    """
+    try:
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, FD_SETSIZE)
+    except OSError:  # EINVAL: the soft limit is at most FD_SETSIZE; EMFILE: nothing free above it
+        return fd
+    if isinstance(fd, int):
+        os.close(fd)
+        return high
+    moved = socket.socket(fileno=high)
+    moved.setblocking(fd.getblocking())
+    fd.close()
+    return moved
