@@ -3,7 +3,7 @@
 Anyone who can connect to the metrics port is a client, so the server must not let clients take what the
 repairs need. http.server's ThreadingHTTPServer did: one thread and one descriptor per connection, no
 timeout, so 1,040 idle connections exhausted a 1024 descriptor limit (the repair then died with EMFILE),
-or pushed libnftables' socket above descriptor 1023 (glibc aborts select() there; see runtime.fds).
+or pushed libnftables' socket above descriptor 1023 (glibc aborts select() there; see system.fds).
 Here instead:
 
 - one selector thread reads requests and serves them once complete, then closes the connection (the
@@ -12,7 +12,7 @@ Here instead:
   finished its request (or, with every place answering, is closed at once), so idle clients can delay a
   scrape but not lock it out, and no client waits in the backlog;
 - each connection has `deadline_s` from its accept to the end of the answer: idle and slow clients go;
-- the listener and every client sit on descriptors >= 1024 (runtime.fds), away from libnftables;
+- the listener and every client sit on descriptors >= 1024 (system.fds), away from libnftables;
 - a client that goes away mid-request or mid-answer is one structured log line, never a traceback;
   connections refused over the limit or timed out are summed into one line at most every SUMMARY_S.
 """
@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from interceptd.errors import ListenError
-from interceptd.runtime import fds, logs
+from interceptd.runtime import logs
+from interceptd.system import fds
 
 MAX_CONNECTIONS = 64
 DEADLINE_S = 5.0

@@ -18,8 +18,8 @@ import stat
 import struct
 
 from interceptd.errors import LockedError
-from interceptd.runtime import fds, logs
-from interceptd.system import netns
+from interceptd.runtime import logs
+from interceptd.system import fds, netns
 
 
 def netns_id() -> int:

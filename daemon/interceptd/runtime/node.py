@@ -46,13 +46,13 @@ from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import Json
 from interceptd.runtime import logs, nodestate
-from interceptd.runtime.lockfile import Lock
+from interceptd.runtime.lockfile import Lock, TableClaim
 from interceptd.runtime.loop import EventLoop, trim_heap
 from interceptd.runtime.metrics import Collector, MetricsServer
 from interceptd.runtime.sdnotify import Notifier
 from interceptd.system import host, netns
 from interceptd.system.events import NftEvents
-from interceptd.system.fds import move_socket_high, raise_nofile_limit
+from interceptd.system.fds import move_high, raise_nofile_limit
 from interceptd.system.kernel import Kernel, NftKernel
 from interceptd.system.routes import Netlink, Router
 
@@ -92,6 +92,18 @@ class EventSource(Protocol):
     def close(self) -> None: ...
 
 
+class Claim(Protocol):
+    """runtime.lockfile.TableClaim: marks the table as kept in its namespace, so that no second interceptd
+    (a sidecar agent in the pod, another node agent) fights this one over it."""
+
+    def acquire(self) -> bool: ...
+    def release(self) -> None: ...
+
+
+def _claim_in(path: str, table: str) -> Claim:
+    return TableClaim(table, netns_path=path)
+
+
 @dataclass(frozen=True)
 class Ports:
     """How the node reaches a namespace (its path): the real adapters, or fakes in unit tests."""
@@ -101,6 +113,7 @@ class Ports:
     facts: Callable[[str, Config], HostFacts] = _facts_in
     events: Callable[[str, str], EventSource] = _events_in
     identity: Callable[[str], netns.Identity | None] = netns.identity
+    claim: Callable[[str, str], Claim] = _claim_in
 
 
 class SharedListing(list[Json]):
@@ -153,6 +166,7 @@ class Member:
     source: Source
     controller: TableController
     collector: Collector
+    claim: Claim | None = None
     events: EventSource | None = None
     saved: Applied | None = None  # what the state file holds
     event_seen: bool = field(default=False)
@@ -406,13 +420,19 @@ class Node:
         if config.own_table:
             raise ConfigError(f"network namespace {source.name}: own_table cannot be used with node (an owned "
                               f"table lives only as long as the libnftables context that made it)")
-        kernel = self.ports.kernel(source.path)
-        controller = TableController(
-            config, kernel=kernel, router=self.ports.router(source.path),
-            facts=lambda cfg: self.ports.facts(source.path, cfg), load=reload,
-            log=logs.get(table=config.table, netns=source.name),
-            on_drift=lambda: self.request_check(source.name), share=self.shared)
-        return Member(source, controller, Collector(kernel, controller.state))
+        claim = self.ports.claim(source.path, config.table)
+        claim.acquire()  # LockedError: another interceptd keeps this pod's table; reported, tried again next pass
+        try:
+            kernel = self.ports.kernel(source.path)
+            controller = TableController(
+                config, kernel=kernel, router=self.ports.router(source.path),
+                facts=lambda cfg: self.ports.facts(source.path, cfg), load=reload,
+                log=logs.get(table=config.table, netns=source.name),
+                on_drift=lambda: self.request_check(source.name), share=self.shared)
+        except BaseException:
+            claim.release()
+            raise
+        return Member(source, controller, Collector(kernel, controller.state), claim)
 
     def forget(self, member: Member, why: str, remove_record: bool) -> None:
         """Stop managing a namespace; its rules are left as they are (the namespace usually went with them)."""
@@ -421,6 +441,8 @@ class Node:
                 del self.members[member.name]
             self._due.discard(member.name)
         self._set_events(member, False)
+        if member.claim is not None:
+            member.claim.release()
         if remove_record:
             nodestate.remove(self.state_dir, member.name)
         member.controller.log.info("forget", why=why)
@@ -703,7 +725,7 @@ class Node:
         except OSError as exc:
             listener.close()
             raise ListenError(f"--state-dir {self.state_dir!r}: cannot listen on {path!r}: {exc.strerror}") from None
-        self._listener = move_socket_high(listener)
+        self._listener = move_high(listener)
         self.loop.watch(self._listener, self._accept)
 
     def status_line(self) -> str:
@@ -716,6 +738,8 @@ class Node:
         """Release everything; every namespace keeps its rules (fail closed)."""
         for member in list(self.members.values()):
             self._set_events(member, False)
+            if member.claim is not None:
+                member.claim.release()
         with self._lock:
             self.members.clear()
         for client in list(self._clients.values()):

@@ -16,7 +16,7 @@ import socket
 import struct
 from collections.abc import Callable
 
-from interceptd.system.fds import move_high, move_socket_high
+from interceptd.system.fds import move_high
 from interceptd.system.routes import ROUTE_PROTOCOL
 
 NETLINK_NETFILTER = 12
@@ -127,7 +127,7 @@ class NftEvents:
             self._nft.close()
             raise
         # Long-lived: above FD_SETSIZE, so that a node agent's hundreds of these leave libnftables low ones.
-        self._nft, self._rt = move_socket_high(self._nft), move_socket_high(self._rt)
+        self._nft, self._rt = move_high(self._nft), move_high(self._rt)
         poll = select.epoll()
         self._poll = select.epoll.fromfd(move_high(os.dup(poll.fileno())))
         poll.close()

@@ -1,15 +1,19 @@
 """Descriptor discipline: keep the low descriptors free for libnftables.
 
-libnftables waits on its netlink socket with select(2), which cannot watch a descriptor of 1024 or more
-(FD_SETSIZE): glibc aborts the whole process ("bit out of range 0 - FD_SETSIZE on fd_set"). And when it cannot
-open that socket at all, libnftables calls exit(). Its socket is opened per call (a fresh context), so the
-process must always have a free descriptor below 1024 when it calls libnftables.
+libnftables waits for the kernel's answer with select(2) on the netlink socket it opens for each call, and
+select's fd_set only holds descriptors 0-1023: when that socket gets descriptor 1024 or more, glibc aborts
+the whole process (`*** bit out of range 0 - FD_SETSIZE on fd_set ***`) and the repairs stop; when it cannot
+open the socket at all, libnftables calls exit(). A new descriptor is always the lowest free one.
 
-So every descriptor that lives long (kernel event sockets, the CNI socket, directory watches, the metrics
-listener and its clients) is moved above FD_SETSIZE, after the soft RLIMIT_NOFILE is raised to the hard one;
-the low range then only ever holds short-lived descriptors. `low_descriptor_free` is the guard taken before
-each libnftables call: when it fails, that one operation fails cleanly (ResourceError), never the process.
+So every descriptor that lives long or that outsiders can make us open in numbers (kernel event sockets and
+their epoll, the CNI socket, directory watches, the loop's pipe, a listener and its clients) moves to 1024 and
+above: `raise_nofile_limit()` once at start (the soft RLIMIT_NOFILE up to the hard limit, systemd's default
+being 1024 soft / 524288 hard), then `move_high()` for each. Their number must still be bounded by the caller:
+moving them only keeps the low range free. `low_descriptor_free` is the guard taken before each libnftables
+call on a fresh context: when no low descriptor is free, that one operation fails cleanly (ResourceError,
+a retry), never the process.
 """
+
 
 from __future__ import annotations
 
@@ -17,54 +21,52 @@ import fcntl
 import os
 import resource
 import socket
-from typing import TypeVar
+from typing import overload
 
 from interceptd.errors import ResourceError
 
-FD_SETSIZE = 1024
+FD_SETSIZE = 1024  # the first descriptor select(2) cannot watch
 # Kept free below FD_SETSIZE for what libnftables and one apply open at once (a context, netlink sockets for
 # routes, a namespace file, a pipe or two), and for Python's own transient descriptors.
 LOW_HEADROOM = 16
 
-Sock = TypeVar("Sock", bound=socket.socket)
-
 
 def raise_nofile_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit (unprivileged processes may); returns the new soft limit."""
+    """Raise the soft RLIMIT_NOFILE to the hard limit (nothing to ask for: any process may); returns the
+    soft limit now in force. Idempotent, so every component that needs high descriptors may call it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        return hard
-    return soft
+    if hard == resource.RLIM_INFINITY:  # the kernel caps the limit at fs.nr_open
+        with open("/proc/sys/fs/nr_open") as f:
+            hard = int(f.read())
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
-def move_high(fd: int) -> int:
-    """Move `fd` to the lowest free descriptor >= FD_SETSIZE (close-on-exec) and return it; `fd` is closed.
+@overload
+def move_high(fd: int) -> int: ...
+@overload
+def move_high(fd: socket.socket) -> socket.socket: ...
 
-    When the limit leaves no room above FD_SETSIZE the descriptor stays where it is: the process then works
-    as before, and `low_descriptor_free` still guards every libnftables call.
+
+def move_high(fd: int | socket.socket) -> int | socket.socket:
+    """`fd` (a socket, or a bare descriptor: pipe, inotify, netlink) moved to a close-on-exec descriptor
+    >= FD_SETSIZE; the original descriptor is closed.
+
+    When the limit leaves no room up there (a hard limit of 1024, or all taken), `fd` is returned as it
+    was: the caller's bound on how many it holds is then what leaves libnftables room.
     """
-    if fd >= FD_SETSIZE:
-        return fd
     try:
         high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, FD_SETSIZE)
-    except OSError:  # EINVAL or EMFILE: RLIMIT_NOFILE is at most FD_SETSIZE, or everything above is taken
+    except OSError:  # EINVAL: the soft limit is at most FD_SETSIZE; EMFILE: nothing free above it
         return fd
-    os.close(fd)
-    return high
-
-
-def move_socket_high(sock: Sock) -> Sock:
-    """The same socket object, its descriptor moved above FD_SETSIZE (the object keeps type and options)."""
-    if sock.fileno() >= FD_SETSIZE:
-        return sock
-    try:
-        high = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, FD_SETSIZE)
-    except OSError:
-        return sock
-    moved = type(sock)(sock.family, sock.type, sock.proto, fileno=high)
-    moved.settimeout(sock.gettimeout())
-    sock.close()
+    if isinstance(fd, int):
+        os.close(fd)
+        return high
+    moved = socket.socket(fileno=high)
+    moved.setblocking(fd.getblocking())
+    fd.close()
     return moved
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from interceptd.runtime import fds, httpd
+from interceptd.runtime import httpd
+from interceptd.system import fds
 
 ROOT = Path(__file__).resolve().parents[3]
 UNIT = ROOT / "systemd" / "interceptd.service"

@@ -12,8 +12,8 @@ import threading
 import pytest
 from support.netlab import wait_until
 
-from interceptd.runtime import fds
 from interceptd.runtime.httpd import HttpServer, Request, Response
+from interceptd.system import fds
 
 BODY = b"x" * 100
 

@@ -36,6 +36,16 @@ class SlowKernel(FakeKernel):
         return super().list_table(table, family)
 
 
+class NoClaim:
+    """Plain files are no namespaces to claim a table in."""
+
+    def acquire(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
 class World:
     """The namespaces of a node: files in `netns`, and each one's kernel, router and configuration."""
 
@@ -78,7 +88,7 @@ class World:
     def node(self) -> Node:
         ports = Ports(kernel=lambda path: self.kernels[path], router=self.router,
                       facts=lambda _path, _cfg: HostFacts(ipv6=False, host_ip=None), events=self.no_events,
-                      identity=self.identity)
+                      identity=self.identity, claim=lambda _path, _table: NoClaim())
         return Node(self.node_config, self.dir_config, notifier=Notifier({}), ports=ports)
 
 

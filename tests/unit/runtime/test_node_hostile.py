@@ -19,6 +19,8 @@ from interceptd.runtime.sdnotify import Notifier
 from interceptd.system import netns
 from interceptd.system.fake import FakeKernel, FakeRouter
 
+from .test_node import NoClaim
+
 BASE = {"service_cidr": "*", "inbound_ports": "*"}
 root = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
 
@@ -30,7 +32,8 @@ def watched(tmp_path: Path) -> Iterator[tuple[Node, Path, dict[str, FakeKernel]]
     kernels: dict[str, FakeKernel] = {}
     ports = Ports(kernel=lambda path: kernels.setdefault(path, FakeKernel()), router=lambda _p: FakeRouter(),
                   facts=lambda _p, _c: HostFacts(ipv6=False, host_ip=None),
-                  events=lambda _p, _t: (_ for _ in ()).throw(OSError("no events")))
+                  events=lambda _p, _t: (_ for _ in ()).throw(OSError("no events")),
+                  claim=lambda _p, _t: NoClaim())
     cfg = config.load({**BASE, "netns_dir": str(directory), "state_dir": str(tmp_path / "state")}, {})
     node = Node(cfg, lambda _name: config.load(BASE, {}), notifier=Notifier({}), ports=ports)
     yield node, directory, kernels
