@@ -39,15 +39,21 @@ from interceptd.ruleset.model import (
     SetMark,
     SetRef,
     TProxy,
+)
+from interceptd.ruleset.names import (
+    ENTRY,
+    ISTIO_IN_REDIRECT,
+    ISTIO_OUTPUT_DNS,
+    ISTIO_REDIRECT,
+    ISTIO_TPROXY,
     counter_name,
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # What a redirect into each of interceptd's chains means (the chain names are part of the model).
-LISTENER_ROLE = {"istio-redirect": "the proxy's outbound listener", "istio-in-redirect": "the proxy's inbound "
-                 "listener", "istio-output-dns": "the agent's DNS proxy", "istio-tproxy": "the proxy's inbound "
-                 "listener"}
+LISTENER_ROLE = {ISTIO_REDIRECT: "the proxy's outbound listener", ISTIO_IN_REDIRECT: "the proxy's inbound listener",
+                 ISTIO_OUTPUT_DNS: "the agent's DNS proxy", ISTIO_TPROXY: "the proxy's inbound listener"}
 _SHOWN_ELEMENTS = 8
 _FAMILY_WORD = {"ipv4": "IPv4", "ipv6": "IPv6"}
 _KEY_WORD = {"skuid": "uid", "skgid": "gid", "l4proto": "protocol", "nfproto": "family", "mark": "packet mark"}
@@ -398,7 +404,7 @@ def format_text(explanation: Explanation, all_rules: bool = False) -> str:
         elif s.kind == "leave":
             if all_rules:
                 lines.append(f"{pad}  <- {s.reason}")
-        elif s.rule != "entry" or all_rules:
+        elif s.rule != ENTRY or all_rules:
             mark = "MATCH" if s.matched else "no   "
             what = f" -> {s.action}" if s.matched else ""
             lines.append(f"{pad}  {mark} {s.rule}: {s.reason or 'always'}{what}")
