@@ -7,7 +7,7 @@ SYSPY := /usr/bin/python3
 APT_PACKAGES := nftables python3-nftables python3-venv iproute2 iptables util-linux prometheus containernetworking-plugins systemd libcap2-bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps venv test unit integration lint demo bench clean docs image-test fuzz soak
+.PHONY: all deps venv test unit integration lint demo bench clean docs golden image-test fuzz soak
 
 all: test
 
@@ -60,6 +60,11 @@ bench: venv
 # Regenerate config/interceptd.toml and README.md's reference from the option table and the CLI's parser.
 docs: venv
 	$(PY) -m interceptd.cli.docs write .
+
+# Regenerate tests/golden/*.nft (the nft text of every golden configuration) after a deliberate rule change;
+# review `git diff tests/golden` before committing.
+golden: venv
+	$(PY) -m interceptd.cli.golden write .
 
 # The Containerfile's install steps on a debootstrap'd Debian 12 root (no container engine runs here).
 # The base root is cached in $(IMAGE_TEST_CACHE); delete it to start cold.

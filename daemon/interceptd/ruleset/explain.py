@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from interceptd.config.values import PortRange
 from interceptd.ruleset.model import (
     Accept,
-    Action,
     Chain,
     CtMarkFromMark,
     Drop,
@@ -48,6 +47,7 @@ from interceptd.ruleset.names import (
     ISTIO_TPROXY,
     counter_name,
 )
+from interceptd.ruleset.nfttext import action_text
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -268,7 +268,7 @@ class _Evaluator:
         """Apply the rule's statements; returns (what happened, "" | "jump" | "return" | "stop" | "break")."""
         words: list[str] = []
         for action in rule.actions:
-            words.append(_action_text(action))
+            words.append(action_text(action))
             match action:
                 case SetMark(mark):
                     pkt.mark = mark
@@ -299,25 +299,6 @@ class _Evaluator:
                 case Return():
                     return " ".join(words), "return"
         return " ".join(words) or "counted", ""
-
-
-def _action_text(action: Action) -> str:
-    match action:
-        case Jump(chain):
-            return f"jump {chain}"
-        case Redirect(port):
-            return f"redirect to :{port}"
-        case TProxy(family, port):
-            return f"tproxy {family} to :{port}"
-        case SetMark(mark):
-            return f"meta mark set {mark}"
-        case MarkFromCtMark():
-            return "meta mark set ct mark"
-        case CtMarkFromMark():
-            return "ct mark set meta mark"
-        case SetCtZone(zone):
-            return f"ct zone set {zone}"
-    return type(action).__name__.lower()
 
 
 def _hook_text(chain: Chain) -> str:
