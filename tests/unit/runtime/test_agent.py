@@ -14,6 +14,7 @@ import pytest
 from interceptd.config import Config
 from interceptd.config import options as config
 from interceptd.errors import ConfigError
+from interceptd.ruleset import names as N
 from interceptd.ruleset.facts import HostFacts
 from interceptd.runtime import logs
 from interceptd.runtime.agent import Agent, Backoff
@@ -77,7 +78,7 @@ def test_start_applies_and_notifies_ready(h: Harness) -> None:
 def test_drift_is_repaired_counted_and_logged(h: Harness) -> None:
     h.agent.apply_desired("start")
     assert h.agent.check("timer") == []
-    victim = next(r for r in h.table["rules"] if r["comment"] != "entry")
+    victim = next(r for r in h.table["rules"] if r["comment"] != N.ENTRY)
     h.table["rules"].remove(victim)
     assert not h.agent.kernel_matches()
     drift = h.agent.check("event")
