@@ -70,7 +70,7 @@ def test_check_and_del_follow_the_spec(node: CniNode, pod: str) -> None:
     added = node.chain("ADD", pod, "c-chk")
     cached = added[-1].out
     assert [r.rc for r in node.chain("CHECK", pod, "c-chk", cached=cached)] == [0, 0]
-    # Drift: CHECK reports it with the spec's error JSON, naming what changed.
+    # Drift: CHECK reports it with the CNI specification's error JSON, naming what changed.
     sh("nft", "flush", "chain", "inet", "interceptd", "istio-output", ns=pod)
     res = node.exec(node.plugins()[1], "CHECK", f"/run/netns/{pod}", "c-chk", prev=cached)
     assert res.rc != 0 and res.out is not None

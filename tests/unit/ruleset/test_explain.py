@@ -52,7 +52,7 @@ def verdict(conn: Connection, config: Config | None = None, facts: HostFacts = V
     return v.action, v.address, v.port
 
 
-# Every row of the spec 2.7 table (10.0.0.x there is 192.0.2.x here).
+# Every row of the seed's decision table in docs/istio-compatibility.md (pod 192.0.2.2, peer 192.0.2.1).
 SPEC_ROWS = [
     *[(inbound(p), ("redirect", "primary address of eth0", 15006)) for p in (80, 8080, 15001, 15006)],
     *[(inbound(p), ("none", POD, p)) for p in (15008, 15090, 15021, 15020)],
@@ -73,7 +73,7 @@ SPEC_ROWS = [
 
 
 @pytest.mark.parametrize(("conn", "expected"), SPEC_ROWS, ids=[c.describe() for c, _ in SPEC_ROWS])
-def test_spec_2_7_table(conn: Connection, expected: tuple[str, str, int]) -> None:
+def test_seed_decision_table(conn: Connection, expected: tuple[str, str, int]) -> None:
     assert verdict(conn) == expected
 
 

@@ -1,4 +1,4 @@
-"""Render variants of issue 3 (TPROXY, DNS, IPv6, interfaces) and the routes/::6 state around the table."""
+"""Render variants (TPROXY, DNS, IPv6, interfaces) and the routes/::6 state around the table."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def names(rs: Ruleset, chain: str) -> list[str]:
     return [r.name for r in rs.chain(chain).rules]
 
 
-def test_tproxy_layout_follows_spec_2_2_and_2_4() -> None:
+def test_tproxy_layout_follows_istio_order() -> None:
     rs = render(cfg(**TPROXY, local_exclude_ports="15090"), V6)
     assert names(rs, N.MANGLE_PREROUTING) == [N.ENTRY, N.RULE_TPROXY_INBOUND_JUMP, N.RULE_SAVE_MARK]
     assert names(rs, N.TPROXY_INBOUND) == [
