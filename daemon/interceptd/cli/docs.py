@@ -17,6 +17,7 @@ from pathlib import Path
 from interceptd.cli import main as cli
 from interceptd.config import OPTIONS, Option
 from interceptd.config.values import split_list
+from interceptd.errors import InterceptdError
 
 BEGIN = "<!-- BEGIN GENERATED REFERENCE: regenerate with `make docs`, do not edit by hand -->"
 END = "<!-- END GENERATED REFERENCE -->"
@@ -144,7 +145,7 @@ def splice(document: str, body: str, path: str = README_PATH) -> str:
 
 
 def write(root: Path) -> list[str]:
-    """Regenerate the documents under `root`; returns the paths that changed."""
+    """Regenerate the documents under `root`; returns what changed, one line each."""
     changed = []
     readme = root / README_PATH
     compat = root / COMPAT_PATH
@@ -152,24 +153,40 @@ def write(root: Path) -> list[str]:
                readme: splice(readme.read_text(encoding="utf-8"), readme_reference()),
                compat: splice(compat.read_text(encoding="utf-8"), compat_reference(), COMPAT_PATH)}
     for path, text in targets.items():
-        if not path.exists() or path.read_text(encoding="utf-8") != text:
-            path.write_text(text, encoding="utf-8")
-            changed.append(str(path))
+        if update(path, text):
+            changed.append(f"regenerated {path}")
     return changed
 
 
-def main(argv: Sequence[str]) -> int:
+def update(path: Path, text: str) -> bool:
+    """Write `text` to `path` unless it holds it already (so an unchanged file keeps its timestamp)."""
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return False
+    path.write_text(text, encoding="utf-8")
+    return True
+
+
+def write_main(argv: Sequence[str], module: str, write_root: Callable[[Path], list[str]]) -> int:
+    """`python -m MODULE write ROOT`, the generators' shared command line: what changed on stdout, an error as
+    one line on stderr."""
     if len(argv) != 2 or argv[0] != "write":
-        print("usage: python -m interceptd.cli.docs write ROOT", file=sys.stderr)
+        print(f"usage: python -m {module} write ROOT", file=sys.stderr)
         return 2
     try:
-        changed = write(Path(argv[1]))
+        changed = write_root(Path(argv[1]))
+    except InterceptdError as exc:
+        print(f"{module}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except ValueError as exc:
-        print(f"interceptd.docs: {exc}", file=sys.stderr)
+        print(f"{module}: {exc}", file=sys.stderr)
         return 2
-    for path in changed:
-        print(f"regenerated {path}")
+    for line in changed:
+        print(line)
     return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    return write_main(argv, "interceptd.cli.docs", write)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from interceptd.cli import commands
+from interceptd.cli import commands, docs
 from interceptd.cli import main as cli
-from interceptd.errors import InterceptdError
 from interceptd.ruleset.facts import IPAddress
 from interceptd.system import host
 
@@ -66,9 +65,8 @@ def write(root: Path) -> list[str]:
     changed = []
     wanted = cases(root)
     for name, argv in wanted.items():
-        path, text = golden_path(root, name), render_case(argv)
-        if not path.exists() or path.read_text(encoding="utf-8") != text:
-            path.write_text(text, encoding="utf-8")
+        path = golden_path(root, name)
+        if docs.update(path, render_case(argv)):
             changed.append(f"regenerated {path}")
     for path in sorted((root / GOLDEN_DIR).glob("*.nft")):
         if path.stem not in wanted:
@@ -78,17 +76,7 @@ def write(root: Path) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> int:
-    if len(argv) != 2 or argv[0] != "write":
-        print("usage: python -m interceptd.cli.golden write ROOT", file=sys.stderr)
-        return 2
-    try:
-        changed = write(Path(argv[1]))
-    except InterceptdError as exc:
-        print(f"interceptd.golden: {exc}", file=sys.stderr)
-        return exc.exit_code
-    for line in changed:
-        print(line)
-    return 0
+    return docs.write_main(argv, "interceptd.cli.golden", write)
 
 
 if __name__ == "__main__":

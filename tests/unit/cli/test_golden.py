@@ -83,3 +83,20 @@ def test_a_bad_format_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str])
     assert run_command(["render", "--format", "text", *SEED]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--format" in err and "'text'" in err
+
+
+def test_make_golden_writes_removes_and_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    (tmp_path / golden.GOLDEN_DIR).mkdir(parents=True)
+    (tmp_path / golden.EXAMPLES_DIR).mkdir(parents=True)
+    (tmp_path / golden.GOLDEN_DIR / "seed.args").write_text(" ".join(f"'{a}'" for a in SEED) + "\n")
+    (tmp_path / golden.GOLDEN_DIR / "gone.nft").write_text("stale\n")
+    assert golden.main(["write", str(tmp_path)]) == 0
+    assert golden.golden_path(tmp_path, "seed").read_text() == golden.golden_path(ROOT, "seed").read_text()
+    assert not golden.golden_path(tmp_path, "gone").exists()
+    assert "removed" in capsys.readouterr().out
+    assert golden.main(["write", str(tmp_path)]) == 0 and capsys.readouterr().out == ""  # nothing to do
+    (tmp_path / golden.GOLDEN_DIR / "bad.args").write_text("-p 99999\n")
+    assert golden.main(["write", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "-p/--envoy-port" in err and "99999" in err
