@@ -15,51 +15,30 @@ from __future__ import annotations
 
 import ipaddress
 
-from interceptd.ruleset.model import (
-    META_KEYS,
-    Accept,
-    Action,
-    Chain,
-    CtMarkFromMark,
-    Drop,
-    Jump,
-    MarkFromCtMark,
-    Match,
-    NamedSet,
-    PolicyRoute,
-    Redirect,
-    Return,
-    Rule,
-    Ruleset,
-    Scalar,
-    SetCtZone,
-    SetMark,
-    SetRef,
-    TProxy,
-)
+from interceptd.ruleset import model as m
 from interceptd.ruleset.names import BASE_CHAIN_POLICY, counter_name
 
 INDENT = "\t"
 
 
-def scalar_text(value: Scalar) -> str:
+def scalar_text(value: m.Scalar) -> str:
     """One value as nft writes it: host prefixes as plain addresses, port ranges as first-last."""
     if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
         return str(value.network_address) if value.prefixlen == value.max_prefixlen else str(value)
     return str(value)
 
 
-def _string_text(value: Scalar, quoted: bool) -> str:
+def _string_text(value: m.Scalar, quoted: bool) -> str:
     return f'"{value}"' if quoted else scalar_text(value)
 
 
-def match_text(match: Match) -> str:
+def match_text(match: m.Match) -> str:
     """`iifname "lo"`, `meta skuid != @proxy-uids`, `tcp dport != { 53, 15008 }`, `ct state established,related`."""
     key = match.key
     quoted = key in ("iifname", "oifname")  # interface names are strings even when they look like words
-    left = f"meta {key}" if key in META_KEYS and not quoted else key
+    left = f"meta {key}" if key in m.META_KEYS and not quoted else key
     value = match.value
-    if isinstance(value, SetRef):
+    if isinstance(value, m.SetRef):
         right = f"@{value.name}"
     elif isinstance(value, tuple):
         if key == "ct state":
@@ -71,41 +50,41 @@ def match_text(match: Match) -> str:
     return f"{left} {'!= ' if match.negate else ''}{right}"
 
 
-def action_text(action: Action) -> str:
+def action_text(action: m.Action) -> str:
     match action:
-        case Jump(chain):
+        case m.Jump(chain):
             return f"jump {chain}"
-        case Return():
+        case m.Return():
             return "return"
-        case Accept():
+        case m.Accept():
             return "accept"
-        case Drop():
+        case m.Drop():
             return "drop"
-        case Redirect(port):
+        case m.Redirect(port):
             return f"redirect to :{port}"
-        case TProxy(family, port):
+        case m.TProxy(family, port):
             return f"tproxy {family} to :{port}"
-        case SetMark(value):
+        case m.SetMark(value):
             return f"meta mark set {value}"
-        case MarkFromCtMark():
+        case m.MarkFromCtMark():
             return "meta mark set ct mark"
-        case CtMarkFromMark():
+        case m.CtMarkFromMark():
             return "ct mark set meta mark"
-        case SetCtZone(zone):
+        case m.SetCtZone(zone):
             return f"ct zone set {zone}"
     raise TypeError(action)
 
 
-def rule_text(chain: Chain, rule: Rule) -> str:
+def rule_text(chain: m.Chain, rule: m.Rule) -> str:
     """One rule line: its matches, its named counter, its statements, its name as the comment."""
-    words = [match_text(m) for m in rule.matches]
+    words = [match_text(test) for test in rule.matches]
     words.append(f'counter name "{counter_name(chain.name, rule.name)}"')
     words += [action_text(a) for a in rule.actions]
     words.append(f'comment "{rule.name}"')
     return " ".join(words)
 
 
-def set_lines(nset: NamedSet) -> list[str]:
+def set_lines(nset: m.NamedSet) -> list[str]:
     quoted = nset.type == "ifname"
     lines = [f"set {nset.name} {{", f"{INDENT}type {nset.type}"]
     if nset.interval:
@@ -115,7 +94,7 @@ def set_lines(nset: NamedSet) -> list[str]:
     return [*lines, "}"]
 
 
-def chain_lines(chain: Chain) -> list[str]:
+def chain_lines(chain: m.Chain) -> list[str]:
     lines = [f"chain {chain.name} {{"]
     if chain.hook is not None:
         lines.append(f"{INDENT}type {chain.hook.type} hook {chain.hook.hook} priority {chain.hook.priority}; "
@@ -127,7 +106,7 @@ def chain_lines(chain: Chain) -> list[str]:
     return [*lines, "}"]
 
 
-def route_comments(ruleset: Ruleset) -> list[str]:
+def route_comments(ruleset: m.Ruleset) -> list[str]:
     """The kernel state interceptd keeps next to the table, as the `ip` commands that would make it."""
     lines = []
     for route in sorted(ruleset.routes):
@@ -139,13 +118,13 @@ def route_comments(ruleset: Ruleset) -> list[str]:
     return lines
 
 
-def _route_lines(route: PolicyRoute) -> list[str]:
+def _route_lines(route: m.PolicyRoute) -> list[str]:
     default = "0.0.0.0/0" if route.family == 4 else "::/0"
     return [f"# ip -{route.family} rule add fwmark {route.mark} lookup {route.table}",
             f"# ip -{route.family} route add local {default} dev lo table {route.table}"]
 
 
-def ruleset_text(ruleset: Ruleset) -> str:
+def ruleset_text(ruleset: m.Ruleset) -> str:
     """The whole table as one `nft -f` document, ending with a newline."""
     blocks = [set_lines(nset) for nset in ruleset.sets]
     blocks.append([f"counter {name} {{ }}" for name in ruleset.counter_names()])
