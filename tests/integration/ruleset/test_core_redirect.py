@@ -13,6 +13,8 @@ from collections.abc import Iterator
 import pytest
 from support.netlab import VENV_BIN, Lab, sh
 
+from interceptd.ruleset import names as N
+
 SEED = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*",
         "-d", "15090,15021,15020"]
 POD_PORTS = (80, 8080, 9080, 15001, 15006, 15008, 15090, 15021, 15020)
@@ -112,9 +114,9 @@ def test_status_shows_counters(seeded: Lab) -> None:
         seeded.request(seeded.pod, "192.0.2.1", 9999, uid=1000, gid=1000)
     doc = json.loads(seeded.interceptd("status", "--json").stdout)
     rules = {(c["name"], r["name"]): r["packets"] for c in doc["chains"] for r in c["rules"]}
-    assert rules[("istio-redirect", "redirect-outbound")] == 3
+    assert rules[(N.ISTIO_REDIRECT, N.RULE_REDIRECT_OUTBOUND)] == 3
     text = seeded.interceptd("status").stdout
-    assert "redirect-outbound" in text and "Chain istio-output" in text
+    assert N.RULE_REDIRECT_OUTBOUND in text and "Chain istio-output" in text
 
 
 class TestLists:
@@ -168,12 +170,12 @@ class TestLists:
         assert landed(lab.request(lab.pod, lab.peer_ip, 9999, uid=1000, gid=1000))[1] == 15001
         lab.interceptd("apply", "-i", "*")
         sets = sh("nft", "list", "sets", "table", "inet", "interceptd", ns=lab.pod).stdout
-        assert "exclude-cidrs-v4" not in sets  # nothing the new config does not need is left behind
+        assert N.SET_EXCLUDE_CIDRS[4] not in sets  # nothing the new config does not need is left behind
 
 
 def test_unchanged_sets_are_not_rewritten_on_reapply(lab: Lab) -> None:
     """The kernel lists our sets exactly as we render them, so a re-apply leaves unchanged sets alone."""
-    from netlab import call_in
+    from support.netlab import call_in
 
     args = {"service_cidr": "*", "service_exclude_cidr": "10.0.0.0/8,192.0.2.1,198.51.100.0/25,2001:db8::/40",
             "inbound_ports": "*", "local_exclude_ports": "15090,15020-15021,22", "outbound_ports": "8000-8100",
@@ -196,4 +198,4 @@ def test_unchanged_sets_are_not_rewritten_on_reapply(lab: Lab) -> None:
         return [c["flush"]["set"]["name"] for c in doc["nftables"] if "set" in c.get("flush", {})]
 
     assert call_in(lab.pod, plan, args["service_exclude_cidr"]) == []
-    assert call_in(lab.pod, plan, "10.0.0.0/8,192.0.2.2,198.51.100.0/25,2001:db8::/40") == ["exclude-cidrs-v4"]
+    assert call_in(lab.pod, plan, "10.0.0.0/8,192.0.2.2,198.51.100.0/25,2001:db8::/40") == [N.SET_EXCLUDE_CIDRS[4]]
