@@ -128,7 +128,9 @@ class _Builder:
 
     # -- sets --------------------------------------------------------------------------------------
     def named(self, name: str, type_: str, elements: Iterable[Scalar], interval: bool = False) -> SetRef:
-        self.sets[name] = NamedSet(name, type_, tuple(elements), interval)
+        """A set holds each element once: the kernel drops a repeated one (`-c eth1,eth1`), so a rendered
+        duplicate would make the read-back never match the render."""
+        self.sets[name] = NamedSet(name, type_, tuple(dict.fromkeys(elements)), interval)
         return SetRef(name)
 
     def ports(self, name: str, ports: Iterable[PortRange]) -> SetRef:

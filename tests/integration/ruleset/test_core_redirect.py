@@ -199,3 +199,31 @@ def test_unchanged_sets_are_not_rewritten_on_reapply(lab: Lab) -> None:
 
     assert call_in(lab.pod, plan, args["service_exclude_cidr"]) == []
     assert call_in(lab.pod, plan, "10.0.0.0/8,192.0.2.2,198.51.100.0/25,2001:db8::/40") == [N.SET_EXCLUDE_CIDRS[4]]
+
+
+def _apply_as_the_agent(args: dict[str, str]) -> dict[str, list[str]]:
+    """In the namespace: apply with the read-back check the agent relies on; the sets as the kernel lists them."""
+    from interceptd.config import load
+    from interceptd.control import install
+    from interceptd.ruleset.render import render
+    from interceptd.system import host
+    from interceptd.system.kernel import NftKernel
+    from interceptd.system.routes import Netlink
+
+    config = load(args, {})
+    applied = install.apply(NftKernel(), Netlink(), render(config, host.detect(config, ipv6_override=False)))
+    return {item["set"]["name"]: [str(e) for e in item["set"].get("elem", [])]
+            for item in applied.listing if "set" in item}
+
+
+def test_repeated_list_entries_are_one_set_element(lab: Lab) -> None:
+    """The kernel keeps a repeated interface once; the render must too, or the agent's read-back never
+    matches and every apply is taken for a race with another process."""
+    from support.netlab import call_in
+
+    args = {"service_cidr": "*", "inbound_ports": "*", "proxy_uid": "1337,1337", "exclude_interfaces": "eth9,eth9",
+            "kube_virt_interfaces": "k0,k1,k0"}
+    sets = call_in(lab.pod, _apply_as_the_agent, args)
+    assert sets[N.SET_EXCLUDE_INTERFACES] == ["eth9"]
+    assert sorted(sets[N.SET_KUBE_VIRT_INTERFACES]) == ["k0", "k1"]
+    assert sets[N.SET_PROXY_UIDS] == ["1337"]
