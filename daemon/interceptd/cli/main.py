@@ -25,7 +25,7 @@ NAT_NOTE = ("Counters: nat chains see only the first packet of each connection, 
             "connections; mangle and raw chains count every packet.")
 
 COMMANDS = {
-    "render": "print the nftables JSON ruleset for the configuration (no root, no kernel)",
+    "render": "print the ruleset for the configuration, as nftables JSON or nft text (no root, no kernel)",
     "apply": "install the ruleset atomically and exit (init-container mode); a re-apply also removes the "
              "chains, sets and TPROXY routes the new configuration no longer needs",
     "run": "install the ruleset and keep it in place: repair drift, reload on SIGHUP (agent mode)",
