@@ -7,7 +7,7 @@ SYSPY := /usr/bin/python3
 APT_PACKAGES := nftables python3-nftables python3-venv iproute2 iptables util-linux prometheus containernetworking-plugins systemd libcap2-bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all deps venv test unit integration lint demo bench clean docs image-test fuzz soak
+.PHONY: all deps venv test unit integration lint demo bench clean docs golden image-test fuzz soak
 
 all: test
 
@@ -44,7 +44,7 @@ fuzz: venv
 	  tests/unit/config/test_fuzz_config.py tests/unit/cli/test_fuzz_cni.py tests/integration/ruleset/test_hardening_fuzz_nft.py \
 	  tests/integration/ruleset/test_explain_kernel.py
 
-# The hardening issue's full counts (about 10 minutes, not in CI): interception gap through 1,000 reloads,
+# The full hardening counts (about 10 minutes, not in CI): interception gap through 1,000 reloads,
 # 20 restarts and 1,000 drifts; 100,000 applies and scrapes with the agent's RSS/fds/threads slopes.
 soak: venv
 	$(PY) tests/soak.py
@@ -60,6 +60,11 @@ bench: venv
 # Regenerate config/interceptd.toml and README.md's reference from the option table and the CLI's parser.
 docs: venv
 	$(PY) -m interceptd.cli.docs write .
+
+# Regenerate tests/golden/*.nft (the nft text of every golden configuration) after a deliberate rule change;
+# review `git diff tests/golden` before committing.
+golden: venv
+	$(PY) -m interceptd.cli.golden write .
 
 # The Containerfile's install steps on a debootstrap'd Debian 12 root (no container engine runs here).
 # The base root is cached in $(IMAGE_TEST_CACHE); delete it to start cold.

@@ -1,4 +1,4 @@
-"""`make soak`: the issue's full counts, about 10 minutes, not in CI. Prints the figures as JSON.
+"""`make soak`: the full counts, about 10 minutes, not in CI. Prints the figures as JSON.
 
 1. Gap: probers outbound and inbound through 1,000 SIGHUP reloads, 20 restarts (SIGTERM, and SIGKILL in
    the middle of a reload's apply) and 1,000 injected drifts (flush or delete of the table).

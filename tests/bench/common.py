@@ -42,7 +42,7 @@ def bench_ports(n: int) -> list[int]:
 
 
 def bench_settings(n_cidrs: int, n_ports: int) -> dict[str, object]:
-    """The seed command line of the spec (2.7) with n excluded CIDRs (-x) and n inbound ports (-d)."""
+    """The seed command line (docs/istio-compatibility.md) with n excluded CIDRs (-x) and n inbound ports (-d)."""
     return {"envoy_port": 15001, "inbound_capture_port": 15006, "proxy_uid": "1337",
             "inbound_interception_mode": "REDIRECT", "service_cidr": "*", "inbound_ports": "*",
             "service_exclude_cidr": bench_cidrs(n_cidrs), "local_exclude_ports": bench_ports(n_ports)}

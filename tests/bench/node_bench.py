@@ -1,7 +1,7 @@
 """The node agent: start-up, memory, idle CPU, drift repair and the full reconcile pass, at 250 and 1,000 pods.
 
 A real `interceptd node` watches a private directory of throw-away namespaces (an address on lo each, the
-spec's seed configuration), kernel events on, the default 10 s backstop. Figures:
+seed configuration), kernel events on, the default 10 s backstop. Figures:
 - start: from exec to /readyz 200 (every namespace applied);
 - RSS after start and peak (VmHWM), from /proc; target < 100 MB at 250;
 - idle CPU over the idle window (which includes the backstop passes), as % of one core;

@@ -13,6 +13,7 @@ from interceptd.errors import ConfigError
 from interceptd.ruleset import status
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.nftjson import Existing, transaction
+from interceptd.ruleset.nfttext import ruleset_text
 from interceptd.ruleset.render import render
 from interceptd.runtime import logs
 from interceptd.runtime.agent import Agent
@@ -20,19 +21,23 @@ from interceptd.system import host, preflight
 from interceptd.system.kernel import NftKernel
 from interceptd.system.routes import Netlink
 
-_IPV6_CHOICE = {"auto": None, "on": True, "off": False}
+IPV6_CHOICE = {"auto": None, "on": True, "off": False}
 
 
 def facts_for(config: Config, ipv6: str = "auto") -> HostFacts:
-    return host.detect(config, ipv6_override=_IPV6_CHOICE[ipv6])
+    return host.detect(config, ipv6_override=IPV6_CHOICE[ipv6])
 
 
-def print_render(config: Config, facts: HostFacts) -> None:
-    print(json.dumps(transaction(render(config, facts), Existing.empty()), indent=2))
+def rendered(config: Config, facts: HostFacts, fmt: str = "json") -> str:
+    """`render`'s output: the JSON transaction the kernel is given, or the same table as nft text."""
+    ruleset = render(config, facts)
+    if fmt == "nft":
+        return ruleset_text(ruleset)
+    return json.dumps(transaction(ruleset, Existing.empty()), indent=2) + "\n"
 
 
 def cmd_render(args: argparse.Namespace, config: Config) -> int:
-    print_render(config, facts_for(config, args.ipv6))
+    print(rendered(config, facts_for(config, args.ipv6), args.format), end="")
     return 0
 
 
@@ -44,7 +49,7 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
                           "and apply exits at once")
     if config.dry_run:
         # Istio's nft backend applies for real in dry-run; interceptd never touches the kernel.
-        print_render(config, facts_for(config))
+        print(rendered(config, facts_for(config)), end="")
         return 0
     if not config.skip_rule_apply:
         facts = facts_for(config)

@@ -1,7 +1,8 @@
 """Generate the reference documents from the option table and the CLI parser, so they cannot drift.
 
-`python -m interceptd.cli.docs write ROOT` rewrites config/interceptd.toml and the reference section of
-README.md (between the markers); `make docs` runs it, and a test fails when either file is out of date.
+`python -m interceptd.cli.docs write ROOT` rewrites config/interceptd.toml and the generated sections of
+README.md and docs/istio-compatibility.md (between the markers); `make docs` runs it, and a test fails when a
+file is out of date.
 """
 
 from __future__ import annotations
@@ -10,17 +11,19 @@ import argparse
 import json
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from interceptd.cli import main as cli
 from interceptd.config import OPTIONS, Option
 from interceptd.config.values import split_list
+from interceptd.errors import InterceptdError
 
 BEGIN = "<!-- BEGIN GENERATED REFERENCE: regenerate with `make docs`, do not edit by hand -->"
 END = "<!-- END GENERATED REFERENCE -->"
 TOML_PATH = "config/interceptd.toml"
 README_PATH = "README.md"
+COMPAT_PATH = "docs/istio-compatibility.md"
 
 _SCOPE_TITLE = {"capture": "Capture (istio-iptables flags)", "compat": "Accepted for istio-iptables compatibility",
                 "agent": "interceptd's own settings"}
@@ -101,17 +104,34 @@ def readme_reference() -> str:
             "an explicit one (`--dry-run=false`). Lists are comma-separated.", ""]
     accepted_by = {o.key: [n for n, _, sub in commands if any(a.dest == o.key for a in sub._actions)]
                    for o in OPTIONS}
+
+    def only(option: Option) -> str:
+        names = accepted_by[option.key]
+        return "" if len(names) == len(commands) else f" (only: {', '.join(names)})"
+
     for scope, title in _SCOPE_TITLE.items():
-        out += [f"#### {title}", "", "| flag | short | environment | TOML key | default | meaning |",
-                "|---|---|---|---|---|---|"]
-        for o in (o for o in OPTIONS if o.scope == scope):
-            only = "" if len(accepted_by[o.key]) == len(commands) else f" (only: {', '.join(accepted_by[o.key])})"
-            envs = "<br>".join(f"`{e}`" for e in o.envs)
-            short = f"`-{o.short}`" if o.short else ""
-            out.append(f"| `{o.flag}` | {short} | {envs} | `{o.key}` | {_code(o.default)} | "
-                       f"{_cell(o.help)}{_cell(only)} |")
-        out.append("")
+        out += [f"#### {title}", "", *options_table(scope, only), ""]
     out += ["`--config FILE` names the TOML file; `config/interceptd.toml` lists every key at its default.", ""]
+    return "\n".join(out)
+
+
+def options_table(scope: str, note: Callable[[Option], str] = lambda option: "") -> list[str]:
+    """The markdown table of one scope's options: flag, short letter, variables (a later one wins over an
+    earlier one), TOML key, default and meaning (followed by `note`)."""
+    out = ["| flag | short | environment | TOML key | default | meaning |", "|---|---|---|---|---|---|"]
+    for o in (o for o in OPTIONS if o.scope == scope):
+        envs = "<br>".join(f"`{e}`" for e in o.envs)
+        short = f"`-{o.short}`" if o.short else ""
+        out.append(f"| `{o.flag}` | {short} | {envs} | `{o.key}` | {_code(o.default)} | "
+                   f"{_cell(o.help)}{_cell(note(o))} |")
+    return out
+
+
+def compat_reference() -> str:
+    """docs/istio-compatibility.md's option tables: istio-iptables' flags and the ones accepted for it."""
+    out: list[str] = []
+    for scope in ("capture", "compat"):
+        out += [f"#### {_SCOPE_TITLE[scope]}", "", *options_table(scope), ""]
     return "\n".join(out)
 
 
@@ -125,30 +145,48 @@ def splice(document: str, body: str, path: str = README_PATH) -> str:
 
 
 def write(root: Path) -> list[str]:
-    """Regenerate both documents under `root`; returns the paths that changed."""
+    """Regenerate the documents under `root`; returns what changed, one line each."""
     changed = []
     readme = root / README_PATH
+    compat = root / COMPAT_PATH
     targets = {root / TOML_PATH: toml_reference(),
-               readme: splice(readme.read_text(encoding="utf-8"), readme_reference())}
+               readme: splice(readme.read_text(encoding="utf-8"), readme_reference()),
+               compat: splice(compat.read_text(encoding="utf-8"), compat_reference(), COMPAT_PATH)}
     for path, text in targets.items():
-        if not path.exists() or path.read_text(encoding="utf-8") != text:
-            path.write_text(text, encoding="utf-8")
-            changed.append(str(path))
+        if update(path, text):
+            changed.append(f"regenerated {path}")
     return changed
 
 
-def main(argv: Sequence[str]) -> int:
+def update(path: Path, text: str) -> bool:
+    """Write `text` to `path` unless it holds it already (so an unchanged file keeps its timestamp)."""
+    if path.exists() and path.read_text(encoding="utf-8") == text:
+        return False
+    path.write_text(text, encoding="utf-8")
+    return True
+
+
+def write_main(argv: Sequence[str], module: str, write_root: Callable[[Path], list[str]]) -> int:
+    """`python -m MODULE write ROOT`, the generators' shared command line: what changed on stdout, an error as
+    one line on stderr."""
     if len(argv) != 2 or argv[0] != "write":
-        print("usage: python -m interceptd.cli.docs write ROOT", file=sys.stderr)
+        print(f"usage: python -m {module} write ROOT", file=sys.stderr)
         return 2
     try:
-        changed = write(Path(argv[1]))
+        changed = write_root(Path(argv[1]))
+    except InterceptdError as exc:
+        print(f"{module}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except ValueError as exc:
-        print(f"interceptd.docs: {exc}", file=sys.stderr)
+        print(f"{module}: {exc}", file=sys.stderr)
         return 2
-    for path in changed:
-        print(f"regenerated {path}")
+    for line in changed:
+        print(line)
     return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    return write_main(argv, "interceptd.cli.docs", write)
 
 
 if __name__ == "__main__":

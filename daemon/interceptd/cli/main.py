@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
 from interceptd import __version__
@@ -25,7 +25,7 @@ NAT_NOTE = ("Counters: nat chains see only the first packet of each connection, 
             "connections; mangle and raw chains count every packet.")
 
 COMMANDS = {
-    "render": "print the nftables JSON ruleset for the configuration (no root, no kernel)",
+    "render": "print the ruleset for the configuration, as nftables JSON or nft text (no root, no kernel)",
     "apply": "install the ruleset atomically and exit (init-container mode); a re-apply also removes the "
              "chains, sets and TPROXY routes the new configuration no longer needs",
     "run": "install the ruleset and keep it in place: repair drift, reload on SIGHUP (agent mode)",
@@ -109,10 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "render":
             p.add_argument("--ipv6", choices=("auto", "on", "off"), default="auto",
                            help="assume IPv6 on or off instead of reading the namespace's addresses")
+            p.add_argument("--format", choices=("json", "nft"), default="json",
+                           help="json: the libnftables transaction that is applied; nft: the same table as "
+                           "`nft -f` text, each rule with its meaning")
     return parser
 
 
-def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Config]:
+def parse(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[argparse.Namespace, Config]:
+    """The command line (and the environment, os.environ unless given) as arguments and a Config."""
     args_list, bools = normalise_argv(argv)
     args = build_parser().parse_args(args_list)
     if args.command is None:
@@ -120,7 +124,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Config]:
     flags = {o.key: getattr(args, o.key) for o in OPTIONS if getattr(args, o.key, None) is not None}
     flags.update(bools)
     args.option_flags = flags  # `run` re-reads file and environment on SIGHUP; the flags stay
-    return args, load_all(flags, config_path=args.config)
+    return args, load_all(flags, env, config_path=args.config)
 
 
 def _print_error(exc: InterceptdError) -> int:

@@ -1,3 +1,4 @@
-"""Layer 2, the ruleset, pure: Config + HostFacts -> Ruleset (model) -> nftables JSON (nftjson), and back
-(nftparse); drift between listings; `explain` evaluates a connection on the model. No I/O, no root.
+"""Layer 2, the ruleset, pure: Config + HostFacts -> Ruleset (model, every name from `names`) -> nftables JSON
+(nftjson) or nft text (nfttext), and back from a listing (nftparse); drift between listings; `explain`
+evaluates a connection on the model. No I/O, no root.
 """

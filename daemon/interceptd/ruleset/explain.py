@@ -23,7 +23,6 @@ from dataclasses import dataclass, field, replace
 from interceptd.config.values import PortRange
 from interceptd.ruleset.model import (
     Accept,
-    Action,
     Chain,
     CtMarkFromMark,
     Drop,
@@ -39,15 +38,22 @@ from interceptd.ruleset.model import (
     SetMark,
     SetRef,
     TProxy,
+)
+from interceptd.ruleset.names import (
+    ENTRY,
+    ISTIO_IN_REDIRECT,
+    ISTIO_OUTPUT_DNS,
+    ISTIO_REDIRECT,
+    ISTIO_TPROXY,
     counter_name,
 )
+from interceptd.ruleset.nfttext import action_text
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # What a redirect into each of interceptd's chains means (the chain names are part of the model).
-LISTENER_ROLE = {"istio-redirect": "the proxy's outbound listener", "istio-in-redirect": "the proxy's inbound "
-                 "listener", "istio-output-dns": "the agent's DNS proxy", "istio-tproxy": "the proxy's inbound "
-                 "listener"}
+LISTENER_ROLE = {ISTIO_REDIRECT: "the proxy's outbound listener", ISTIO_IN_REDIRECT: "the proxy's inbound listener",
+                 ISTIO_OUTPUT_DNS: "the agent's DNS proxy", ISTIO_TPROXY: "the proxy's inbound listener"}
 _SHOWN_ELEMENTS = 8
 _FAMILY_WORD = {"ipv4": "IPv4", "ipv6": "IPv6"}
 _KEY_WORD = {"skuid": "uid", "skgid": "gid", "l4proto": "protocol", "nfproto": "family", "mark": "packet mark"}
@@ -262,7 +268,7 @@ class _Evaluator:
         """Apply the rule's statements; returns (what happened, "" | "jump" | "return" | "stop" | "break")."""
         words: list[str] = []
         for action in rule.actions:
-            words.append(_action_text(action))
+            words.append(action_text(action))
             match action:
                 case SetMark(mark):
                     pkt.mark = mark
@@ -293,25 +299,6 @@ class _Evaluator:
                 case Return():
                     return " ".join(words), "return"
         return " ".join(words) or "counted", ""
-
-
-def _action_text(action: Action) -> str:
-    match action:
-        case Jump(chain):
-            return f"jump {chain}"
-        case Redirect(port):
-            return f"redirect to :{port}"
-        case TProxy(family, port):
-            return f"tproxy {family} to :{port}"
-        case SetMark(mark):
-            return f"meta mark set {mark}"
-        case MarkFromCtMark():
-            return "meta mark set ct mark"
-        case CtMarkFromMark():
-            return "ct mark set meta mark"
-        case SetCtZone(zone):
-            return f"ct zone set {zone}"
-    return type(action).__name__.lower()
 
 
 def _hook_text(chain: Chain) -> str:
@@ -398,7 +385,7 @@ def format_text(explanation: Explanation, all_rules: bool = False) -> str:
         elif s.kind == "leave":
             if all_rules:
                 lines.append(f"{pad}  <- {s.reason}")
-        elif s.rule != "entry" or all_rules:
+        elif s.rule != ENTRY or all_rules:
             mark = "MATCH" if s.matched else "no   "
             what = f" -> {s.action}" if s.matched else ""
             lines.append(f"{pad}  {mark} {s.rule}: {s.reason or 'always'}{what}")

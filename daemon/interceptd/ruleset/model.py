@@ -8,13 +8,18 @@ actions only counts: each chain starts with one, named "entry", which is the cha
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from interceptd.config.values import IPNetwork, PortRange
+from interceptd.ruleset.names import counter_name
 
 # Fields a match can test, spelled as nft spells them.
-META_KEYS = ("iifname", "oifname", "l4proto", "nfproto", "skuid", "skgid", "mark")
-PAYLOAD_KEYS = ("tcp dport", "udp dport", "udp sport", "th dport", "ip saddr", "ip daddr", "ip6 saddr",
-                "ip6 daddr")
+InterfaceKey = Literal["iifname", "oifname"]
+OwnerKey = Literal["skuid", "skgid"]
+PortKey = Literal["tcp dport", "udp dport", "udp sport", "th dport"]
+AddressField = Literal["saddr", "daddr"]
+META_KEYS = (*get_args(InterfaceKey), "l4proto", "nfproto", *get_args(OwnerKey), "mark")
+PAYLOAD_KEYS = (*get_args(PortKey), "ip saddr", "ip daddr", "ip6 saddr", "ip6 daddr")
 CT_KEYS = ("ct mark", "ct state")
 
 Scalar = int | str | IPNetwork | PortRange
@@ -32,9 +37,52 @@ Value = Scalar | SetRef | tuple[Scalar, ...]  # a tuple is an anonymous set
 
 @dataclass(frozen=True)
 class Match:
+    """One test of a packet field. Build matches with the typed constructors below, which tie each key to the
+    values it can take: mypy then checks every match the renderer writes."""
+
     key: str
     value: Value
     negate: bool = False
+
+
+def protocol(*names: str) -> Match:
+    """`meta l4proto tcp`, or `meta l4proto { tcp, udp }` for several."""
+    return Match("l4proto", names[0] if len(names) == 1 else names)
+
+
+def nfproto(name: Literal["ipv4", "ipv6"]) -> Match:
+    return Match("nfproto", name)
+
+
+def interface(key: InterfaceKey, value: str | SetRef, negate: bool = False) -> Match:
+    return Match(key, value, negate)
+
+
+def owner(key: OwnerKey, ref: SetRef, negate: bool = False) -> Match:
+    """The socket's owner is (not) one of the set's ids; fails on packets without a local socket."""
+    return Match(key, ref, negate)
+
+
+def port(key: PortKey, value: int | SetRef | tuple[int, ...], negate: bool = False) -> Match:
+    return Match(key, value, negate)
+
+
+def address(version: int, fld: AddressField, value: IPNetwork | SetRef, negate: bool = False) -> Match:
+    """`ip daddr` for IPv4, `ip6 daddr` for IPv6: the version picks the header."""
+    return Match(f"{'ip' if version == 4 else 'ip6'} {fld}", value, negate)
+
+
+def mark(value: int, negate: bool = False) -> Match:
+    return Match("mark", value, negate)
+
+
+def ct_mark(value: int) -> Match:
+    return Match("ct mark", value)
+
+
+def ct_state(*states: str) -> Match:
+    """Any of the conntrack states (a bit mask test)."""
+    return Match("ct state", states[0] if len(states) == 1 else states)
 
 
 @dataclass(frozen=True)
@@ -158,8 +206,4 @@ class PolicyRoute:
     family: int  # 4 or 6
     mark: int
     table: int
-
-
-def counter_name(chain: str, rule: str) -> str:
-    return f"{chain}/{rule}"
 

@@ -35,8 +35,8 @@ from interceptd.ruleset.model import (
     SetMark,
     SetRef,
     TProxy,
-    counter_name,
 )
+from interceptd.ruleset.names import counter_name
 
 Json = dict[str, Any]
 

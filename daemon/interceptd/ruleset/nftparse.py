@@ -39,6 +39,7 @@ from interceptd.ruleset.model import (
     TProxy,
     Value,
 )
+from interceptd.ruleset.names import unnamed_rule
 from interceptd.ruleset.nftjson import Json
 
 _ADDRESS_TYPES = ("ipv4_addr", "ipv6_addr")
@@ -126,7 +127,7 @@ def _action(expr: Json, where: str) -> Action | None:
 
 
 def parse_rule(body: Json) -> Rule:
-    name = str(body.get("comment", f"handle-{body.get('handle')}"))
+    name = str(body.get("comment", unnamed_rule(body.get("handle"))))
     where = f"rule {body.get('chain')}/{name}"
     matches: list[Match] = []
     actions: list[Action] = []
@@ -170,4 +171,4 @@ def parse_listing(table: str, listing: Iterable[Json], family: str = "inet") -> 
 def rule_handles(listing: Iterable[Json]) -> dict[tuple[str, int], str]:
     """(chain, handle) -> rule name: how a kernel trace event is mapped back to a rule."""
     rules = [item["rule"] for item in listing if "rule" in item and "handle" in item["rule"]]
-    return {(r["chain"], int(r["handle"])): str(r.get("comment", f"handle-{r['handle']}")) for r in rules}
+    return {(r["chain"], int(r["handle"])): str(r.get("comment", unnamed_rule(r["handle"]))) for r in rules}

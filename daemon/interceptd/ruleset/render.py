@@ -1,4 +1,6 @@
-"""Pure rendering: Config + HostFacts -> Ruleset, reproducing istio-iptables' decisions (spec section 2).
+"""Pure rendering: Config + HostFacts -> Ruleset, reproducing istio-iptables' decisions.
+
+The decisions, rule by rule, are described in docs/istio-compatibility.md ("Which connection goes where").
 
 The evaluation order between the groups of rules is Istio's; inside a group, the one-rule-per-entry lists
 become named sets, so the number of rules does not depend on the list sizes.
@@ -11,6 +13,7 @@ from collections.abc import Iterable
 
 from interceptd.config import Config
 from interceptd.config.values import IPNetwork, PortRange
+from interceptd.ruleset import names as N
 from interceptd.ruleset.facts import HostFacts, IPAddress
 from interceptd.ruleset.model import (
     Accept,
@@ -19,10 +22,12 @@ from interceptd.ruleset.model import (
     CtMarkFromMark,
     Drop,
     Hook,
+    InterfaceKey,
     Jump,
     MarkFromCtMark,
     Match,
     NamedSet,
+    OwnerKey,
     PolicyRoute,
     Redirect,
     Return,
@@ -33,6 +38,15 @@ from interceptd.ruleset.model import (
     SetMark,
     SetRef,
     TProxy,
+    address,
+    ct_mark,
+    ct_state,
+    interface,
+    mark,
+    nfproto,
+    owner,
+    port,
+    protocol,
 )
 
 DNS_PORT = 53
@@ -42,21 +56,26 @@ PASSTHROUGH_V4 = ipaddress.ip_network("127.0.0.6/32")
 PASSTHROUGH_V6 = ipaddress.ip_network("::6/128")
 LOOPBACK_V6 = ipaddress.ip_network("::1/128")
 
-NAT_PREROUTING = Hook("nat", "prerouting", -100)
-NAT_OUTPUT = Hook("nat", "output", -100)
-MANGLE_PREROUTING = Hook("filter", "prerouting", -150)
-MANGLE_OUTPUT = Hook("route", "output", -150)
-RAW_PREROUTING = Hook("filter", "prerouting", -300)
-RAW_OUTPUT = Hook("filter", "output", -300)
+# The base chains, declared once: Istio's tables and priorities (nat -100, mangle -150, raw -300) folded into one
+# inet table; the policy is always accept, so a packet no rule decides goes on untouched.
+BASE_CHAINS: dict[str, Hook] = {
+    N.PREROUTING: Hook("nat", "prerouting", -100),
+    N.OUTPUT: Hook("nat", "output", -100),
+    N.MANGLE_PREROUTING: Hook("filter", "prerouting", -150),
+    N.MANGLE_OUTPUT: Hook("route", "output", -150),  # route: a changed mark re-routes the packet (TPROXY)
+    N.RAW_PREROUTING: Hook("filter", "prerouting", -300),  # before conntrack: zones must be set first
+    N.RAW_OUTPUT: Hook("filter", "output", -300),
+}
 
-TCP = Match("l4proto", "tcp")
-TCP_UDP = Match("l4proto", ("tcp", "udp"))
-LO_OUT = Match("oifname", "lo")
-LO_IN = Match("iifname", "lo")
+TCP = protocol("tcp")
+TCP_UDP = protocol("tcp", "udp")
+LO_OUT = interface("oifname", "lo")
+LO_IN = interface("iifname", "lo")
+ENTRY = Rule(N.ENTRY)
 
 
-def _m(key: str, value: object, negate: bool = False) -> Match:
-    return Match(key, value, negate)  # type: ignore[arg-type]
+def base_chain(name: str, rules: Iterable[Rule]) -> Chain:
+    return Chain(name, tuple(rules), BASE_CHAINS[name])
 
 
 def rule(name: str, why: str, *parts: Match | Action) -> Rule:
@@ -118,8 +137,9 @@ class _Builder:
         merged = merge_ports(ports)
         return self.named(name, "inet_service", merged, any(p.first != p.last for p in merged))
 
-    def cidrs(self, name: str, nets: Iterable[IPNetwork], version: int) -> SetRef:
-        return self.named(name, "ipv4_addr" if version == 4 else "ipv6_addr", merge_cidrs(nets, version), True)
+    def cidrs(self, names: dict[int, str], nets: Iterable[IPNetwork], version: int) -> SetRef:
+        return self.named(names[version], "ipv4_addr" if version == 4 else "ipv6_addr", merge_cidrs(nets, version),
+                          True)
 
     # -- helpers -----------------------------------------------------------------------------------
     @property
@@ -130,48 +150,46 @@ class _Builder:
         """Every base chain: leave IPv6 alone when it is off, then count what enters."""
         head = []
         if not self.f.ipv6:
-            head.append(rule("ipv6-disabled-return", "IPv6 is not captured (no IPv6 in this pod, or off)",
-                             _m("nfproto", "ipv6"), Return()))
-        return [*head, Rule("entry")]
+            head.append(rule(N.RULE_IPV6_DISABLED_RETURN, "IPv6 is not captured (no IPv6 in this pod, or off)",
+                             nfproto("ipv6"), Return()))
+        return [*head, ENTRY]
 
     def loopback_dst(self, version: int) -> IPNetwork:
         return self.c.outbound_ipv4_loopback_cidr if version == 4 else LOOPBACK_V6
-
-    @staticmethod
-    def sfx(version: int) -> str:
-        return "" if version == 4 else "-v6"
-
-    def ip(self, version: int, field: str) -> str:
-        return f"{'ip' if version == 4 else 'ip6'} {field}"
 
     @property
     def dns_active(self) -> bool:
         return self.c.redirect_dns and (self.c.capture_all_dns or bool(self.f.dns_v4 or self.f.dns_v6))
 
-    @property
-    def proxy_uids(self) -> SetRef:
-        return self.named("proxy-uids", "uid", sorted(self.c.proxy_uid))
+    def proxy_ids(self, who: N.OwnerRules) -> SetRef:
+        ids = self.c.proxy_uid if who is N.UID else self.c.proxy_gid
+        return self.named(who.set, who.kind, sorted(ids))
 
-    @property
-    def proxy_gids(self) -> SetRef:
-        return self.named("proxy-gids", "gid", sorted(self.c.proxy_gid))
-
-    def exclude_ifaces(self, direction: str) -> list[Rule]:
+    def exclude_ifaces(self, direction: InterfaceKey) -> list[Rule]:
         if not self.c.exclude_interfaces:
             return []
-        ref = self.named("exclude-interfaces", "ifname", sorted(self.c.exclude_interfaces))
-        return [rule("exclude-interfaces-return", "traffic on an excluded interface (-c) is not captured",
-                     _m(direction, ref), Return())]
+        ref = self.named(N.SET_EXCLUDE_INTERFACES, "ifname", sorted(self.c.exclude_interfaces))
+        return [rule(N.RULE_EXCLUDE_INTERFACES_RETURN, "traffic on an excluded interface (-c) is not captured",
+                     interface(direction, ref), Return())]
 
     def inbound_exempt_ports(self) -> list[Rule]:
         """The tunnel port and (when it is reachable from outside) the metrics port are never captured."""
-        out = [rule("tunnel-port-return", f"the HBONE tunnel port {self.c.inbound_tunnel_port} (-e) is exempt",
-                    _m("tcp dport", self.c.inbound_tunnel_port), Return())]
+        out = [rule(N.RULE_TUNNEL_PORT_RETURN,
+                    f"the HBONE tunnel port {self.c.inbound_tunnel_port} (-e) is exempt",
+                    port("tcp dport", self.c.inbound_tunnel_port), Return())]
         addr = self.c.metrics_address
         if addr is not None and not ipaddress.ip_address(addr[0]).is_loopback:
-            out.append(rule("metrics-port-return", f"interceptd's metrics port {addr[1]} stays reachable",
-                            _m("tcp dport", addr[1]), Return()))
+            out.append(rule(N.RULE_METRICS_PORT_RETURN, f"interceptd's metrics port {addr[1]} stays reachable",
+                            port("tcp dport", addr[1]), Return()))
         return out
+
+    def exclude_inbound_ports(self) -> list[Rule]:
+        """-d: with -b '*', these inbound ports are not captured (Istio ignores -d with a port list)."""
+        if not self.c.local_exclude_ports:
+            return []
+        ref = self.ports(N.SET_INBOUND_EXCLUDE_PORTS, self.c.local_exclude_ports)
+        return [rule(N.RULE_EXCLUDE_INBOUND_PORTS, "inbound ports excluded by -d are not captured",
+                     port("tcp dport", ref), Return())]
 
     def cidr_families(self, nets: Iterable[IPNetwork]) -> list[int]:
         """The enabled families that have CIDRs in the list (IPv6 ones are dropped when IPv6 is off)."""
@@ -180,7 +198,7 @@ class _Builder:
     def dns_servers(self) -> dict[int, SetRef]:
         """One set per enabled family that has resolv.conf servers."""
         servers: dict[int, tuple[IPAddress, ...]] = {4: self.f.dns_v4, 6: self.f.dns_v6}
-        return {version: self.named(f"dns-servers-v{version}", f"ipv{version}_addr",
+        return {version: self.named(N.SET_DNS_SERVERS[version], f"ipv{version}_addr",
                                     [ipaddress.ip_network(a) for a in servers[version]])
                 for version in self.families if servers[version]}
 
@@ -189,132 +207,133 @@ class _Builder:
         rules = self.base_head()
         c = self.c
         if c.kube_virt_interfaces:
-            virt = self.named("kube-virt-interfaces", "ifname", sorted(c.kube_virt_interfaces))
+            virt = interface("iifname", self.named(N.SET_KUBE_VIRT_INTERFACES, "ifname",
+                                                   sorted(c.kube_virt_interfaces)))
             if c.service_cidr is None:
-                rules.append(rule("kube-virt-redirect", "TCP arriving on a kube-virt interface (-k) is outbound",
-                                  _m("iifname", virt), Jump("istio-redirect")))
+                rules.append(rule(N.RULE_KUBE_VIRT_REDIRECT, "TCP arriving on a kube-virt interface (-k) is outbound",
+                                  virt, Jump(N.ISTIO_REDIRECT)))
             else:
                 for version in self.cidr_families(c.service_cidr):
-                    cidrs = self.cidrs(f"include-cidrs-v{version}", c.service_cidr, version)
-                    rules.append(rule(f"kube-virt-redirect{self.sfx(version)}",
+                    cidrs = self.cidrs(N.SET_INCLUDE_CIDRS, c.service_cidr, version)
+                    rules.append(rule(N.per_family(N.RULE_KUBE_VIRT_REDIRECT, version),
                                       "TCP from a kube-virt interface (-k) to an included CIDR (-i) is outbound",
-                                      _m("iifname", virt), _m(self.ip(version, "daddr"), cidrs),
-                                      Jump("istio-redirect")))
-            rules.append(rule("kube-virt-return", "other traffic from a kube-virt interface is not captured",
-                              _m("iifname", virt), Return()))
+                                      virt, address(version, "daddr", cidrs), Jump(N.ISTIO_REDIRECT)))
+            rules.append(rule(N.RULE_KUBE_VIRT_RETURN, "other traffic from a kube-virt interface is not captured",
+                              virt, Return()))
         rules += self.exclude_ifaces("iifname")
         if not c.tproxy and c.inbound_ports != ():
-            rules.append(rule("inbound-jump", "inbound TCP is checked for capture",
-                              TCP, Jump("istio-inbound")))
-        return Chain("prerouting", tuple(rules), NAT_PREROUTING)
+            rules.append(rule(N.RULE_INBOUND_JUMP, "inbound TCP is checked for capture",
+                              TCP, Jump(N.ISTIO_INBOUND)))
+        return base_chain(N.PREROUTING, rules)
 
     def istio_inbound(self) -> Chain:
-        rules = [Rule("entry"), *self.inbound_exempt_ports()]
+        rules = [ENTRY, *self.inbound_exempt_ports()]
         c = self.c
         if c.inbound_ports is None:
-            if c.local_exclude_ports:
-                ref = self.ports("inbound-exclude-ports", c.local_exclude_ports)
-                rules.append(rule("exclude-inbound-ports", "inbound ports excluded by -d are not captured",
-                                  _m("tcp dport", ref), Return()))
-            rules.append(rule("redirect-inbound-all", "every other inbound TCP port is captured (-b '*')",
-                              TCP, Jump("istio-in-redirect")))
+            rules += self.exclude_inbound_ports()
+            rules.append(rule(N.RULE_REDIRECT_INBOUND_ALL, "every other inbound TCP port is captured (-b '*')",
+                              TCP, Jump(N.ISTIO_IN_REDIRECT)))
         else:
-            ref = self.ports("inbound-ports", c.inbound_ports)
-            rules.append(rule("redirect-inbound-ports", "inbound TCP to a port listed in -b is captured",
-                              _m("tcp dport", ref), Jump("istio-in-redirect")))
-        return Chain("istio-inbound", tuple(rules))
+            ref = self.ports(N.SET_INBOUND_PORTS, c.inbound_ports)
+            rules.append(rule(N.RULE_REDIRECT_INBOUND_PORTS, "inbound TCP to a port listed in -b is captured",
+                              port("tcp dport", ref), Jump(N.ISTIO_IN_REDIRECT)))
+        return Chain(N.ISTIO_INBOUND, tuple(rules))
 
     def nat_output(self) -> Chain:
-        rules = [*self.base_head(), *self.exclude_ifaces("oifname"),
-                 rule("output-jump", "locally generated traffic is checked for capture", Jump("istio-output"))]
-        return Chain("output", tuple(rules), NAT_OUTPUT)
+        return base_chain(N.OUTPUT, [
+            *self.base_head(), *self.exclude_ifaces("oifname"),
+            rule(N.RULE_OUTPUT_JUMP, "locally generated traffic is checked for capture", Jump(N.ISTIO_OUTPUT))])
 
-    def owner_block(self, kind: str, ref: SetRef) -> list[Rule]:
+    def owner_block(self, who: N.OwnerRules) -> list[Rule]:
         """Istio's three rules per proxy uid (gid); a set makes every id behave as a lone one would."""
-        c, key = self.c, "skuid" if kind == "uid" else "skgid"
+        c, kind, key, ref = self.c, who.kind, _OWNER_KEY[who.kind], self.proxy_ids(who)
         dns = self.dns_active
         # Istio's gid in-redirect rule never excludes port 53 (a quirk kept: valid input, same decision).
-        dports = (DNS_PORT, c.inbound_tunnel_port) if dns and kind == "uid" else c.inbound_tunnel_port
+        dports = (DNS_PORT, c.inbound_tunnel_port) if dns and who is N.UID else c.inbound_tunnel_port
         rules: list[Rule] = []
         for version in self.families:
-            rules.append(rule(f"proxy-{kind}-in-redirect{self.sfx(version)}",
+            rules.append(rule(N.per_family(who.in_redirect, version),
                               f"the proxy ({kind} in proxy-{kind}s) calling its own pod over lo goes to the "
                               "inbound listener",
-                              LO_OUT, TCP, _m(self.ip(version, "daddr"), self.loopback_dst(version), True),
-                              _m("tcp dport", dports, True), _m(key, ref), Jump("istio-in-redirect")))
+                              LO_OUT, TCP, address(version, "daddr", self.loopback_dst(version), True),
+                              port("tcp dport", dports, True), owner(key, ref), Jump(N.ISTIO_IN_REDIRECT)))
         if not self._include_has_loopback():
-            lo_match = [LO_OUT, TCP, _m("tcp dport", DNS_PORT, True)] if dns else [LO_OUT]
-            rules.append(rule(f"app-loopback-{kind}-return",
+            lo_match = [LO_OUT, TCP, port("tcp dport", DNS_PORT, True)] if dns else [LO_OUT]
+            rules.append(rule(who.loopback_return,
                               f"app-to-app traffic over lo ({kind} not in proxy-{kind}s) is not captured",
-                              *lo_match, _m(key, ref, True), Return()))
-        rules.append(rule(f"proxy-{kind}-return", f"the proxy's own traffic ({kind} in proxy-{kind}s) goes direct",
-                          _m(key, ref), Return()))
+                              *lo_match, owner(key, ref, True), Return()))
+        rules.append(rule(who.proxy_return, f"the proxy's own traffic ({kind} in proxy-{kind}s) goes direct",
+                          owner(key, ref), Return()))
         return rules
 
     def _include_has_loopback(self) -> bool:
         cidrs = self.c.service_cidr or ()
         return any(n.network_address.is_loopback for n in cidrs if n.version in self.families)
 
+    def passthrough_returns(self, why: str, *head: Match) -> list[Rule]:
+        """The proxy's inbound passthrough source (127.0.0.6, ::6) talking to the app over lo is left alone."""
+        return [rule(N.per_family(N.RULE_INBOUND_PASSTHROUGH_RETURN, version), why.format(src=src.network_address),
+                     *head, address(version, "saddr", src), Return())
+                for version, src in ((4, PASSTHROUGH_V4), (6, PASSTHROUGH_V6)) if version in self.families]
+
     def istio_output(self) -> Chain:
         c = self.c
-        rules = [Rule("entry")]
+        rules = [ENTRY]
         if c.local_outbound_ports_exclude:
-            ref = self.ports("outbound-exclude-ports", c.local_outbound_ports_exclude)
-            rules.append(rule("exclude-outbound-ports", "TCP/UDP to a port excluded by -o is not captured",
-                              TCP_UDP, _m("th dport", ref), Return()))
-        for version, src in ((4, PASSTHROUGH_V4), (6, PASSTHROUGH_V6)):
-            if version in self.families:
-                rules.append(rule(f"inbound-passthrough-return{self.sfx(version)}",
-                                  f"the proxy's passthrough connections to the app (from {src.network_address}) "
-                                  "are not captured", LO_OUT, _m(self.ip(version, "saddr"), src), Return()))
-        rules += self.owner_block("uid", self.proxy_uids)
-        rules += self.owner_block("gid", self.proxy_gids)
+            ref = self.ports(N.SET_OUTBOUND_EXCLUDE_PORTS, c.local_outbound_ports_exclude)
+            rules.append(rule(N.RULE_EXCLUDE_OUTBOUND_PORTS, "TCP/UDP to a port excluded by -o is not captured",
+                              TCP_UDP, port("th dport", ref), Return()))
+        rules += self.passthrough_returns("the proxy's passthrough connections to the app (from {src}) are not "
+                                          "captured", LO_OUT)
+        rules += self.owner_block(N.UID)
+        rules += self.owner_block(N.GID)
         if c.outbound_owner_groups is None:
             if c.outbound_owner_groups_exclude:
-                ref = self.named("owner-groups-exclude", "gid", sorted(c.outbound_owner_groups_exclude))
-                rules.append(rule("owner-groups-exclude-return",
-                                  "traffic of an excluded owner group is not captured", _m("skgid", ref), Return()))
+                ref = self.named(N.SET_OWNER_GROUPS_EXCLUDE, "gid", sorted(c.outbound_owner_groups_exclude))
+                rules.append(rule(N.RULE_OWNER_GROUPS_EXCLUDE_RETURN,
+                                  "traffic of an excluded owner group is not captured", owner("skgid", ref),
+                                  Return()))
         else:
-            ref = self.named("owner-groups", "gid", sorted(c.outbound_owner_groups))
-            rules.append(rule("owner-groups-return", "only traffic of the listed owner groups is captured",
-                              _m("skgid", ref, True), Return()))
+            ref = self.named(N.SET_OWNER_GROUPS, "gid", sorted(c.outbound_owner_groups))
+            rules.append(rule(N.RULE_OWNER_GROUPS_RETURN, "only traffic of the listed owner groups is captured",
+                              owner("skgid", ref, True), Return()))
         if self.dns_active:
-            rules.append(rule("dns-jump", "DNS is checked for capture to the agent", Jump("istio-output-dns")))
+            rules.append(rule(N.RULE_DNS_JUMP, "DNS is checked for capture to the agent", Jump(N.ISTIO_OUTPUT_DNS)))
         for version in self.families:
-            rules.append(rule(f"loopback-return{self.sfx(version)}", "loopback destinations are not captured",
-                              _m(self.ip(version, "daddr"), self.loopback_dst(version)), Return()))
+            rules.append(rule(N.per_family(N.RULE_LOOPBACK_RETURN, version), "loopback destinations are not captured",
+                              address(version, "daddr", self.loopback_dst(version)), Return()))
         for version in self.cidr_families(c.service_exclude_cidr):
-            ref = self.cidrs(f"exclude-cidrs-v{version}", c.service_exclude_cidr, version)
-            rules.append(rule(f"exclude-cidrs-return{self.sfx(version)}",
+            ref = self.cidrs(N.SET_EXCLUDE_CIDRS, c.service_exclude_cidr, version)
+            rules.append(rule(N.per_family(N.RULE_EXCLUDE_CIDRS_RETURN, version),
                               "destinations excluded by -x are not captured",
-                              _m(self.ip(version, "daddr"), ref), Return()))
+                              address(version, "daddr", ref), Return()))
         if c.outbound_ports:
-            ref = self.ports("outbound-ports", c.outbound_ports)
-            rules.append(rule("redirect-outbound-ports", "TCP to a port listed in -q is captured",
-                              _m("tcp dport", ref), Jump("istio-redirect")))
+            ref = self.ports(N.SET_OUTBOUND_PORTS, c.outbound_ports)
+            rules.append(rule(N.RULE_REDIRECT_OUTBOUND_PORTS, "TCP to a port listed in -q is captured",
+                              port("tcp dport", ref), Jump(N.ISTIO_REDIRECT)))
         if c.service_cidr is None:
-            rules.append(rule("redirect-outbound-all", "every other outbound TCP is captured (-i '*')",
-                              Jump("istio-redirect")))
+            rules.append(rule(N.RULE_REDIRECT_OUTBOUND_ALL, "every other outbound TCP is captured (-i '*')",
+                              Jump(N.ISTIO_REDIRECT)))
         else:
             for version in self.cidr_families(c.service_cidr):
-                ref = self.cidrs(f"include-cidrs-v{version}", c.service_cidr, version)
-                rules.append(rule(f"redirect-outbound-cidrs{self.sfx(version)}",
+                ref = self.cidrs(N.SET_INCLUDE_CIDRS, c.service_cidr, version)
+                rules.append(rule(N.per_family(N.RULE_REDIRECT_OUTBOUND_CIDRS, version),
                                   "outbound TCP to a CIDR listed in -i is captured",
-                                  _m(self.ip(version, "daddr"), ref), Jump("istio-redirect")))
-        return Chain("istio-output", tuple(rules))
+                                  address(version, "daddr", ref), Jump(N.ISTIO_REDIRECT)))
+        return Chain(N.ISTIO_OUTPUT, tuple(rules))
 
     def istio_output_dns(self) -> Chain:
-        rules = [Rule("entry")]
+        rules = [ENTRY]
         redirect = Redirect(DNS_AGENT_PORT)
         why = f"DNS is sent to the agent's DNS proxy :{DNS_AGENT_PORT}"
         if self.c.capture_all_dns:
-            rules.append(rule("dns-redirect", why + " (any server)", TCP_UDP, _m("th dport", DNS_PORT), redirect))
+            rules.append(rule(N.RULE_DNS_REDIRECT, why + " (any server)", TCP_UDP, port("th dport", DNS_PORT),
+                              redirect))
         else:
             for version, ref in self.dns_servers().items():
-                rules.append(rule(f"dns-redirect{self.sfx(version)}", why + " (resolv.conf servers)",
-                                  TCP_UDP, _m("th dport", DNS_PORT), _m(self.ip(version, "daddr"), ref),
-                                  redirect))
-        return Chain("istio-output-dns", tuple(rules))
+                rules.append(rule(N.per_family(N.RULE_DNS_REDIRECT, version), why + " (resolv.conf servers)",
+                                  TCP_UDP, port("th dport", DNS_PORT), address(version, "daddr", ref), redirect))
+        return Chain(N.ISTIO_OUTPUT_DNS, tuple(rules))
 
     # -- mangle (TPROXY, drop-invalid) -------------------------------------------------------------
     def mangle_prerouting(self) -> Chain:
@@ -323,116 +342,111 @@ class _Builder:
         if c.tproxy:
             rules += self.exclude_ifaces("iifname")
         if c.drop_invalid:
-            rules.append(rule("drop-invalid", "TCP packets conntrack marks invalid are dropped",
-                              TCP, _m("ct state", "invalid"), Drop()))
+            rules.append(rule(N.RULE_DROP_INVALID, "TCP packets conntrack marks invalid are dropped",
+                              TCP, ct_state("invalid"), Drop()))
         if c.tproxy:
             if c.inbound_ports != ():
-                rules.append(rule("tproxy-inbound-jump", "inbound TCP is checked for TPROXY capture",
-                                  TCP, Jump("tproxy-inbound")))
-            rules.append(rule("save-mark", "the TPROXY mark is saved on the connection",
-                              TCP, _m("mark", c.inbound_tproxy_mark), CtMarkFromMark()))
-        return Chain("mangle-prerouting", tuple(rules), MANGLE_PREROUTING)
+                rules.append(rule(N.RULE_TPROXY_INBOUND_JUMP, "inbound TCP is checked for TPROXY capture",
+                                  TCP, Jump(N.TPROXY_INBOUND)))
+            rules.append(rule(N.RULE_SAVE_MARK, "the TPROXY mark is saved on the connection",
+                              TCP, mark(c.inbound_tproxy_mark), CtMarkFromMark()))
+        return base_chain(N.MANGLE_PREROUTING, rules)
 
     def tproxy_inbound(self) -> Chain:
-        c, mark = self.c, self.c.inbound_tproxy_mark
-        rules = [Rule("entry"),
-                 rule("tproxy-mark-return", "packets already marked for TPROXY are done",
-                      TCP, _m("mark", mark), Return())]
-        for version, src in ((4, PASSTHROUGH_V4), (6, PASSTHROUGH_V6)):
-            if version in self.families:
-                rules.append(rule(f"inbound-passthrough-return{self.sfx(version)}",
-                                  "the proxy's passthrough connections to the app are not captured",
-                                  LO_IN, TCP, _m(self.ip(version, "saddr"), src), Return()))
-        rules.append(rule("app-loopback-return", "loopback traffic without the proxy's outbound mark is not "
-                          "captured", LO_IN, TCP, _m("mark", OUTBOUND_MARK, True), Return()))
-        # Istio TPROXYs the tunnel port; interceptd exempts it in both modes (issue 3's quirk decision).
+        c = self.c
+        rules = [ENTRY,
+                 rule(N.RULE_TPROXY_MARK_RETURN, "packets already marked for TPROXY are done",
+                      TCP, mark(c.inbound_tproxy_mark), Return()),
+                 *self.passthrough_returns("the proxy's passthrough connections to the app are not captured",
+                                           LO_IN, TCP),
+                 rule(N.RULE_APP_LOOPBACK_RETURN, "loopback traffic without the proxy's outbound mark is not "
+                      "captured", LO_IN, TCP, mark(OUTBOUND_MARK, True), Return())]
+        # Istio TPROXYs the tunnel port; interceptd exempts it in both modes (docs/istio-compatibility.md,
+        # "Deliberate differences").
         rules += self.inbound_exempt_ports()
-        divert = Jump("istio-divert")
-        established = _m("ct state", ("established", "related"))
+        divert = Jump(N.ISTIO_DIVERT)
+        established = ct_state("established", "related")
         if c.inbound_ports is None:
-            if c.local_exclude_ports:
-                ref = self.ports("inbound-exclude-ports", c.local_exclude_ports)
-                rules.append(rule("exclude-inbound-ports", "inbound ports excluded by -d are not captured",
-                                  _m("tcp dport", ref), Return()))
-            rules.append(rule("divert-established", "packets of captured connections go to the listener",
+            rules += self.exclude_inbound_ports()
+            rules.append(rule(N.RULE_DIVERT_ESTABLISHED, "packets of captured connections go to the listener",
                               TCP, established, divert))
-            rules.append(rule("tproxy-inbound-all", "every other inbound TCP port is captured (-b '*')",
-                              TCP, Jump("istio-tproxy")))
+            rules.append(rule(N.RULE_TPROXY_INBOUND_ALL, "every other inbound TCP port is captured (-b '*')",
+                              TCP, Jump(N.ISTIO_TPROXY)))
         elif c.inbound_ports:
-            ref = self.ports("inbound-ports", c.inbound_ports)
-            rules.append(rule("divert-established", "packets of captured connections go to the listener",
-                              _m("tcp dport", ref), established, divert))
-            rules.append(rule("tproxy-inbound-ports", "inbound TCP to a port listed in -b is captured",
-                              _m("tcp dport", ref), Jump("istio-tproxy")))
-        return Chain("tproxy-inbound", tuple(rules))
+            ref = self.ports(N.SET_INBOUND_PORTS, c.inbound_ports)
+            rules.append(rule(N.RULE_DIVERT_ESTABLISHED, "packets of captured connections go to the listener",
+                              port("tcp dport", ref), established, divert))
+            rules.append(rule(N.RULE_TPROXY_INBOUND_PORTS, "inbound TCP to a port listed in -b is captured",
+                              port("tcp dport", ref), Jump(N.ISTIO_TPROXY)))
+        return Chain(N.TPROXY_INBOUND, tuple(rules))
 
     def istio_divert(self) -> Chain:
-        return Chain("istio-divert", (Rule("entry"), rule("divert", "mark the packet and deliver it locally",
-                                                          SetMark(self.c.inbound_tproxy_mark), Accept())))
+        return Chain(N.ISTIO_DIVERT, (ENTRY, rule(N.RULE_DIVERT, "mark the packet and deliver it locally",
+                                                  SetMark(self.c.inbound_tproxy_mark), Accept())))
 
     def istio_tproxy(self) -> Chain:
-        rules = [Rule("entry")]
+        rules = [ENTRY]
         for version in self.families:
-            rules.append(rule(f"tproxy{self.sfx(version)}",
+            rules.append(rule(N.per_family(N.RULE_TPROXY, version),
                               f"captured to the inbound listener :{self.c.inbound_capture_port} (TPROXY, original "
                               "destination kept on the socket)", TCP,
-                              _m(self.ip(version, "daddr"), self.loopback_dst(version), True),
+                              address(version, "daddr", self.loopback_dst(version), True),
                               TProxy("ip" if version == 4 else "ip6", self.c.inbound_capture_port),
                               SetMark(self.c.inbound_tproxy_mark), Accept()))
-        return Chain("istio-tproxy", tuple(rules))
+        return Chain(N.ISTIO_TPROXY, tuple(rules))
 
     def mangle_output(self) -> Chain:
-        mark = self.c.inbound_tproxy_mark
         rules = [*self.base_head(), *self.exclude_ifaces("oifname"),
-                 rule("tproxy-mark-return", "packets already marked for TPROXY are done",
-                      LO_OUT, TCP, _m("mark", mark), Return())]
-        for kind, key, ref in (("uid", "skuid", self.proxy_uids), ("gid", "skgid", self.proxy_gids)):
+                 rule(N.RULE_TPROXY_MARK_RETURN, "packets already marked for TPROXY are done",
+                      LO_OUT, TCP, mark(self.c.inbound_tproxy_mark), Return())]
+        for who in (N.UID, N.GID):
             for version in self.families:
-                rules.append(rule(f"proxy-{kind}-outbound-mark{self.sfx(version)}",
+                rules.append(rule(N.per_family(who.outbound_mark, version),
                                   "the proxy calling its own pod over lo is tagged for TPROXY capture",
-                                  LO_OUT, TCP, _m(self.ip(version, "daddr"), self.loopback_dst(version), True),
-                                  _m(key, ref), SetMark(OUTBOUND_MARK)))
-        rules.append(rule("restore-mark", "replies of TPROXY connections carry the mark back",
-                          TCP, _m("ct mark", mark), MarkFromCtMark()))
-        return Chain("mangle-output", tuple(rules), MANGLE_OUTPUT)
+                                  LO_OUT, TCP, address(version, "daddr", self.loopback_dst(version), True),
+                                  owner(_OWNER_KEY[who.kind], self.proxy_ids(who)), SetMark(OUTBOUND_MARK)))
+        rules.append(rule(N.RULE_RESTORE_MARK, "replies of TPROXY connections carry the mark back",
+                          TCP, ct_mark(self.c.inbound_tproxy_mark), MarkFromCtMark()))
+        return base_chain(N.MANGLE_OUTPUT, rules)
 
     # -- raw (DNS conntrack zones) -----------------------------------------------------------------
     def raw_output(self) -> Chain:
         rules = self.base_head()
-        udp53 = _m("udp dport", DNS_PORT)
-        for kind, key, ref in (("uid", "skuid", self.proxy_uids), ("gid", "skgid", self.proxy_gids)):
-            rules.append(rule(f"proxy-{kind}-dns-upstream-zone", "the proxy's queries to resolvers use zone 1",
-                              udp53, _m(key, ref), SetCtZone(1)))
-            rules.append(rule(f"proxy-{kind}-dns-agent-zone", "the DNS agent's answers to apps use zone 2",
-                              _m("udp sport", DNS_AGENT_PORT), _m(key, ref), SetCtZone(2)))
+        udp53 = port("udp dport", DNS_PORT)
+        for who in (N.UID, N.GID):
+            ids = owner(_OWNER_KEY[who.kind], self.proxy_ids(who))
+            rules.append(rule(who.dns_upstream_zone, "the proxy's queries to resolvers use zone 1",
+                              udp53, ids, SetCtZone(1)))
+            rules.append(rule(who.dns_agent_zone, "the DNS agent's answers to apps use zone 2",
+                              port("udp sport", DNS_AGENT_PORT), ids, SetCtZone(2)))
         if self.c.capture_all_dns:
-            rules.append(rule("app-dns-zone", "apps' DNS queries use zone 2", udp53, SetCtZone(2)))
+            rules.append(rule(N.RULE_APP_DNS_ZONE, "apps' DNS queries use zone 2", udp53, SetCtZone(2)))
         else:
             for version, ref in self.dns_servers().items():
-                rules.append(rule(f"app-dns-zone{self.sfx(version)}", "apps' DNS queries use zone 2",
-                                  udp53, _m(self.ip(version, "daddr"), ref), SetCtZone(2)))
-        return Chain("raw-output", tuple(rules), RAW_OUTPUT)
+                rules.append(rule(N.per_family(N.RULE_APP_DNS_ZONE, version), "apps' DNS queries use zone 2",
+                                  udp53, address(version, "daddr", ref), SetCtZone(2)))
+        return base_chain(N.RAW_OUTPUT, rules)
 
     def raw_prerouting(self) -> Chain:
         rules = self.base_head()
-        sport = _m("udp sport", DNS_PORT)
+        sport = port("udp sport", DNS_PORT)
         if self.c.capture_all_dns:
-            rules.append(rule("dns-reply-zone", "resolver replies use zone 1", sport, SetCtZone(1)))
+            rules.append(rule(N.RULE_DNS_REPLY_ZONE, "resolver replies use zone 1", sport, SetCtZone(1)))
         else:
             for version, ref in self.dns_servers().items():
-                rules.append(rule(f"dns-reply-zone{self.sfx(version)}", "resolver replies use zone 1",
-                                  sport, _m(self.ip(version, "saddr"), ref), SetCtZone(1)))
-        return Chain("raw-prerouting", tuple(rules), RAW_PREROUTING)
+                rules.append(rule(N.per_family(N.RULE_DNS_REPLY_ZONE, version), "resolver replies use zone 1",
+                                  sport, address(version, "saddr", ref), SetCtZone(1)))
+        return base_chain(N.RAW_PREROUTING, rules)
 
     def build(self) -> Ruleset:
         c = self.c
         chains = [
             self.nat_prerouting(), self.nat_output(), self.istio_inbound(),
-            Chain("istio-redirect", (Rule("entry"), rule(
-                "redirect-outbound", f"captured to the proxy's outbound listener :{c.envoy_port}, original "
+            Chain(N.ISTIO_REDIRECT, (ENTRY, rule(
+                N.RULE_REDIRECT_OUTBOUND, f"captured to the proxy's outbound listener :{c.envoy_port}, original "
                 "destination kept", TCP, Redirect(c.envoy_port)))),
-            Chain("istio-in-redirect", (Rule("entry"), rule(
-                "redirect-inbound", f"captured to the proxy's inbound listener :{c.inbound_capture_port}, "
+            Chain(N.ISTIO_IN_REDIRECT, (ENTRY, rule(
+                N.RULE_REDIRECT_INBOUND, f"captured to the proxy's inbound listener :{c.inbound_capture_port}, "
                 "original destination kept", TCP, Redirect(c.inbound_capture_port)))),
             self.istio_output(),
         ]
@@ -450,6 +464,9 @@ class _Builder:
                                for v in self.families)
         return Ruleset(c.table, tuple(chains), tuple(sorted(self.sets.values(), key=lambda s: s.name)),
                        routes=routes, lo_addresses=(str(PASSTHROUGH_V6.network_address),) if self.f.ipv6 else ())
+
+
+_OWNER_KEY: dict[str, OwnerKey] = {N.UID.kind: "skuid", N.GID.kind: "skgid"}
 
 
 def render(config: Config, facts: HostFacts) -> Ruleset:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from interceptd.ruleset.names import ENTRY
 from interceptd.ruleset.nftjson import Json
 
 
@@ -48,7 +49,7 @@ def chain_stats(listing: list[Json]) -> list[ChainStat]:
             name = r.get("comment", "")
             counter = next((e["counter"] for e in r["expr"] if "counter" in e), None)
             pkts, nbytes = values.get(counter, (0, 0)) if isinstance(counter, str) else (0, 0)
-            if name == "entry":
+            if name == ENTRY:
                 entry = (pkts, nbytes)
                 continue
             rules.append(RuleStat(c["name"], name, pkts, nbytes, expr_text(r["expr"])))

@@ -29,6 +29,7 @@ from interceptd import __version__
 from interceptd.control.state import CHECK_RESULTS, CHECK_TRIGGERS, TRIGGERS, AgentState
 from interceptd.errors import InterceptdError
 from interceptd.ruleset.drift import REASONS
+from interceptd.ruleset.names import ENTRY, split_counter_name
 from interceptd.ruleset.nftjson import Json
 from interceptd.ruleset.status import counters
 from interceptd.runtime.httpd import HttpServer, Request, Response
@@ -70,8 +71,7 @@ def kernel_counters(listing: list[Json]) -> dict[Key, tuple[int, int]]:
     """(chain, rule) -> (packets, bytes) from the named counters "<chain>/<rule>" (rule "entry": the chain)."""
     out: dict[Key, tuple[int, int]] = {}
     for name, value in counters(listing).items():
-        chain, _, rule = name.partition("/")
-        out[(chain, rule)] = value
+        out[split_counter_name(name)] = value
     return out
 
 
@@ -125,7 +125,7 @@ class Collector:
             "interceptd_rule_bytes", "Bytes of the packets counted by interceptd_rule_packets_total.",
             labels=["chain", "rule"])
         for (chain, rule), (pkts, nbytes) in values.items():
-            if rule == "entry":
+            if rule == ENTRY:
                 chain_pkts.add_metric([chain], pkts)
                 chain_bytes.add_metric([chain], nbytes)
             else:

@@ -1,10 +1,10 @@
 """Pre-flight checks before `apply` changes anything: a clear error instead of a refused transaction.
 
-Users of istio-init hit "unable to initialize table 'nat'" and had to guess which module to load (spec
-6, pain points 4-5). Here each kernel feature the configuration needs is probed on its own, in
-libnftables' check mode (the kernel validates, nothing is committed), so the error names the feature and
-the modules that provide it. Unknown user and group names and over-long interface names are refused
-earlier, while the configuration is parsed (config.py, values.py).
+Users of istio-init hit "unable to initialize table 'nat'" (a missing nf_nat or xt_REDIRECT module, or
+the wrong iptables flavour) and had to guess which module to load. Here each kernel feature the configuration
+needs is probed on its own, in libnftables' check mode (the kernel validates, nothing is committed), so the
+error names the feature and the modules that provide it. Unknown user and group names and over-long interface
+names are refused earlier, while the configuration is parsed (config.options, config.values).
 """
 
 from __future__ import annotations

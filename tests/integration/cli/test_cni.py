@@ -14,6 +14,8 @@ import pytest
 from support.netlab import Server, call_in, delete_ns, new_ns, sh, tcp_request
 from support.nodelab import NODE_IP, CniNode, table_listing
 
+from interceptd.ruleset import names as N
+
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 pytest.importorskip("nftables")
 if not os.path.exists("/usr/lib/cni/bridge"):
@@ -70,12 +72,12 @@ def test_check_and_del_follow_the_spec(node: CniNode, pod: str) -> None:
     added = node.chain("ADD", pod, "c-chk")
     cached = added[-1].out
     assert [r.rc for r in node.chain("CHECK", pod, "c-chk", cached=cached)] == [0, 0]
-    # Drift: CHECK reports it with the spec's error JSON, naming what changed.
-    sh("nft", "flush", "chain", "inet", "interceptd", "istio-output", ns=pod)
+    # Drift: CHECK reports it with the CNI specification's error JSON, naming what changed.
+    sh("nft", "flush", "chain", "inet", "interceptd", N.ISTIO_OUTPUT, ns=pod)
     res = node.exec(node.plugins()[1], "CHECK", f"/run/netns/{pod}", "c-chk", prev=cached)
     assert res.rc != 0 and res.out is not None
     assert res.out["code"] == 101 and "does not match" in res.out["msg"]
-    assert "istio-output" in res.out["details"]
+    assert N.ISTIO_OUTPUT in res.out["details"]
     # Other settings than ADD's (an annotation appeared): CHECK fails too.
     node.chain("ADD", pod, "c-chk")  # a re-ADD repairs
     res = node.exec(node.plugins()[1], "CHECK", f"/run/netns/{pod}", "c-chk", args=f"{EXCLUDE}=10.0.0.0/8",

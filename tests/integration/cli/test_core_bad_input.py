@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from support.netlab import Lab, call_in, sh
 
+from interceptd.ruleset import names as N
+
 BAD = [
     (["-p", "70000"], {}, "70000"),
     (["-p", "http"], {}, "http"),
@@ -60,7 +62,7 @@ def test_kernel_refusal_names_the_failing_command_and_keeps_the_ruleset(lab: Lab
         doc = {"nftables": [
             {"add": {"table": {"family": "inet", "name": "interceptd"}}},
             {"flush": {"table": {"family": "inet", "name": "interceptd"}}},
-            {"add": {"rule": {"family": "inet", "table": "interceptd", "chain": "istio-output", "comment": "bad",
+            {"add": {"rule": {"family": "inet", "table": "interceptd", "chain": N.ISTIO_OUTPUT, "comment": "bad",
                               "expr": [{"jump": {"target": "no-such-chain"}}]}}}]}
         try:
             NftKernel().apply(doc)

@@ -1,4 +1,5 @@
-"""Issue 2: the seed command line gives exactly the decisions of spec section 2.7, with real connections.
+"""The seed command line gives exactly the decisions of the table in docs/istio-compatibility.md, "Which
+connection goes where", with real connections.
 
 Pod 192.0.2.2 (eth0) <-> peer 192.0.2.1. The pod runs one server on the proxy ports and the app ports;
 its answer names the listener that accepted and the original destination (SO_ORIGINAL_DST).
@@ -11,6 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 from support.netlab import VENV_BIN, Lab, sh
+
+from interceptd.ruleset import names as N
 
 SEED = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*",
         "-d", "15090,15021,15020"]
@@ -54,7 +57,7 @@ def test_inbound_udp_is_untouched(seeded: Lab) -> None:
     assert seeded.udp(seeded.peer, seeded.pod_ip, 9999).startswith("pod 9999 ")
 
 
-# (uid, gid, destination, port) -> (listener, original destination); spec 2.7's outbound rows
+# (uid, gid, destination, port) -> (listener, original destination); the decision table's outbound rows
 OUTBOUND_ROWS = [
     (1000, 1000, "192.0.2.1", 9999, ("pod", 15001, "192.0.2.1:9999")),
     (1337, 1000, "192.0.2.1", 9999, ("peer", 9999, "-")),
@@ -111,9 +114,9 @@ def test_status_shows_counters(seeded: Lab) -> None:
         seeded.request(seeded.pod, "192.0.2.1", 9999, uid=1000, gid=1000)
     doc = json.loads(seeded.interceptd("status", "--json").stdout)
     rules = {(c["name"], r["name"]): r["packets"] for c in doc["chains"] for r in c["rules"]}
-    assert rules[("istio-redirect", "redirect-outbound")] == 3
+    assert rules[(N.ISTIO_REDIRECT, N.RULE_REDIRECT_OUTBOUND)] == 3
     text = seeded.interceptd("status").stdout
-    assert "redirect-outbound" in text and "Chain istio-output" in text
+    assert N.RULE_REDIRECT_OUTBOUND in text and "Chain istio-output" in text
 
 
 class TestLists:
@@ -167,7 +170,7 @@ class TestLists:
         assert landed(lab.request(lab.pod, lab.peer_ip, 9999, uid=1000, gid=1000))[1] == 15001
         lab.interceptd("apply", "-i", "*")
         sets = sh("nft", "list", "sets", "table", "inet", "interceptd", ns=lab.pod).stdout
-        assert "exclude-cidrs-v4" not in sets  # nothing the new config does not need is left behind
+        assert N.SET_EXCLUDE_CIDRS[4] not in sets  # nothing the new config does not need is left behind
 
 
 def test_unchanged_sets_are_not_rewritten_on_reapply(lab: Lab) -> None:
@@ -195,4 +198,32 @@ def test_unchanged_sets_are_not_rewritten_on_reapply(lab: Lab) -> None:
         return [c["flush"]["set"]["name"] for c in doc["nftables"] if "set" in c.get("flush", {})]
 
     assert call_in(lab.pod, plan, args["service_exclude_cidr"]) == []
-    assert call_in(lab.pod, plan, "10.0.0.0/8,192.0.2.2,198.51.100.0/25,2001:db8::/40") == ["exclude-cidrs-v4"]
+    assert call_in(lab.pod, plan, "10.0.0.0/8,192.0.2.2,198.51.100.0/25,2001:db8::/40") == [N.SET_EXCLUDE_CIDRS[4]]
+
+
+def _apply_as_the_agent(args: dict[str, str]) -> dict[str, list[str]]:
+    """In the namespace: apply with the read-back check the agent relies on; the sets as the kernel lists them."""
+    from interceptd.config import load
+    from interceptd.control import install
+    from interceptd.ruleset.render import render
+    from interceptd.system import host
+    from interceptd.system.kernel import NftKernel
+    from interceptd.system.routes import Netlink
+
+    config = load(args, {})
+    applied = install.apply(NftKernel(), Netlink(), render(config, host.detect(config, ipv6_override=False)))
+    return {item["set"]["name"]: [str(e) for e in item["set"].get("elem", [])]
+            for item in applied.listing if "set" in item}
+
+
+def test_repeated_list_entries_are_one_set_element(lab: Lab) -> None:
+    """The kernel keeps a repeated interface once; the render must too, or the agent's read-back never
+    matches and every apply is taken for a race with another process."""
+    from support.netlab import call_in
+
+    args = {"service_cidr": "*", "inbound_ports": "*", "proxy_uid": "1337,1337", "exclude_interfaces": "eth9,eth9",
+            "kube_virt_interfaces": "k0,k1,k0"}
+    sets = call_in(lab.pod, _apply_as_the_agent, args)
+    assert sets[N.SET_EXCLUDE_INTERFACES] == ["eth9"]
+    assert sorted(sets[N.SET_KUBE_VIRT_INTERFACES]) == ["k0", "k1"]
+    assert sets[N.SET_PROXY_UIDS] == ["1337"]

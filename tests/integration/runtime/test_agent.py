@@ -1,4 +1,4 @@
-"""Issue 4: `interceptd run` keeps interception in place, tested against a running agent in the pod namespace.
+"""`interceptd run` keeps interception in place, tested against a running agent in the pod namespace.
 
 The agent runs as a subprocess (`ip netns exec POD interceptd run ...`) with a NOTIFY_SOCKET the test
 binds, so every test waits on the agent's own READY=1 instead of sleeping. Drift is injected with `nft`
@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 from support.netlab import INTERCEPTD, Lab, sh, wait_until
+
+from interceptd.ruleset import names as N
 
 # Outbound capture only to 198.51.100.0/24 (a named set), inbound all but the exempt ports.
 ARGS = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "198.51.100.0/24", "-x", "",
@@ -146,12 +148,12 @@ def utc(stamp: str) -> float:
 DRIFTS: dict[str, tuple[str, Any]] = {
     "flush-table": ("chain flushed", lambda lab: nft(lab, "flush", "table", "inet", "interceptd")),
     "delete-table": ("table missing", lambda lab: nft(lab, "delete", "table", "inet", "interceptd")),
-    "delete-rule": ("rule removed", lambda lab: nft(lab, "delete", "rule", "inet", "interceptd", "output",
-                                                    "handle", str(rule_handle(lab, "output", "output-jump")))),
-    "foreign-rule": ("rule added", lambda lab: nft(lab, "insert", "rule", "inet", "interceptd", "istio-output",
+    "delete-rule": ("rule removed", lambda lab: nft(lab, "delete", "rule", "inet", "interceptd", N.OUTPUT,
+                                                    "handle", str(rule_handle(lab, N.OUTPUT, N.RULE_OUTPUT_JUMP)))),
+    "foreign-rule": ("rule added", lambda lab: nft(lab, "insert", "rule", "inet", "interceptd", N.ISTIO_OUTPUT,
                                                    "tcp", "dport", "9999", "return")),
     "set-element": ("set changed", lambda lab: nft(lab, "delete", "element", "inet", "interceptd",
-                                                   "include-cidrs-v4", "{", "198.51.100.0/24", "}")),
+                                                   N.SET_INCLUDE_CIDRS[4], "{", "198.51.100.0/24", "}")),
 }
 
 
@@ -170,8 +172,9 @@ def inject_and_wait_repair(agent: Agent, drift: str, timeout: float) -> tuple[fl
 
 # The first words of the detail the agent logs for each reason.
 DRIFT_WORD = {"chain flushed": "chain ", "table missing": "table inet interceptd is missing",
-              "rule removed": "rule output/output-jump removed", "rule added": "foreign unnamed rule in chain "
-              "istio-output", "set changed": "set include-cidrs-v4 elements changed (1 removed"}
+              "rule removed": f"rule {N.counter_name(N.OUTPUT, N.RULE_OUTPUT_JUMP)} removed",
+              "rule added": f"foreign unnamed rule in chain {N.ISTIO_OUTPUT}",
+              "set changed": f"set {N.SET_INCLUDE_CIDRS[4]} elements changed (1 removed"}
 
 
 @pytest.mark.parametrize("drift", list(DRIFTS))
@@ -268,7 +271,7 @@ def test_sighup_burst_converges_on_the_last_config(start: Any, pod: Lab, tmp_pat
             write_config(conf, WIDE)
         agent.signal(signal.SIGHUP)
     assert wait_until(lambda: "203.0.113.0" in nft(pod, "list", "set", "inet", "interceptd",
-                                                  "include-cidrs-v4").stdout, timeout=5)
+                                                  N.SET_INCLUDE_CIDRS[4]).stdout, timeout=5)
     assert intercepted(pod, "203.0.113.1")
     polls, missing = poller.finish()
     assert agent.proc.poll() is None and polls > 0 and missing == 0

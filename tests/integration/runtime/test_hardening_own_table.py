@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from support.netlab import INTERCEPTD, Lab, sh, wait_until
 
+from interceptd.ruleset import names as N
+
 ARGS = ["-i", "198.51.100.0/24", "-b", "*", "-d", "15090", "--metrics-address", ""]
 
 
@@ -35,7 +37,7 @@ def agent(lab: Lab, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
                              str(tmp_path / "run"), "--log-format", "json", *ARGS],
                             stdout=log, stderr=log, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
     try:
-        assert wait_until(lambda: flags(lab) == "flags owner" and "istio-output" in _chains(lab), timeout=10), \
+        assert wait_until(lambda: flags(lab) == "flags owner" and N.ISTIO_OUTPUT in _chains(lab), timeout=10), \
             (tmp_path / "agent.log").read_text()
         yield proc
     finally:
@@ -50,20 +52,20 @@ def _chains(lab: Lab) -> str:
 
 
 def test_foreign_changes_are_refused_while_owned(lab: Lab, agent: subprocess.Popen[bytes], tmp_path: Path) -> None:
-    before = sh("nft", "-j", "list", "chain", "inet", "interceptd", "istio-output", ns=lab.pod).stdout
+    before = sh("nft", "-j", "list", "chain", "inet", "interceptd", N.ISTIO_OUTPUT, ns=lab.pod).stdout
     for cmd in (["flush", "table", "inet", "interceptd"], ["delete", "table", "inet", "interceptd"],
-                ["flush", "chain", "inet", "interceptd", "istio-output"],
-                ["add", "rule", "inet", "interceptd", "istio-output", "accept"],
-                ["flush", "set", "inet", "interceptd", "proxy-uids"]):
+                ["flush", "chain", "inet", "interceptd", N.ISTIO_OUTPUT],
+                ["add", "rule", "inet", "interceptd", N.ISTIO_OUTPUT, "accept"],
+                ["flush", "set", "inet", "interceptd", N.SET_PROXY_UIDS]):
         refused = sh("nft", *cmd, ns=lab.pod, check=False)
         assert refused.returncode != 0 and "Operation not permitted" in refused.stderr, (cmd, refused)
     cleanup = lab.interceptd("cleanup", check=False)
     assert cleanup.returncode == 1 and "owned by another process" in cleanup.stderr, cleanup.stderr
     assert lab.interceptd("apply", "--own-table", *ARGS, check=False).returncode == 2
-    assert sh("nft", "-j", "list", "chain", "inet", "interceptd", "istio-output", ns=lab.pod).stdout == before
+    assert sh("nft", "-j", "list", "chain", "inet", "interceptd", N.ISTIO_OUTPUT, ns=lab.pod).stdout == before
     # Others can still read it: status lists it although libnftables 1.0.6 garbles owned tables' JSON.
     status = lab.interceptd("status", "--json")
-    assert "istio-output" in status.stdout
+    assert N.ISTIO_OUTPUT in status.stdout
     assert '"own-table"' in (tmp_path / "agent.log").read_text()
 
 
@@ -84,13 +86,14 @@ def test_an_existing_table_is_taken_over_without_a_gap(lab: Lab, tmp_path: Path)
     """An `apply`-installed table becomes owned by one text transaction that copies it, counters included."""
     lab.interceptd("apply", *ARGS)
     lab.request(lab.pod, "198.51.100.1", 9, timeout=0.2)  # counts in istio-output
-    counter = sh("nft", "list", "counter", "inet", "interceptd", "istio-output/entry", ns=lab.pod).stdout
+    entry = N.counter_name(N.ISTIO_OUTPUT, N.ENTRY)
+    counter = sh("nft", "list", "counter", "inet", "interceptd", entry, ns=lab.pod).stdout
     assert "packets 0 " not in counter
     proc = subprocess.Popen(["ip", "netns", "exec", lab.pod, INTERCEPTD, "run", "--own-table", "--state-dir",
                              str(tmp_path / "run"), *ARGS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_until(lambda: flags(lab) == "flags owner", timeout=10)
-        after = sh("nft", "list", "counter", "inet", "interceptd", "istio-output/entry", ns=lab.pod).stdout
+        after = sh("nft", "list", "counter", "inet", "interceptd", entry, ns=lab.pod).stdout
         assert after.split("packets")[1].split()[0] >= counter.split("packets")[1].split()[0]
         refused = sh("nft", "flush", "table", "inet", "interceptd", ns=lab.pod, check=False)
         assert refused.returncode != 0

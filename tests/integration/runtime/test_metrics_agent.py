@@ -27,6 +27,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support.netlab import INTERCEPTD, ROOT, Lab, call_in, enter, wait_until
 
+from interceptd.ruleset import names
+
 N = 5
 PROXY_UID = 1337
 SETTINGS = 'inbound_ports = "*"\nlocal_exclude_ports = "2222"\nservice_cidr = "*"\nproxy_uid = "1337"\n'
@@ -109,13 +111,13 @@ def servers(lab: Lab) -> None:
 def kinds(lab: Lab) -> dict[Series, tuple[Callable[[], str], str]]:
     """For each kind of connection: the rule that decides it, how to make one, what must answer."""
     return {
-        rule("istio-inbound", "redirect-inbound-all"):
+        rule(names.ISTIO_INBOUND, names.RULE_REDIRECT_INBOUND_ALL):
             (lambda: lab.request(lab.peer, lab.pod_ip, 8080), "proxy-in 15006 192.0.2.2:8080"),
-        rule("istio-inbound", "exclude-inbound-ports"):
+        rule(names.ISTIO_INBOUND, names.RULE_EXCLUDE_INBOUND_PORTS):
             (lambda: lab.request(lab.peer, lab.pod_ip, 2222), "app 2222 -"),
-        rule("istio-output", "redirect-outbound-all"):
+        rule(names.ISTIO_OUTPUT, names.RULE_REDIRECT_OUTBOUND_ALL):
             (lambda: lab.request(lab.pod, "198.51.100.1", 80), "proxy-out 15001 198.51.100.1:80"),
-        rule("istio-output", "proxy-uid-return"):
+        rule(names.ISTIO_OUTPUT, names.UID.proxy_return):
             (lambda: lab.request(lab.pod, "198.51.100.1", 80, uid=PROXY_UID, gid=PROXY_UID), "peer 80 -"),
     }
 
@@ -128,7 +130,7 @@ def connect_each(lab: Lab, n: int) -> None:
 
 
 def rules_of(samples: dict[Series, float], lab: Lab) -> dict[Series, float]:
-    keys = [*kinds(lab), chain("istio-in-redirect"), chain("istio-redirect")]
+    keys = [*kinds(lab), chain(names.ISTIO_IN_REDIRECT), chain(names.ISTIO_REDIRECT)]
     return {key: samples[key] for key in keys}
 
 
@@ -159,7 +161,7 @@ def test_rule_counters_rise_by_exactly_n_and_survive_repairs_and_reloads(lab: La
 
         # Drift that keeps the named counters (a chain flushed): the repair finds them with their values.
         samples = scrape(lab)
-        nft(lab, "flush", "chain", "inet", "interceptd", "istio-output")
+        nft(lab, "flush", "chain", "inet", "interceptd", names.ISTIO_OUTPUT)
         repaired = wait_for(lab, REPAIRS, samples.get(REPAIRS, 0))
         assert rules_of(repaired, lab) == after
 
@@ -198,13 +200,13 @@ def test_metrics_port_on_a_pod_address_is_not_captured(lab: Lab, tmp_path: Path,
     """Bound to the pod's address with every inbound port captured, Prometheus outside still reaches it."""
     lab.serve(lab.pod, "proxy-in", tcp=[15006], transparent=mode == "TPROXY")
     address = f"{lab.pod_ip}:15321"
-    chain_name = "istio-inbound" if mode == "REDIRECT" else "tproxy-inbound"
+    chain_name = names.ISTIO_INBOUND if mode == "REDIRECT" else names.TPROXY_INBOUND
     with agent(lab, tmp_path, "-b", "*", "-m", mode, f"--metrics-address={address}"):
         assert lab.request(lab.peer, lab.pod_ip, 8080).startswith("proxy-in 15006")  # capture is on
         code, body = get_in(lab, lab.peer, f"http://{address}/metrics")
         assert code == 200 and "interceptd_build_info" in body
         assert get_in(lab, lab.peer, f"http://{address}/readyz")[0] == 200
-        assert parse(body)[rule(chain_name, "metrics-port-return")] >= 1
+        assert parse(body)[rule(chain_name, names.RULE_METRICS_PORT_RETURN)] >= 1
 
 
 def dashboard_exprs() -> list[str]:

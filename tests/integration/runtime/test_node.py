@@ -15,6 +15,7 @@ import pytest
 from support.netlab import Lab, call_in, tcp_request, wait_until
 from support.nodelab import CniNode, NodeAgent, NsDir, table_listing
 
+from interceptd.ruleset import names as N
 from interceptd.ruleset.nftjson import normalise
 from interceptd.system.kernel import NftKernel
 
@@ -106,14 +107,14 @@ def test_one_agent_keeps_a_hundred_namespaces(node_ns: tuple[NsDir, list[Lab], s
         drifted = names[::10]
         for n, name in enumerate(drifted):
             path = _path(nsdir, name)
-            chain = {"family": "inet", "table": TABLE, "name": "istio-output"}
+            chain = {"family": "inet", "table": TABLE, "name": N.ISTIO_OUTPUT}
             kind = n % 3
             if kind == 0:
                 _do(path, {"flush": {"chain": chain}})
             elif kind == 1:
                 _do(path, {"delete": {"table": {"family": "inet", "name": TABLE}}})
             else:
-                _do(path, {"add": {"rule": {"family": "inet", "table": TABLE, "chain": "istio-output",
+                _do(path, {"add": {"rule": {"family": "inet", "table": TABLE, "chain": N.ISTIO_OUTPUT,
                                             "expr": [{"accept": None}]}}})
             started = time.monotonic()
             assert wait_until(lambda p=path, r=reference[name]: _listing(p) == r, 1.0, 0.01), name
@@ -138,7 +139,7 @@ def test_one_agent_keeps_a_hundred_namespaces(node_ns: tuple[NsDir, list[Lab], s
         agent.stop()
         assert all(_listing(_path(nsdir, name)) == reference[name] for name in kept)
         # ... except what changed meanwhile: drift in one namespace is repaired, a deleted one is forgotten.
-        _do(_path(nsdir, kept[5]), {"flush": {"chain": {"family": "inet", "table": TABLE, "name": "istio-output"}}})
+        _do(_path(nsdir, kept[5]), {"flush": {"chain": {"family": "inet", "table": TABLE, "name": N.ISTIO_OUTPUT}}})
         nsdir.remove(kept[6])
         agent.start()
         assert agent.get("/readyz")[0] == 200
@@ -173,7 +174,7 @@ def test_cni_registrations_reach_the_node_agent() -> None:
             assert agent.metrics()[f'interceptd_ready{{netns="{pods[0]}"}}'] == 1
             assert [e["adopted"] for e in agent.events() if e.get("event") == "manage"] == [True]
             reference = _listing(path)
-            _do(path, {"flush": {"chain": {"family": "inet", "table": TABLE, "name": "istio-output"}}})
+            _do(path, {"flush": {"chain": {"family": "inet", "table": TABLE, "name": N.ISTIO_OUTPUT}}})
             assert wait_until(lambda: _listing(path) == reference, 1.0, 0.01)
             # While the agent is down, a pod arrives: protected by the plugin, adopted at the agent's start.
             agent.stop()

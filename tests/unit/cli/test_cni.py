@@ -1,4 +1,5 @@
-"""The CNI plugin's pure parts: request parsing and how a pod's settings are derived (spec 1.7)."""
+"""The CNI plugin's pure parts: request parsing and how a pod's settings are derived (as Istio CNI
+derives them: docs/istio-compatibility.md, "How Istio calls it")."""
 
 from __future__ import annotations
 

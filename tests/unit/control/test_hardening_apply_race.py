@@ -15,6 +15,7 @@ from interceptd.config import load
 from interceptd.control import install, reconcile
 from interceptd.errors import KernelRefusedError
 from interceptd.ruleset import drift
+from interceptd.ruleset import names as N
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.nftjson import Json
 from interceptd.ruleset.render import render
@@ -62,6 +63,6 @@ def test_holds_needs_every_chain_rule_and_element() -> None:
     install.apply(kernel, FakeRouter(), RULESET)
     listing = kernel.list_table(RULESET.table) or []
     assert install.holds(RULESET, listing)
-    assert not install.holds(RULESET, [i for i in listing if "rule" not in i or i["rule"]["comment"] != "entry"])
+    assert not install.holds(RULESET, [i for i in listing if "rule" not in i or i["rule"]["comment"] != N.ENTRY])
     assert not install.holds(RULESET, [*listing, {"chain": {"name": "foreign"}}])
     assert not install.holds(RULESET, [i for i in listing if "set" not in i])

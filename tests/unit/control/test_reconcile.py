@@ -8,6 +8,7 @@ from interceptd.config import options as config
 from interceptd.control import install, reconcile
 from interceptd.control.install import Applied
 from interceptd.ruleset import drift
+from interceptd.ruleset import names as N
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.render import render
 from interceptd.system.fake import FakeKernel, FakeRouter
@@ -49,7 +50,7 @@ def test_flushed_table_names_every_chain() -> None:
 
 def test_one_rule_removed_is_named() -> None:
     kernel, applied, table = setup()
-    victim = next(r for r in table["rules"] if r["comment"] != "entry")
+    victim = next(r for r in table["rules"] if r["comment"] != N.ENTRY)
     table["rules"].remove(victim)
     drift = reconcile.check(kernel, FakeRouter(), applied)
     assert [(d.reason, d.detail) for d in drift] == [
@@ -58,7 +59,7 @@ def test_one_rule_removed_is_named() -> None:
 
 def test_foreign_rule_in_our_chain() -> None:
     kernel, applied, table = setup()
-    table["rules"].insert(0, {"family": "inet", "table": "interceptd", "chain": "istio-output",
+    table["rules"].insert(0, {"family": "inet", "table": "interceptd", "chain": N.ISTIO_OUTPUT,
                               "expr": [{"accept": None}]})
     drift = reconcile.check(kernel, FakeRouter(), applied)
     assert [(d.reason, d.detail) for d in drift] == [("rule added", "foreign unnamed rule in chain istio-output added")]
@@ -66,11 +67,11 @@ def test_foreign_rule_in_our_chain() -> None:
 
 def test_edited_and_reordered_rules() -> None:
     kernel, applied, table = setup()
-    rules = [r for r in table["rules"] if r["chain"] == "istio-output"]
+    rules = [r for r in table["rules"] if r["chain"] == N.ISTIO_OUTPUT]
     rules[1]["expr"] = [{"accept": None}]
     assert reasons(kernel, applied) == ["rule changed"]
     kernel2, applied2, table2 = setup()
-    out = [r for r in table2["rules"] if r["chain"] == "istio-output"]
+    out = [r for r in table2["rules"] if r["chain"] == N.ISTIO_OUTPUT]
     i, j = table2["rules"].index(out[1]), table2["rules"].index(out[2])
     table2["rules"][i], table2["rules"][j] = table2["rules"][j], table2["rules"][i]
     assert reasons(kernel2, applied2) == ["rules reordered"]
@@ -87,8 +88,8 @@ def test_set_element_removed() -> None:
 
 def test_chain_deleted_and_foreign_chain_added_most_severe_first() -> None:
     kernel, applied, table = setup()
-    del table["chains"]["istio-redirect"]
-    table["rules"] = [r for r in table["rules"] if r["chain"] != "istio-redirect"]
+    del table["chains"][N.ISTIO_REDIRECT]
+    table["rules"] = [r for r in table["rules"] if r["chain"] != N.ISTIO_REDIRECT]
     table["chains"]["mine"] = {"family": "inet", "table": "interceptd", "name": "mine"}
     found = reconcile.check(kernel, FakeRouter(), applied)
     assert [d.reason for d in found] == ["chain deleted", "chain added"]

@@ -11,6 +11,7 @@ import pytest
 from interceptd.cli.explaincmd import add_arguments, connection, split_hostport
 from interceptd.config import Config, load
 from interceptd.errors import ConfigError, UnexplainableError
+from interceptd.ruleset import names as N
 from interceptd.ruleset.explain import Connection, as_json, borrow_why, explain, format_text
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.model import Chain, Hook, Match, Rule, Ruleset, TProxy
@@ -51,7 +52,7 @@ def verdict(conn: Connection, config: Config | None = None, facts: HostFacts = V
     return v.action, v.address, v.port
 
 
-# Every row of the spec 2.7 table (10.0.0.x there is 192.0.2.x here).
+# Every row of the seed's decision table in docs/istio-compatibility.md (pod 192.0.2.2, peer 192.0.2.1).
 SPEC_ROWS = [
     *[(inbound(p), ("redirect", "primary address of eth0", 15006)) for p in (80, 8080, 15001, 15006)],
     *[(inbound(p), ("none", POD, p)) for p in (15008, 15090, 15021, 15020)],
@@ -72,7 +73,7 @@ SPEC_ROWS = [
 
 
 @pytest.mark.parametrize(("conn", "expected"), SPEC_ROWS, ids=[c.describe() for c, _ in SPEC_ROWS])
-def test_spec_2_7_table(conn: Connection, expected: tuple[str, str, int]) -> None:
+def test_seed_decision_table(conn: Connection, expected: tuple[str, str, int]) -> None:
     assert verdict(conn) == expected
 
 
@@ -83,10 +84,11 @@ def test_path_names_rules_and_says_why() -> None:
     assert "MATCH redirect-outbound-all" in text
     assert "verdict: redirected to the proxy's outbound listener :15001 (127.0.0.1:15001), original destination " \
            "192.0.2.1:9999 kept" in text
-    assert result.verdict.rule == "istio-redirect/redirect-outbound"
-    assert result.matched() == ["output/entry", "output/output-jump", "istio-output/entry",
-                                "istio-output/redirect-outbound-all", "istio-redirect/entry",
-                                "istio-redirect/redirect-outbound"]
+    assert result.verdict.rule == N.counter_name(N.ISTIO_REDIRECT, N.RULE_REDIRECT_OUTBOUND)
+    assert result.matched() == [N.counter_name(chain, rule) for chain, rule in (
+        (N.OUTPUT, N.ENTRY), (N.OUTPUT, N.RULE_OUTPUT_JUMP), (N.ISTIO_OUTPUT, N.ENTRY),
+        (N.ISTIO_OUTPUT, N.RULE_REDIRECT_OUTBOUND_ALL), (N.ISTIO_REDIRECT, N.ENTRY),
+        (N.ISTIO_REDIRECT, N.RULE_REDIRECT_OUTBOUND))]
     assert as_json(result)["matched"] == result.matched()
 
 
@@ -95,21 +97,21 @@ def test_redirected_connection_comes_back_on_lo_without_nat_prerouting() -> None
     hooks = [s.reason for s in steps if s.kind == "hook"]
     assert hooks == ["output: tcp 192.0.2.2:40000 -> 192.0.2.1:9999 oif eth0",
                      "prerouting: tcp 192.0.2.2:40000 -> 127.0.0.1:15001 iif lo"]
-    assert not [s for s in steps if s.kind == "chain" and s.chain == "prerouting"]
+    assert not [s for s in steps if s.kind == "chain" and s.chain == N.PREROUTING]
 
 
 def test_missing_headers_and_sockets_never_match_even_negated() -> None:
     rs = render(cfg(), V6)
     # ip daddr != 127.0.0.1 does not hold for IPv6: only the v6 twin of the in-redirect rule can match.
     result = explain(rs, out("2001:db8::2", 8080, uid=1337))
-    assert "istio-output/proxy-uid-in-redirect-v6" in result.matched()
-    assert "istio-output/proxy-uid-in-redirect" not in result.matched()
-    tried = next(s for s in result.steps if s.rule == "proxy-uid-in-redirect")
+    assert N.counter_name(N.ISTIO_OUTPUT, N.per_family(N.UID.in_redirect, 6)) in result.matched()
+    assert N.counter_name(N.ISTIO_OUTPUT, N.UID.in_redirect) not in result.matched()
+    tried = next(s for s in result.steps if s.rule == N.UID.in_redirect)
     assert tried.reason == "not an IPv4 packet (ip daddr does not apply)"
     # tcp dport != {53, 15008} does not hold for UDP.
     udp = explain(render(cfg(redirect_dns="true", capture_all_dns="true"), V4), out(POD, 8080, uid=1337,
                                                                                     proto="udp"))
-    assert "istio-output/proxy-uid-in-redirect" not in udp.matched()
+    assert N.counter_name(N.ISTIO_OUTPUT, N.UID.in_redirect) not in udp.matched()
     # An inbound packet has no socket: skuid tests fail both ways.
     rule = Rule("owner", (Match("skuid", 1000, negate=True),), ())
     rs2 = Ruleset("t", (Chain("pre", (rule,), Hook("nat", "prerouting", -100)),))
@@ -128,7 +130,7 @@ def test_sets_ranges_prefixes_and_exclusions() -> None:
     assert verdict(inbound(9050), config)[0] == "none"  # -d range
     assert verdict(inbound(9101), config)[0] == "redirect"
     reason = next(s.reason for s in explain(render(config, V4), out("203.0.113.1", 80)).steps
-                  if s.rule == "redirect-outbound-cidrs")
+                  if s.rule == N.RULE_REDIRECT_OUTBOUND_CIDRS)
     assert reason == "ip daddr 203.0.113.1 is not in include-cidrs-v4 {198.51.100.0/24}"
 
 
@@ -141,7 +143,7 @@ def test_inbound_list_excluded_interface_and_ipv6_off() -> None:
     # IPv6 off: v6 packets return at the head of every base chain.
     result = explain(render(cfg(), V4), inbound(80, dst="2001:db8::2", src="2001:db8::1"))
     assert result.verdict.action == "none"
-    assert "prerouting/ipv6-disabled-return" in result.matched()
+    assert N.counter_name(N.PREROUTING, N.RULE_IPV6_DISABLED_RETURN) in result.matched()
 
 
 def test_dns_capture() -> None:
@@ -151,7 +153,7 @@ def test_dns_capture() -> None:
     assert verdict(out("198.51.100.1", 53, proto="udp"), config, facts) == ("none", "198.51.100.1", 53)
     assert verdict(out(PEER, 53, uid=1337, proto="udp"), config, facts)[0] == "none"
     result = explain(render(config, facts), out(PEER, 53, proto="udp"))
-    assert "raw-output/app-dns-zone" in result.matched()
+    assert N.counter_name(N.RAW_OUTPUT, N.RULE_APP_DNS_ZONE) in result.matched()
     assert verdict(out(PEER, 53, proto="udp"), cfg(redirect_dns="true", local_outbound_ports_exclude="53"),
                    facts)[0] == "none"
 
@@ -161,21 +163,21 @@ def test_tproxy_inbound_and_listener_presence() -> None:
     rs = render(config, V4)
     result = explain(rs, inbound(8080))
     assert result.verdict.action == "tproxy" and result.verdict.port == 15006
-    assert "istio-tproxy/tproxy" in result.matched()
-    assert "prerouting/entry" in result.matched()  # accept ends mangle prerouting only
+    assert N.counter_name(N.ISTIO_TPROXY, N.RULE_TPROXY) in result.matched()
+    assert N.counter_name(N.PREROUTING, N.ENTRY) in result.matched()  # accept ends mangle prerouting only
     silent = explain(rs, inbound(8080), tproxy_listening=False)
     assert silent.verdict.action == "none"
-    assert "istio-tproxy/tproxy" not in silent.matched()
+    assert N.counter_name(N.ISTIO_TPROXY, N.RULE_TPROXY) not in silent.matched()
     assert explain(rs, inbound(15008)).verdict.action == "none"
     # The proxy calling its own pod over lo: marked 1338 in mangle output, NATed to :15006 by nat output.
     own = explain(rs, out(POD, 8080, uid=1337))
-    assert "mangle-output/proxy-uid-outbound-mark" in own.matched()
+    assert N.counter_name(N.MANGLE_OUTPUT, N.UID.outbound_mark) in own.matched()
     assert own.verdict.action == "redirect"
 
 
 def test_drop_invalid_is_not_hit_by_a_new_connection() -> None:
     result = explain(render(cfg(drop_invalid="true"), V4), inbound(80))
-    step = next(s for s in result.steps if s.rule == "drop-invalid")
+    step = next(s for s in result.steps if s.rule == N.RULE_DROP_INVALID)
     assert not step.matched and step.reason == "ct state new is not invalid"
 
 
@@ -242,7 +244,7 @@ def test_trace_messages_are_parsed() -> None:
     policy = struct.pack("=IHHII", 16 + 4 + 12, NFT_MSG_TRACE, 0, 0, 0) + struct.pack("=BBH", 1, 0, 0) + \
         _nla(4, struct.pack("!I", 1)) + _nla(1, b"t\0\0")
     events = parse_messages(message + policy)
-    assert [(e.table, e.chain, e.handle, e.verdict) for e in events] == [("interceptd", "istio-output", 42, "jump")]
+    assert [(e.table, e.chain, e.handle, e.verdict) for e in events] == [("interceptd", N.ISTIO_OUTPUT, 42, "jump")]
 
 
 def test_probe_frame_checksums() -> None:

@@ -6,6 +6,7 @@ import ipaddress
 
 from interceptd.config import Config, load
 from interceptd.control import install
+from interceptd.ruleset import names as N
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.model import Jump, Redirect, Return, SetRef
 from interceptd.ruleset.nftjson import Existing, normalise, transaction
@@ -28,18 +29,18 @@ def names(config: Config, chain: str, facts: HostFacts = V4) -> list[str]:
 
 
 def test_seed_layout_follows_istio_order() -> None:
-    assert names(cfg(), "istio-output") == [
-        "entry", "inbound-passthrough-return",
-        "proxy-uid-in-redirect", "app-loopback-uid-return", "proxy-uid-return",
-        "proxy-gid-in-redirect", "app-loopback-gid-return", "proxy-gid-return",
-        "loopback-return", "redirect-outbound-all"]
-    assert names(cfg(), "istio-inbound") == ["entry", "tunnel-port-return", "exclude-inbound-ports",
-                                              "redirect-inbound-all"]
-    assert names(cfg(), "prerouting") == ["ipv6-disabled-return", "entry", "inbound-jump"]
+    assert names(cfg(), N.ISTIO_OUTPUT) == [
+        N.ENTRY, N.RULE_INBOUND_PASSTHROUGH_RETURN,
+        N.UID.in_redirect, N.UID.loopback_return, N.UID.proxy_return,
+        N.GID.in_redirect, N.GID.loopback_return, N.GID.proxy_return,
+        N.RULE_LOOPBACK_RETURN, N.RULE_REDIRECT_OUTBOUND_ALL]
+    assert names(cfg(), N.ISTIO_INBOUND) == [N.ENTRY, N.RULE_TUNNEL_PORT_RETURN, N.RULE_EXCLUDE_INBOUND_PORTS,
+                                              N.RULE_REDIRECT_INBOUND_ALL]
+    assert names(cfg(), N.PREROUTING) == [N.RULE_IPV6_DISABLED_RETURN, N.ENTRY, N.RULE_INBOUND_JUMP]
     rs = render(cfg(), V4)
-    assert rs.chain("istio-redirect").rules[1].actions == (Redirect(15001),)
-    assert rs.chain("istio-in-redirect").rules[1].actions == (Redirect(15006),)
-    assert not rs.routes and {c.name for c in rs.chains}.isdisjoint({"mangle-prerouting", "raw-output"})
+    assert rs.chain(N.ISTIO_REDIRECT).rules[1].actions == (Redirect(15001),)
+    assert rs.chain(N.ISTIO_IN_REDIRECT).rules[1].actions == (Redirect(15006),)
+    assert not rs.routes and {c.name for c in rs.chains}.isdisjoint({N.MANGLE_PREROUTING, N.RAW_OUTPUT})
 
 
 def test_rule_count_does_not_grow_with_lists() -> None:
@@ -49,69 +50,70 @@ def test_rule_count_does_not_grow_with_lists() -> None:
     big = render(cfg(service_exclude_cidr=many, local_exclude_ports=ports), V4)
     count = lambda rs: sum(len(c.rules) for c in rs.chains)  # noqa: E731
     assert count(small) == count(big)
-    assert len(big.set("exclude-cidrs-v4").elements) == 5000
+    assert len(big.set(N.SET_EXCLUDE_CIDRS[4]).elements) == 5000
     adjacent = ",".join(f"10.0.{i}.0/24" for i in range(256))
-    collapsed = render(cfg(service_exclude_cidr=adjacent + ",10.0.0.1"), V4).set("exclude-cidrs-v4")
+    collapsed = render(cfg(service_exclude_cidr=adjacent + ",10.0.0.1"), V4).set(N.SET_EXCLUDE_CIDRS[4])
     assert collapsed.elements == (ipaddress.ip_network("10.0.0.0/16"),)  # interval sets refuse overlaps
 
 
 def test_inbound_empty_means_no_inbound_jump() -> None:
-    assert "inbound-jump" not in names(cfg(inbound_ports=""), "prerouting")
+    assert N.RULE_INBOUND_JUMP not in names(cfg(inbound_ports=""), N.PREROUTING)
 
 
 def test_inbound_port_list_uses_a_set() -> None:
     rs = render(cfg(inbound_ports="80,8080-8090,81"), V4)
-    rule = rs.chain("istio-inbound").rules[-1]
-    assert rule.name == "redirect-inbound-ports" and rule.matches[0].value == SetRef("inbound-ports")
-    assert [str(p) for p in rs.set("inbound-ports").elements] == ["80-81", "8080-8090"]
-    assert rs.set("inbound-ports").interval
+    rule = rs.chain(N.ISTIO_INBOUND).rules[-1]
+    assert rule.name == N.RULE_REDIRECT_INBOUND_PORTS and rule.matches[0].value == SetRef(N.SET_INBOUND_PORTS)
+    assert [str(p) for p in rs.set(N.SET_INBOUND_PORTS).elements] == ["80-81", "8080-8090"]
+    assert rs.set(N.SET_INBOUND_PORTS).interval
 
 
 def test_ipv6_on_adds_twins_and_drops_the_ipv6_return() -> None:
     v6 = HostFacts(ipv6=True, host_ip=ipaddress.ip_address("2001:db8::2"))
-    out = names(cfg(service_exclude_cidr="2001:db8::/48,192.0.2.0/24"), "istio-output", v6)
-    assert "inbound-passthrough-return-v6" in out and "proxy-uid-in-redirect-v6" in out
-    assert "exclude-cidrs-return-v6" in out and "loopback-return-v6" in out
-    assert "ipv6-disabled-return" not in names(cfg(), "prerouting", v6)
+    out = names(cfg(service_exclude_cidr="2001:db8::/48,192.0.2.0/24"), N.ISTIO_OUTPUT, v6)
+    assert N.per_family(N.RULE_INBOUND_PASSTHROUGH_RETURN, 6) in out and N.per_family(N.UID.in_redirect, 6) in out
+    assert N.per_family(N.RULE_EXCLUDE_CIDRS_RETURN, 6) in out and N.per_family(N.RULE_LOOPBACK_RETURN, 6) in out
+    assert N.RULE_IPV6_DISABLED_RETURN not in names(cfg(), N.PREROUTING, v6)
     # With IPv6 off, IPv6 CIDRs are dropped (as Istio does), and IPv6 packets leave at the chain head.
     off = render(cfg(service_exclude_cidr="2001:db8::/48"), V4)
-    assert "exclude-cidrs-return-v6" not in [r.name for r in off.chain("istio-output").rules]
+    assert N.per_family(N.RULE_EXCLUDE_CIDRS_RETURN, 6) not in [r.name for r in off.chain(N.ISTIO_OUTPUT).rules]
 
 
 def test_include_cidr_with_loopback_removes_app_lo_exemption() -> None:
-    out = names(cfg(service_cidr="127.0.0.0/8,10.0.0.0/8"), "istio-output")
-    assert "app-loopback-uid-return" not in out and "redirect-outbound-cidrs" in out
+    out = names(cfg(service_cidr="127.0.0.0/8,10.0.0.0/8"), N.ISTIO_OUTPUT)
+    assert N.UID.loopback_return not in out and N.RULE_REDIRECT_OUTBOUND_CIDRS in out
 
 
 def test_owner_groups() -> None:
     out = render(load({**SEED}, {"ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE": "0"}), V4)
-    assert out.set("owner-groups-exclude").elements == (0,)
-    empty = render(load({**SEED}, {"ISTIO_OUTBOUND_OWNER_GROUPS": ""}), V4).chain("istio-output")
-    rule = next(r for r in empty.rules if r.name == "owner-groups-return")
+    assert out.set(N.SET_OWNER_GROUPS_EXCLUDE).elements == (0,)
+    empty = render(load({**SEED}, {"ISTIO_OUTBOUND_OWNER_GROUPS": ""}), V4).chain(N.ISTIO_OUTPUT)
+    rule = next(r for r in empty.rules if r.name == N.RULE_OWNER_GROUPS_RETURN)
     assert rule.matches[0].negate and rule.actions == (Return(),)
 
 
 def test_kube_virt_and_exclude_interfaces_lead_prerouting() -> None:
-    out = render(cfg(kube_virt_interfaces="virt0,virt1", exclude_interfaces="eth1"), V4).chain("prerouting")
-    assert [r.name for r in out.rules] == ["ipv6-disabled-return", "entry", "kube-virt-redirect",
-                                           "kube-virt-return", "exclude-interfaces-return", "inbound-jump"]
-    assert out.rules[2].actions == (Jump("istio-redirect"),)
+    out = render(cfg(kube_virt_interfaces="virt0,virt1", exclude_interfaces="eth1"), V4).chain(N.PREROUTING)
+    assert [r.name for r in out.rules] == [
+        N.RULE_IPV6_DISABLED_RETURN, N.ENTRY, N.RULE_KUBE_VIRT_REDIRECT, N.RULE_KUBE_VIRT_RETURN,
+        N.RULE_EXCLUDE_INTERFACES_RETURN, N.RULE_INBOUND_JUMP]
+    assert out.rules[2].actions == (Jump(N.ISTIO_REDIRECT),)
 
 
 def test_dns_capture_changes_loopback_rules_and_adds_raw_chains() -> None:
     facts = HostFacts(False, ipaddress.ip_address("192.0.2.2"), dns_v4=(ipaddress.IPv4Address("192.0.2.53"),))
     rs = render(cfg(redirect_dns="true"), facts)
-    assert {"istio-output-dns", "raw-output", "raw-prerouting"} <= {c.name for c in rs.chains}
-    out = [r.name for r in rs.chain("istio-output").rules]
-    assert out.index("dns-jump") < out.index("loopback-return")
-    assert rs.set("dns-servers-v4").elements == (ipaddress.ip_network("192.0.2.53/32"),)
+    assert {N.ISTIO_OUTPUT_DNS, N.RAW_OUTPUT, N.RAW_PREROUTING} <= {c.name for c in rs.chains}
+    out = [r.name for r in rs.chain(N.ISTIO_OUTPUT).rules]
+    assert out.index(N.RULE_DNS_JUMP) < out.index(N.RULE_LOOPBACK_RETURN)
+    assert rs.set(N.SET_DNS_SERVERS[4]).elements == (ipaddress.ip_network("192.0.2.53/32"),)
     # no servers and no capture-all: DNS capture is silently off, as in Istio
-    assert "istio-output-dns" not in {c.name for c in render(cfg(redirect_dns="true"), V4).chains}
+    assert N.ISTIO_OUTPUT_DNS not in {c.name for c in render(cfg(redirect_dns="true"), V4).chains}
 
 
 def test_metrics_port_exempt_only_when_reachable() -> None:
-    assert "metrics-port-return" not in names(cfg(), "istio-inbound")
-    assert "metrics-port-return" in names(cfg(metrics_address="0.0.0.0:15321"), "istio-inbound")
+    assert N.RULE_METRICS_PORT_RETURN not in names(cfg(), N.ISTIO_INBOUND)
+    assert N.RULE_METRICS_PORT_RETURN in names(cfg(metrics_address="0.0.0.0:15321"), N.ISTIO_INBOUND)
 
 
 def test_host_facts() -> None:
@@ -127,13 +129,15 @@ def test_transaction_is_one_document_and_replaces_stale_objects() -> None:
     kernel = FakeKernel()
     first = install.apply(kernel, FakeRouter(), render(cfg(service_exclude_cidr="192.0.2.0/24"), V4))
     assert kernel.applies == 1
-    kernel.count("interceptd", "istio-redirect/redirect-outbound", 5, 300)
+    kernel.count("interceptd", N.counter_name(N.ISTIO_REDIRECT, N.RULE_REDIRECT_OUTBOUND), 5, 300)
     second = install.apply(kernel, FakeRouter(), render(cfg(), V4))
     listing = kernel.list_table("interceptd") or []
-    assert not any(i.get("set", {}).get("name") == "exclude-cidrs-v4" for i in listing)
-    assert not any(i.get("counter", {}).get("name") == "istio-output/exclude-cidrs-return" for i in listing)
+    assert not any(i.get("set", {}).get("name") == N.SET_EXCLUDE_CIDRS[4] for i in listing)
+    assert not any(i.get("counter", {}).get("name") == N.counter_name(N.ISTIO_OUTPUT, N.RULE_EXCLUDE_CIDRS_RETURN)
+               for i in listing)
     counters = {i["counter"]["name"]: i["counter"]["packets"] for i in listing if "counter" in i}
-    assert counters["istio-redirect/redirect-outbound"] == 5  # named counters survive a re-apply
+    # named counters survive a re-apply
+    assert counters[N.counter_name(N.ISTIO_REDIRECT, N.RULE_REDIRECT_OUTBOUND)] == 5
     assert first.listing != second.listing
     again = install.apply(kernel, FakeRouter(), render(cfg(), V4))
     assert again.listing == second.listing
@@ -141,9 +145,9 @@ def test_transaction_is_one_document_and_replaces_stale_objects() -> None:
 
 def test_transaction_deletes_chains_whose_hook_changed() -> None:
     rs = render(cfg(), V4)
-    existing = Existing({"prerouting": {"type": "filter", "hook": "prerouting", "prio": 0}}, {}, frozenset())
+    existing = Existing({N.PREROUTING: {"type": "filter", "hook": N.PREROUTING, "prio": 0}}, {}, frozenset())
     doc = transaction(rs, existing)["nftables"]
-    assert {"delete": {"chain": {"family": "inet", "table": "interceptd", "name": "prerouting"}}} in doc
+    assert {"delete": {"chain": {"family": "inet", "table": "interceptd", "name": N.PREROUTING}}} in doc
     assert doc[0] == {"add": {"table": {"family": "inet", "name": "interceptd"}}}
     assert doc[1] == {"flush": {"table": {"family": "inet", "name": "interceptd"}}}
 

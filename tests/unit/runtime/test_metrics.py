@@ -17,6 +17,7 @@ from interceptd.config import options as config
 from interceptd.control import install
 from interceptd.control.state import AgentState
 from interceptd.errors import KernelRefusedError, ListenError
+from interceptd.ruleset import names as N
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.nftjson import Json
 from interceptd.ruleset.render import render
@@ -77,17 +78,17 @@ def chain(name: str, what: str = "packets") -> tuple[str, tuple[tuple[str, str],
 
 def test_every_chain_and_deciding_rule_is_a_series_with_kernel_values() -> None:
     kernel, _state, reg = setup()
-    kernel.count("interceptd", "istio-output/redirect-outbound-all", 3, 180)
-    kernel.count("interceptd", "istio-redirect/entry", 3, 180)
+    kernel.count("interceptd", N.counter_name(N.ISTIO_OUTPUT, N.RULE_REDIRECT_OUTBOUND_ALL), 3, 180)
+    kernel.count("interceptd", N.counter_name(N.ISTIO_REDIRECT, N.ENTRY), 3, 180)
     got = scrape(reg)
-    assert got[rule("istio-output", "redirect-outbound-all")] == 3
-    assert got[rule("istio-output", "redirect-outbound-all", "bytes")] == 180
-    assert got[chain("istio-redirect")] == 3
-    assert got[rule("istio-output", "proxy-uid-return")] == 0
-    assert rule("istio-redirect", "entry") not in got  # the entry counter is the chain's, not a rule's
+    assert got[rule(N.ISTIO_OUTPUT, N.RULE_REDIRECT_OUTBOUND_ALL)] == 3
+    assert got[rule(N.ISTIO_OUTPUT, N.RULE_REDIRECT_OUTBOUND_ALL, "bytes")] == 180
+    assert got[chain(N.ISTIO_REDIRECT)] == 3
+    assert got[rule(N.ISTIO_OUTPUT, N.UID.proxy_return)] == 0
+    assert rule(N.ISTIO_REDIRECT, N.ENTRY) not in got  # the entry counter is the chain's, not a rule's
     names = {labels for (name, labels) in got if name == "interceptd_chain_packets_total"}
     assert {dict(labels)["chain"] for labels in names} == {
-        "prerouting", "output", "istio-inbound", "istio-redirect", "istio-in-redirect", "istio-output"}
+        N.PREROUTING, N.OUTPUT, N.ISTIO_INBOUND, N.ISTIO_REDIRECT, N.ISTIO_IN_REDIRECT, N.ISTIO_OUTPUT}
 
 
 def test_one_list_call_per_scrape_and_only_our_table() -> None:
@@ -102,30 +103,30 @@ def test_one_list_call_per_scrape_and_only_our_table() -> None:
 def test_counters_never_go_backwards_when_the_table_is_deleted_and_repaired() -> None:
     kernel, _state, reg = setup()
     ruleset = render(config.load(CAPTURE_ALL, {}), HostFacts(ipv6=False, host_ip=None))
-    kernel.count("interceptd", "istio-output/redirect-outbound-all", 5, 300)
-    assert scrape(reg)[rule("istio-output", "redirect-outbound-all")] == 5
+    kernel.count("interceptd", N.counter_name(N.ISTIO_OUTPUT, N.RULE_REDIRECT_OUTBOUND_ALL), 5, 300)
+    assert scrape(reg)[rule(N.ISTIO_OUTPUT, N.RULE_REDIRECT_OUTBOUND_ALL)] == 5
     del kernel.tables[("inet", "interceptd")]  # drift: someone deleted the table, counters included
     install.apply(kernel, FakeRouter(), ruleset)  # the repair creates the counters anew, at zero
-    kernel.count("interceptd", "istio-output/redirect-outbound-all", 2, 120)
+    kernel.count("interceptd", N.counter_name(N.ISTIO_OUTPUT, N.RULE_REDIRECT_OUTBOUND_ALL), 2, 120)
     got = scrape(reg)
-    assert got[rule("istio-output", "redirect-outbound-all")] == 7
-    assert got[rule("istio-output", "redirect-outbound-all", "bytes")] == 420
+    assert got[rule(N.ISTIO_OUTPUT, N.RULE_REDIRECT_OUTBOUND_ALL)] == 7
+    assert got[rule(N.ISTIO_OUTPUT, N.RULE_REDIRECT_OUTBOUND_ALL, "bytes")] == 420
     # a scrape that finds the table missing, then one after a repair that counted more than before
     del kernel.tables[("inet", "interceptd")]
-    assert rule("istio-output", "redirect-outbound-all") not in scrape(reg)
+    assert rule(N.ISTIO_OUTPUT, N.RULE_REDIRECT_OUTBOUND_ALL) not in scrape(reg)
     install.apply(kernel, FakeRouter(), ruleset)
-    kernel.count("interceptd", "istio-output/redirect-outbound-all", 9, 540)
-    assert scrape(reg)[rule("istio-output", "redirect-outbound-all")] == 7 + 9  # 9 > 2: seen missing, not lower
+    kernel.count("interceptd", N.counter_name(N.ISTIO_OUTPUT, N.RULE_REDIRECT_OUTBOUND_ALL), 9, 540)
+    assert scrape(reg)[rule(N.ISTIO_OUTPUT, N.RULE_REDIRECT_OUTBOUND_ALL)] == 7 + 9  # 9 > 2: seen missing, not lower
 
 
 def test_reapply_keeps_named_counter_values() -> None:
     kernel, _state, reg = setup()
-    kernel.count("interceptd", "istio-inbound/redirect-inbound-all", 4, 240)
+    kernel.count("interceptd", N.counter_name(N.ISTIO_INBOUND, N.RULE_REDIRECT_INBOUND_ALL), 4, 240)
     ruleset = render(config.load({**CAPTURE_ALL, "local_exclude_ports": "22"}, {}), HostFacts(False, None))
     install.apply(kernel, FakeRouter(), ruleset)
     got = scrape(reg)
-    assert got[rule("istio-inbound", "redirect-inbound-all")] == 4
-    assert got[rule("istio-inbound", "exclude-inbound-ports")] == 0
+    assert got[rule(N.ISTIO_INBOUND, N.RULE_REDIRECT_INBOUND_ALL)] == 4
+    assert got[rule(N.ISTIO_INBOUND, N.RULE_EXCLUDE_INBOUND_PORTS)] == 0
 
 
 def test_kernel_error_is_counted_and_the_agent_metrics_still_served() -> None:
@@ -137,7 +138,7 @@ def test_kernel_error_is_counted_and_the_agent_metrics_still_served() -> None:
     assert not any(name.startswith("interceptd_rule_") for name, _ in got)
     assert got[("interceptd_ready", ())] == 0
     kernel.fail_lists = False
-    assert scrape(reg)[rule("istio-output", "redirect-outbound-all")] == 0
+    assert scrape(reg)[rule(N.ISTIO_OUTPUT, N.RULE_REDIRECT_OUTBOUND_ALL)] == 0
 
 
 def test_agent_state_families() -> None:
