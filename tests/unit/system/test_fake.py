@@ -156,9 +156,9 @@ def test_router_refuses_the_next_changes_and_changes_nothing() -> None:
     router.refuse = 2
     for _ in range(2):
         with pytest.raises(RoutingError, match=r"cannot add .*\(fake\)"):
-            routes.sync(ruleset, router)
+            routes.add_missing(ruleset, router)
     assert router.entries == set() and router.calls == []
-    routes.sync(ruleset, router)
+    routes.add_missing(ruleset, router)
     assert router.entries == routes.wanted(ruleset) and len(router.calls) == len(router.entries)
     router.refuse = 1
     with pytest.raises(RoutingError, match="cannot delete"):
