@@ -18,8 +18,8 @@ from dataclasses import replace
 from interceptd.config import Config
 from interceptd.config.values import parse_port, resolve_gid, resolve_uid
 from interceptd.errors import ConfigError, NotInstalledError
-from interceptd.ruleset.explain import Connection, Explanation, IPAddress, as_json, borrow_why, explain, format_text
-from interceptd.ruleset.facts import HostFacts
+from interceptd.ruleset.explain import Connection, Explanation, as_json, borrow_why, explain, format_text
+from interceptd.ruleset.facts import HostFacts, IPAddress
 from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import Json
 from interceptd.ruleset.nftparse import parse_listing

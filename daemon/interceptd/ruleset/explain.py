@@ -21,6 +21,7 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 
 from interceptd.config.values import PortRange
+from interceptd.ruleset.facts import IPAddress
 from interceptd.ruleset.model import (
     Accept,
     Chain,
@@ -48,8 +49,6 @@ from interceptd.ruleset.names import (
     counter_name,
 )
 from interceptd.ruleset.nfttext import action_text
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # What a redirect into each of interceptd's chains means (the chain names are part of the model).
 LISTENER_ROLE = {ISTIO_REDIRECT: "the proxy's outbound listener", ISTIO_IN_REDIRECT: "the proxy's inbound listener",
