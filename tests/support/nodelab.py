@@ -173,6 +173,7 @@ class NodeAgent:
     port: int = 0
     proc: subprocess.Popen[str] | None = None
     log_path: str = ""
+    wrapper: tuple[str, ...] = ()  # a command that runs the agent, e.g. ("prlimit", "--nofile=1024:8192")
 
     def start(self, wait_ready: float = 60.0) -> NodeAgent:
         self.port = self.port or free_port()
@@ -182,7 +183,8 @@ class NodeAgent:
                "INTERCEPTD_NETNS_DIR": self.netns_dir, "INTERCEPTD_METRICS_ADDRESS": f"127.0.0.1:{self.port}",
                "INTERCEPTD_LOG_FORMAT": "json", "INTERCEPTD_RECONCILE_INTERVAL": "2", **self.env}
         with open(self.log_path, "w", encoding="utf-8") as log:
-            self.proc = subprocess.Popen([str(VENV_BIN / "interceptd"), "node", *self.args], env=env, stderr=log,
+            self.proc = subprocess.Popen([*self.wrapper, str(VENV_BIN / "interceptd"), "node", *self.args], env=env,
+                                         stderr=log,
                                          stdout=subprocess.DEVNULL, text=True)
         if wait_ready and not wait_until(lambda: self.get("/readyz")[0] == 200, wait_ready, 0.1):
             raise AssertionError(f"node agent not ready: {self.get('/readyz')} {self.logs()[-2000:]}")

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 
 import pytest
 from support.netlab import wait_until
@@ -34,6 +36,12 @@ REPAIR_S = 1.0
 
 @pytest.fixture
 def node() -> Iterator[tuple[NsDir, NodeAgent]]:
+    with twenty_pods() as started:
+        yield started
+
+
+@contextmanager
+def twenty_pods(wrapper: tuple[str, ...] = ()) -> Iterator[tuple[NsDir, NodeAgent]]:
     with ExitStack() as stack:
         nsdir = stack.enter_context(NsDir())
         conf = nsdir.path + "-etc"
@@ -48,7 +56,7 @@ def node() -> Iterator[tuple[NsDir, NodeAgent]]:
         nsdir.run_in(TPROXY_POD, "ip", "addr", "add", "2001:db8::100/128", "dev", "lo")
         agent = NodeAgent(os.path.join(conf, "state"), nsdir.path, ("--config", os.path.join(conf, "node.toml")),
                           {"INTERCEPTD_NETNS_CONFIG_DIR": os.path.join(conf, "netns.d"),
-                           "INTERCEPTD_RECONCILE_INTERVAL": "10"})
+                           "INTERCEPTD_RECONCILE_INTERVAL": "10"}, wrapper=wrapper)
         stack.enter_context(agent)
         yield nsdir, agent
 
@@ -182,3 +190,48 @@ def test_socket_clients_never_stall_the_repairs(node: tuple[NsDir, NodeAgent]) -
     reply = nodestate_request(agent.state_dir, {"op": "add", "name": "../../x"})
     assert reply == {"ok": False, "error": "'../../x' is not a network namespace name"}
     assert agent.get("/readyz")[0] == 200
+
+
+FLOOD = 2000
+
+
+def _hold_idle(port: int, n: int, ready_fd: int) -> None:
+    """In a forked child: n connections to the metrics port that send the start of a request and no more."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    held = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with contextlib.suppress(OSError):  # the server may already have dropped it for a newer one
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")
+        held.append(s)
+    os.write(ready_fd, b"1")
+    signal.pause()
+
+
+def test_idle_metrics_clients_cannot_stop_a_nodes_repairs() -> None:
+    """2,000 idle clients of the metrics port of a node agent started with systemd's soft limit of 1024
+    descriptors and 20 pods (each with its event sockets): every pod's repairs go on."""
+    with twenty_pods(wrapper=("prlimit", "--nofile=1024:8192")) as (nsdir, agent):
+        assert agent.proc is not None
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(rfd)
+                _hold_idle(agent.port, FLOOD, wfd)
+            finally:
+                os._exit(1)
+        os.close(wfd)
+        try:
+            assert os.read(rfd, 1) == b"1", "the idle clients could not connect"
+            others_are_repaired(nsdir, agent, healthy(""))
+            assert agent.proc.poll() is None
+            assert agent.get("/readyz", timeout=30)[0] == 200
+            fds = [int(fd) for fd in os.listdir(f"/proc/{agent.proc.pid}/fd")]
+            assert sum(fd < 1024 for fd in fds) < 50, sorted(fds)  # the low range stays free for libnftables
+        finally:
+            os.close(rfd)
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        assert "Too many open files" not in agent.logs() and "FD_SETSIZE" not in agent.logs()
