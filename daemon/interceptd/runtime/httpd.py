@@ -11,7 +11,8 @@ Here instead:
 - at most `max_connections` at once: a further one takes the place of the oldest client that has not
   finished its request (or, with every place answering, is closed at once), so idle clients can delay a
   scrape but not lock it out, and no client waits in the backlog;
-- each connection has `deadline_s` from its accept to the end of the answer: idle and slow clients go;
+- each connection has `deadline_s` to send its request, then again to take the answer (renewed while it reads):
+  idle and slow clients go, a slow answer to produce (a node's scrape of 1,000 namespaces) is not cut off;
 - the listener and every client sit on descriptors >= 1024 (system.fds), away from libnftables;
 - a client that goes away mid-request or mid-answer is one structured log line, never a traceback;
   connections refused over the limit or timed out are summed into one line at most every SUMMARY_S.
@@ -266,6 +267,9 @@ class HttpServer:
             return Response(500, b"internal error\n")
 
     def _answer(self, conn: _Conn, response: Response, head_only: bool) -> None:
+        # The deadline bounds the client, not our work: producing a node's scrape of 1,000 namespaces takes
+        # seconds, and the client then gets the whole deadline again to take the answer (more with progress).
+        conn.deadline = time.monotonic() + self._deadline_s
         conn.out = memoryview(encode(response, head_only))
         self._selector.modify(conn.sock, selectors.EVENT_WRITE, conn)
         self._send(conn)
@@ -282,6 +286,8 @@ class HttpServer:
         conn.out = conn.out[sent:]
         if not conn.out:
             self._close(conn)
+        elif sent:
+            conn.deadline = time.monotonic() + self._deadline_s  # a reader that keeps reading is no idle one
 
     def _aborted(self, conn: _Conn, error: str) -> None:
         """The client went away before its answer was complete: one line, with where it stopped."""

@@ -208,3 +208,21 @@ def test_raise_nofile_limit_and_move_high() -> None:
         w.close()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_an_answer_slower_to_produce_than_the_deadline_is_sent_whole() -> None:
+    """A node's scrape of 1,000 namespaces takes seconds to produce: the deadline is the client's, not ours."""
+    seen = Seen()
+    seen.gate.clear()
+    srv = serve(seen, deadline_s=0.3)
+    try:
+        with connect(srv) as s:
+            s.sendall(b"GET /big HTTP/1.1\r\n\r\n")
+            threading.Timer(0.8, seen.gate.set).start()  # the handler works past the deadline
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and body == BODY * 100_000
+    finally:
+        srv.stop()
