@@ -38,7 +38,8 @@ def apply(kernel: Kernel, router: Router, ruleset: Ruleset, reference: bool = Tr
     no rule marks for any more. A process killed anywhere in between leaves the old table with its routes
     (plus unused new ones), or the new table with its routes (plus unused old ones); never a table whose
     marked packets find no route. Whatever is extra or missing, the next apply or start puts right:
-    each step compares with the kernel, not with what the previous run meant to do.
+    each step compares with the kernel, not with what the previous run meant to do. When the kernel
+    refuses the first transaction, the rules and routes added for it are taken back.
 
     A one-shot `apply` keeps no reference (reference=False: no read-back, Applied.listing is empty).
     Another process can change the table between our transaction and the listing that follows it. Taken
@@ -46,11 +47,16 @@ def apply(kernel: Kernel, router: Router, ruleset: Ruleset, reference: bool = Tr
     uncaptured for good), so a listing that does not hold the ruleset means: apply again.
     """
     started = time.monotonic()
-    routes.add_missing(ruleset, router)
-    for _attempt in range(APPLY_ATTEMPTS):
-        current = kernel.list_table(ruleset.table, ruleset.family)
-        existing = Existing.empty() if current is None else Existing.from_listing(current)
-        kernel.apply(transaction(ruleset, existing))
+    added = routes.add_missing(ruleset, router)
+    for attempt in range(APPLY_ATTEMPTS):
+        try:
+            current = kernel.list_table(ruleset.table, ruleset.family)
+            existing = Existing.empty() if current is None else Existing.from_listing(current)
+            kernel.apply(transaction(ruleset, existing))
+        except KernelRefusedError:
+            if attempt == 0:  # no table of this ruleset took: a refused apply changes nothing, routes included
+                routes.take_back(added, router)
+            raise
         if not reference:
             routes.drop_stale(ruleset, router)
             return Applied(ruleset, [], time.monotonic() - started)

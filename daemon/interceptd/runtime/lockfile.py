@@ -32,6 +32,7 @@ def lock_path(state_dir: str, table: str) -> str:
 
 
 CAP_NET_ADMIN = 12
+GONE = "it does not listen, as interceptd does (or has just exited)"
 
 
 def claim_address(table: str, family: str = "inet") -> str:
@@ -72,28 +73,31 @@ class TableClaim:
         """Claim the table; LockedError names a rival holder. False: claimed by a process that cannot be a
         rival (see the class docstring), and we carry on without the claim."""
         address = claim_address(self.table, self.family)
-        sock = self._socket()
-        try:
-            sock.bind(address)
-            sock.listen(socket.SOMAXCONN)  # a rival's question is answered by the kernel: nothing to accept
-        except OSError as exc:
-            sock.close()
-            if exc.errno != errno.EADDRINUSE:
-                raise LockedError(f"cannot claim table {self.family} {self.table} in the network namespace: "
-                                  f"{exc.strerror}") from None
-            self._refuse_or_skip(address)
-            return False
-        self._sock = fds.move_high(sock)
-        return True
-
-    def _refuse_or_skip(self, address: str) -> None:
-        pid, uid, why = self._holder(address)
-        if why is None:
-            raise LockedError(f"another interceptd (pid {pid or 'in another pid namespace'}) already keeps table "
-                              f"{self.family} {self.table} in this network namespace")
-        logs.get(table=self.table).warning("table-claim-skipped", holder_pid=pid or None, holder_uid=uid,
-                                           reason=why, note="another process holds the name that marks this "
-                                           "table as kept; it cannot be an interceptd, so this one starts")
+        retried = False  # a holder that exits between our bind and our question: bind once more
+        while True:
+            sock = self._socket()
+            try:
+                sock.bind(address)
+                sock.listen(socket.SOMAXCONN)  # a rival's question is answered by the kernel: nothing to accept
+            except OSError as exc:
+                sock.close()
+                if exc.errno != errno.EADDRINUSE:
+                    raise LockedError(f"cannot claim table {self.family} {self.table} in the network namespace: "
+                                      f"{exc.strerror}") from None
+                pid, uid, why = self._holder(address)
+                if why is None:
+                    raise LockedError(f"another interceptd (pid {pid or 'in another pid namespace'}) already keeps "
+                                      f"table {self.family} {self.table} in this network namespace") from None
+                if why == GONE and not retried:
+                    retried = True
+                    continue
+                logs.get(table=self.table).warning(
+                    "table-claim-skipped", holder_pid=pid or None, holder_uid=uid, reason=why,
+                    note="another process holds the name that marks this table as kept; it cannot be an "
+                         "interceptd, so this one starts")
+                return False
+            self._sock = fds.move_high(sock)
+            return True
 
     def _holder(self, address: str) -> tuple[int, int | None, str | None]:
         """(pid, uid, None) for a rival holder; a reason string when the holder cannot be one."""
@@ -102,8 +106,10 @@ class TableClaim:
                 probe.connect(address)
             except BlockingIOError:
                 return 0, None, "its queue is full, it cannot be asked"
-            except ConnectionRefusedError:
-                return 0, None, "it does not listen, as interceptd does"
+            except ConnectionRefusedError:  # also what a name nobody holds any more answers
+                return 0, None, GONE
+            except OSError as exc:
+                return 0, None, f"it cannot be asked: {exc.strerror}"
             pid, uid, _gid = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                                   struct.calcsize("3i")))
         if pid > 0:

@@ -63,16 +63,26 @@ def wanted(ruleset: Ruleset) -> set[Entry]:
     return out
 
 
-def add_missing(ruleset: Ruleset, router: Router) -> None:
-    """Install what the ruleset needs and the kernel lacks; the first half of a change, done before the
-    table that marks packets, so no marked packet ever finds its rule or route missing.
+def add_missing(ruleset: Ruleset, router: Router) -> list[Entry]:
+    """Install what the ruleset needs and the kernel lacks (returned); the first half of a change, done
+    before the table that marks packets, so no marked packet ever finds its rule or route missing.
 
     Routes go in before the rules that look them up: a rule is never there without its route, even when a
     kill stops us in between. Addresses are only ever added: ::6 may carry the proxy's live passthrough
     connections, and Istio never removes it either.
     """
-    for entry in sorted(wanted(ruleset) - router.owned()):
+    added = sorted(wanted(ruleset) - router.owned())
+    for entry in added:
         router.add(entry)
+    return added
+
+
+def take_back(added: list[Entry], router: Router) -> None:
+    """Delete the rules and routes add_missing just added (newest first), when the table they were for was
+    refused; addresses stay, as everywhere."""
+    for entry in reversed(added):
+        if entry.kind != "address":
+            router.delete(entry)
 
 
 def drop_stale(ruleset: Ruleset, router: Router) -> None:

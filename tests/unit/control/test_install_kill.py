@@ -10,6 +10,7 @@ import pytest
 
 from interceptd.config import load
 from interceptd.control import install
+from interceptd.errors import KernelRefusedError
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import Json, normalise
@@ -121,3 +122,14 @@ def _steps_of(before: Ruleset | None, after: Ruleset) -> list[str]:
     steps, kernel, router = world(before)
     install.apply(kernel, router, after, reference=False)
     return steps.done
+
+
+@pytest.mark.parametrize("before", [None, OLD], ids=["fresh", "new-mark"])
+def test_a_refused_transaction_takes_back_the_rules_and_routes_added_for_it(before: Ruleset | None) -> None:
+    _steps, kernel, router = world(before)
+    tables, entries = kernel.list_table("interceptd"), router.owned()
+    kernel.refuse = 1
+    with pytest.raises(KernelRefusedError):
+        install.apply(kernel, router, NEW)
+    assert kernel.list_table("interceptd") == tables
+    assert {e for e in router.owned() if e.kind != "address"} == {e for e in entries if e.kind != "address"}
