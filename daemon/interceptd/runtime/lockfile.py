@@ -139,11 +139,13 @@ def _has_net_admin(pid: int) -> bool:
 class Lock:
     """The state directory's lock file and the namespace's TableClaim, taken and released together."""
 
-    def __init__(self, state_dir: str, table: str) -> None:
+    def __init__(self, state_dir: str, table: str, family: str = "inet") -> None:
+        """`family` names the claim's kind: the node agent claims "node" in family "node", a name no nftables
+        table can have, so it never clashes with an agent keeping a table called node."""
         self.path = lock_path(state_dir, table)
         self._table = table
         self._fd: int | None = None
-        self.claim = TableClaim(table)
+        self.claim = TableClaim(table, family)
 
     def acquire(self) -> None:
         """Take the lock or raise LockedError naming the holder; writes our pid into the file."""

@@ -662,7 +662,7 @@ class Node:
     # --- lifecycle ---
 
     def run(self) -> int:
-        lock = Lock(self.state_dir, "node")
+        lock = Lock(self.state_dir, "node", family="node")
         try:
             lock.acquire()
         except LockedError as exc:
