@@ -18,10 +18,10 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml | deps
+$(STAMP): pyproject.toml constraints-dev.txt | deps
 	$(SYSPY) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints-dev.txt -e '.[dev]'
 	@$(PY) -c 'import nftables' || { echo "libnftables binding not importable from $(VENV)"; exit 1; }
 	touch $@
 
