@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from interceptd.cli import main as cli
-from interceptd.config import OPTIONS, Option
+from interceptd.config import OPTIONS, Option, values
 from interceptd.config.values import split_list
 
 BEGIN = "<!-- BEGIN GENERATED REFERENCE: regenerate with `make docs`, do not edit by hand -->"
@@ -111,7 +111,16 @@ def readme_reference() -> str:
             out.append(f"| `{o.flag}` | {short} | {envs} | `{o.key}` | {_code(o.default)} | "
                        f"{_cell(o.help)}{_cell(only)} |")
         out.append("")
-    out += ["`--config FILE` names the TOML file; `config/interceptd.toml` lists every key at its default.", ""]
+    out += ["`--config FILE` names the TOML file; `config/interceptd.toml` lists every key at its default.", "",
+            "### Limits", "",
+            "Input beyond these limits is refused (exit 2, one line naming the flag or key and the limit), so "
+            "neither parsing nor rendering can be made to take unbounded time or memory:", "",
+            f"- a list option: at most {values.MAX_LIST_ITEMS:,} items as given, counted before any item is "
+            "parsed;",
+            f"- a named set: at most {values.MAX_SET_ELEMENTS:,} elements after overlapping and adjacent ports or "
+            "CIDRs are merged;",
+            f"- the `--config` TOML file and a CNI request: at most {values.MAX_CONFIG_BYTES:,} bytes;",
+            f"- `--reconcile-interval`: {values.MIN_RECONCILE_INTERVAL} to {values.MAX_SECONDS:,} seconds.", ""]
     return "\n".join(out)
 
 

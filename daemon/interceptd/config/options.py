@@ -124,7 +124,7 @@ OPTIONS: tuple[Option, ...] = (
     _opt("outbound_ipv4_loopback_cidr", "outbound-ipv4-loopback-cidr", None,
          ("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",), v.parse_loopback_cidr, "127.0.0.1/32", "str",
          "IPv4 loopback destinations never captured."),
-    _opt("envoy_user", "envoy-user", None, ("ENVOY_USER",), v.parse_text, "istio-proxy", "str",
+    _opt("envoy_user", "envoy-user", None, ("ENVOY_USER",), v.parse_id_name, "istio-proxy", "str",
          "User whose uid is the default --proxy-uid."),
     _opt("table", "table", None, ("INTERCEPTD_TABLE",), v.parse_table_name, "interceptd", "str",
          "Name of interceptd's own inet table (no other table is ever touched).", "agent"),
@@ -231,6 +231,8 @@ def _toml_text(option: Option, value: object) -> str:
     if isinstance(value, bool):
         raise ConfigError(f"{where}: expected {_KIND_WORD[option.kind]}, got {value!r}")
     if option.kind == "list" and isinstance(value, list):
+        if len(value) > v.MAX_LIST_ITEMS:
+            raise ConfigError(f"{where}: {len(value)} items, more than the limit of {v.MAX_LIST_ITEMS}")
         for item in value:
             if isinstance(item, bool) or not isinstance(item, int | str):
                 raise ConfigError(f"{where}: list items must be numbers or strings, got {item!r}")
@@ -249,13 +251,19 @@ _KIND_WORD = {"bool": "true or false", "int": "a number", "list": "a list or a c
 def read_toml(path: str) -> dict[str, object]:
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read(v.MAX_CONFIG_BYTES + 1)
+        if len(raw) > v.MAX_CONFIG_BYTES:
+            raise ConfigError(f"--config {path!r}: larger than the limit of {v.MAX_CONFIG_BYTES} bytes")
+        data = tomllib.loads(raw.decode())
     except FileNotFoundError:
         raise ConfigError(f"--config: file {path!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--config {path!r}: TOML syntax error: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"--config {path!r}: not UTF-8 text (byte {exc.start})") from None
+    except (ValueError, RecursionError) as exc:
+        # TOMLDecodeError, an integer over Python's 4,300-digit limit (ValueError), arrays or tables nested
+        # past the interpreter's recursion limit.
+        reason = str(exc).splitlines()[0] if isinstance(exc, ValueError) else "nested too deeply"
+        raise ConfigError(f"--config {path!r}: TOML syntax error: {reason}") from None
     except OSError as exc:
         raise ConfigError(f"--config {path!r}: cannot read: {exc.strerror}") from None
     for key in data:
@@ -265,10 +273,14 @@ def read_toml(path: str) -> dict[str, object]:
 
 
 def _parse(option: Option, text: str, where: str) -> Any:
+    # Counted before parsing, so a huge list costs a scan of its text, not the parse of every item.
+    if option.kind == "list" and text.count(",") >= v.MAX_LIST_ITEMS:
+        raise ConfigError(f"{where}: more than the limit of {v.MAX_LIST_ITEMS} list items")
     try:
         return option.parse(text)
     except ValueError as exc:
-        raise ConfigError(f"{where}: invalid value {text!r}: {exc}") from None
+        shown = text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
+        raise ConfigError(f"{where}: invalid value {shown!r}: {exc}") from None
 
 
 def load(flags: Mapping[str, str], env: Mapping[str, str], toml: Mapping[str, object] | None = None,

@@ -9,8 +9,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from interceptd.config import Config
-from interceptd.config.values import IPNetwork, PortRange
+from interceptd.config import OPTIONS_BY_KEY, Config
+from interceptd.config.values import MAX_SET_ELEMENTS, IPNetwork, PortRange
+from interceptd.errors import ConfigError
 from interceptd.ruleset.facts import HostFacts, IPAddress
 from interceptd.ruleset.model import (
     Accept,
@@ -53,6 +54,17 @@ TCP = Match("l4proto", "tcp")
 TCP_UDP = Match("l4proto", ("tcp", "udp"))
 LO_OUT = Match("oifname", "lo")
 LO_IN = Match("iifname", "lo")
+
+# The option whose list fills each named set (without the -v4/-v6 suffix): a set over the limit is reported
+# against the flag the user can change.
+SET_SOURCE = {
+    "proxy-uids": "proxy_uid", "proxy-gids": "proxy_gid", "exclude-interfaces": "exclude_interfaces",
+    "kube-virt-interfaces": "kube_virt_interfaces", "dns-servers": "resolv_conf", "include-cidrs": "service_cidr",
+    "exclude-cidrs": "service_exclude_cidr", "inbound-ports": "inbound_ports",
+    "inbound-exclude-ports": "local_exclude_ports", "outbound-exclude-ports": "local_outbound_ports_exclude",
+    "outbound-ports": "outbound_ports", "owner-groups": "outbound_owner_groups",
+    "owner-groups-exclude": "outbound_owner_groups_exclude",
+}
 
 
 def _m(key: str, value: object, negate: bool = False) -> Match:
@@ -109,7 +121,12 @@ class _Builder:
 
     # -- sets --------------------------------------------------------------------------------------
     def named(self, name: str, type_: str, elements: Iterable[Scalar], interval: bool = False) -> SetRef:
-        self.sets[name] = NamedSet(name, type_, tuple(elements), interval)
+        items = tuple(elements)
+        if len(items) > MAX_SET_ELEMENTS:
+            option = OPTIONS_BY_KEY[SET_SOURCE[name.removesuffix("-v4").removesuffix("-v6")]]
+            raise ConfigError(f"{option.flag} (key {option.key!r}): {len(items)} elements after merging, more "
+                              f"than the limit of {MAX_SET_ELEMENTS} per set")
+        self.sets[name] = NamedSet(name, type_, items, interval)
         return SetRef(name)
 
     def ports(self, name: str, ports: Iterable[PortRange]) -> SetRef:
