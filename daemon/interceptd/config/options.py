@@ -146,7 +146,8 @@ OPTIONS: tuple[Option, ...] = (
          "A non-loopback address exempts the port from inbound capture.",
          "agent"),
     _opt("state_dir", "state-dir", None, ("INTERCEPTD_STATE_DIR",), v.parse_path, "/run/interceptd", "str",
-         "run, node: directory of the lock file; node: also of its socket and per-namespace state.", "agent"),
+         "run, node: directory of the lock file; node: also of its socket and per-namespace state. Created with "
+         "mode 0700; one that other users can write to is refused (name a subdirectory of it).", "agent"),
     _opt("netns_dir", "netns-dir", None, ("INTERCEPTD_NETNS_DIR",), v.parse_optional_path, "/run/netns", "str",
          "node: directory of network namespace files to keep intercepted, each with this configuration "
          "('' = none; CNI-registered namespaces are kept either way).", "agent"),
