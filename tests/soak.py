@@ -1,4 +1,4 @@
-"""`make soak`: the issue's full counts, about 10 minutes, not in CI. Prints the figures as JSON and exits
+"""`make soak`: the full counts, about 10 minutes, not in CI. Prints the figures as JSON and exits
 non-zero when a goal is missed (each failure on one line on stderr):
 
 1. Gap: probers outbound and inbound through 1,000 SIGHUP reloads, 20 restarts (SIGTERM, and SIGKILL in

@@ -52,7 +52,7 @@ def main() -> int:
         "datapath": lambda: datapath_bench.run(report, sizes=(0, 1000, 10000), reps=_int("BENCH_DP_REPS", 5),
                                                seconds=float(os.environ.get("BENCH_DP_SECONDS", "1.5")),
                                                threads=8, listener_threads=2),
-        # The memory targets are for the default config and for 10,000 excluded CIDRs.
+        # The memory targets are for the default config and for 10,000 excluded CIDRs.
         "agent": lambda: agent_bench.run(report, drifts=_int("BENCH_DRIFTS", 100),
                                          idle_s=float(os.environ.get("BENCH_IDLE_SECONDS", "60")),
                                          sizes=(0, 10_000)),

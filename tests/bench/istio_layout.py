@@ -1,6 +1,6 @@
 """What Istio itself installs for a config: the one-rule-per-entry layouts interceptd is compared against.
 
-Three renderings of the same rules, from interceptd's Config (spec 2.7, 3.1-3.4):
+Three renderings of the same rules, from interceptd's Config:
 - nft text as Istio's nftables backend feeds it to `nft -f` (add table, flush table, add chain, add rule);
 - the same transaction as libnftables JSON (for `nft -j -f`);
 - iptables-restore input of Istio's iptables backend (nat table, ISTIO_* chains).
@@ -145,7 +145,7 @@ def rules(config: Config) -> list[tuple[str, list[Term]]]:
 
 
 def _chains(built: list[tuple[str, list[Term]]]) -> list[str]:
-    """Chains in order of first use: Istio creates a chain only when it has a rule (spec 3.1)."""
+    """Chains in order of first use: Istio creates a chain only when it has a rule."""
     names: list[str] = []
     for chain, _ in built:
         if chain not in names:
@@ -154,7 +154,7 @@ def _chains(built: list[tuple[str, list[Term]]]) -> list[str]:
 
 
 def nft_text(config: Config) -> str:
-    """The transaction Istio's nftables backend hands to `nft -f -` (spec 3.3)."""
+    """The transaction Istio's nftables backend hands to `nft -f -`."""
     built = rules(config)
     lines = [f"add table inet {TABLE}", f"flush table inet {TABLE}"]
     for chain in _chains(built):
@@ -184,7 +184,7 @@ def nft_json(config: Config) -> Json:
 
 
 def iptables_restore(config: Config) -> str:
-    """Istio's iptables backend, as one `iptables-restore` nat table (spec 2.7, last paragraph)."""
+    """Istio's iptables backend, as one `iptables-restore` nat table."""
     built = rules(config)
     lines = ["*nat", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
              ":POSTROUTING ACCEPT [0:0]"]

@@ -1,4 +1,4 @@
-"""SIGHUP that changes one excluded CIDR, on an agent holding 10,000 of them (issue 7, part 1).
+"""SIGHUP that changes one excluded CIDR, on an agent holding 10,000 of them.
 
 A real `interceptd run` in a throw-away pod namespace; the TOML file is rewritten with the first CIDR
 swapped, then SIGHUP; the latency is from the signal to the timestamp of the agent's "reload" event

@@ -1,6 +1,6 @@
 """`interceptd-cni`: a chained CNI 1.0 plugin that installs a pod's interception itself, then tells the node agent.
 
-ADD builds the pod's Config (Istio CNI's defaults, spec 1.7 < the network config's "interceptd" object <
+ADD builds the pod's Config (Istio CNI's defaults < the network config's "interceptd" object <
 Istio annotation names in CNI_ARGS), applies it inside CNI_NETNS in one transaction (so a pod never starts
 unprotected, even while the node agent is down), records it in the state directory and registers it with
 the node agent (best effort). CHECK compares the kernel with that record. DEL unregisters and removes the
@@ -38,7 +38,7 @@ CHECK_SINCE = "0.4.0"
 E_VERSION, E_FIELD, E_UNKNOWN_CONTAINER, E_ENV, E_IO, E_DECODE, E_CONFIG = 1, 2, 3, 4, 5, 6, 7
 E_REFUSED, E_MISMATCH = 100, 101
 
-# Istio CNI's settings for a pod without annotations (spec 1.7), as Config keys.
+# Istio CNI's settings for a pod without annotations, as Config keys.
 ISTIO_CNI_DEFAULTS: dict[str, Any] = {
     "proxy_uid": "1337",
     "proxy_gid": "1337",
@@ -172,7 +172,7 @@ def pod_settings(conf: Mapping[str, Any], args: Mapping[str, str]) -> dict[str, 
                 return None
             settings[key] = _text(key, args[annotation], f"CNI_ARGS {annotation}")
     if settings.get("redirect_dns") is True:
-        settings.setdefault("capture_all_dns", True)  # the pod's resolv.conf is not the node's (spec 1.7)
+        settings.setdefault("capture_all_dns", True)  # the pod's resolv.conf is not the node's
     excluded_in = settings["local_exclude_ports"]
     ports = excluded_in if isinstance(excluded_in, list) else str(excluded_in).split(",")
     merged = [str(p) for p in ports if str(p)]

@@ -1,4 +1,4 @@
-"""`--run-validation` / `interceptd validate`: Istio's redirect self-test (spec 4.1).
+"""`--run-validation` / `interceptd validate`: Istio's redirect self-test.
 
 Listeners on the proxy ports (P outbound, Z inbound) answer with the original destination port; a client
 running as the proxy uid dials 127.0.0.6:<probe port> (::6 on IPv6 pods) every second. That connection

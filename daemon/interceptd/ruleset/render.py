@@ -1,4 +1,4 @@
-"""Pure rendering: Config + HostFacts -> Ruleset, reproducing istio-iptables' decisions (spec section 2).
+"""Pure rendering: Config + HostFacts -> Ruleset, reproducing istio-iptables' decisions.
 
 The evaluation order between the groups of rules is Istio's; inside a group, the one-rule-per-entry lists
 become named sets, so the number of rules does not depend on the list sizes.
@@ -360,7 +360,7 @@ class _Builder:
                                   LO_IN, TCP, _m(self.ip(version, "saddr"), src), Return()))
         rules.append(rule("app-loopback-return", "loopback traffic without the proxy's outbound mark is not "
                           "captured", LO_IN, TCP, _m("mark", OUTBOUND_MARK, True), Return()))
-        # Istio TPROXYs the tunnel port; interceptd exempts it in both modes (issue 3's quirk decision).
+        # Istio TPROXYs the tunnel port; interceptd exempts it in both modes (a deliberate difference).
         rules += self.inbound_exempt_ports()
         divert = Jump("istio-divert")
         established = _m("ct state", ("established", "related"))

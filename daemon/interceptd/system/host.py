@@ -1,4 +1,4 @@
-"""Facts about the network namespace that the ruleset depends on (Istio computes the same, spec 1.4).
+"""Facts about the network namespace that the ruleset depends on (Istio computes the same).
 
 `detect` does the I/O; `decide_ipv6` and `parse_resolv_conf` are pure so they can be unit-tested.
 """

@@ -1,4 +1,4 @@
-"""Kernel state outside the nft table: TPROXY's policy routing and the ::6 passthrough address (spec 1.4, 2.2).
+"""Kernel state outside the nft table: TPROXY's policy routing and the ::6 passthrough address.
 
 Every `ip rule` and route interceptd installs carries ROUTE_PROTOCOL, so a re-apply and `cleanup` find
 exactly what interceptd put there, whatever configuration installed it, and never touch anyone else's.

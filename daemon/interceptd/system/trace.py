@@ -53,7 +53,7 @@ class TraceEvent:
 class Observed:
     rules: tuple[str, ...]  # "<chain>/<rule>" of interceptd's table, in the order the kernel matched them
     verdicts: tuple[str, ...]  # the kernel's verdict per rule
-    other_tables: tuple[str, ...]  # other tables the probe's packet met (their NAT could win, spec 2.8.5)
+    other_tables: tuple[str, ...]  # other tables the probe's packet met (their NAT could win)
     iif: str  # the interface an inbound probe arrived on
 
 

@@ -1,4 +1,4 @@
-"""Issue 2: the seed command line gives exactly the decisions of spec section 2.7, with real connections.
+"""The seed command line gives exactly istio-iptables' decisions, with real connections.
 
 Pod 192.0.2.2 (eth0) <-> peer 192.0.2.1. The pod runs one server on the proxy ports and the app ports;
 its answer names the listener that accepted and the original destination (SO_ORIGINAL_DST).
@@ -54,7 +54,7 @@ def test_inbound_udp_is_untouched(seeded: Lab) -> None:
     assert seeded.udp(seeded.peer, seeded.pod_ip, 9999).startswith("pod 9999 ")
 
 
-# (uid, gid, destination, port) -> (listener, original destination); spec 2.7's outbound rows
+# (uid, gid, destination, port) -> (listener, original destination); the outbound decisions
 OUTBOUND_ROWS = [
     (1000, 1000, "192.0.2.1", 9999, ("pod", 15001, "192.0.2.1:9999")),
     (1337, 1000, "192.0.2.1", 9999, ("peer", 9999, "-")),

@@ -1,6 +1,6 @@
-"""Issue 9: `explain` against the kernel. Random configurations and connections: the model's verdict must be
+"""`explain` against the kernel. Random configurations and connections: the model's verdict must be
 what a real connection in a lab namespace experiences, and the rules the model says match must be those a
-kernel trace reports (`explain --kernel`); the spec 2.7 table through the CLI's `explain --kernel`.
+kernel trace reports (`explain --kernel`); istio-iptables' decisions through the CLI's `explain --kernel`.
 
 Budget: FUZZ_PROFILE=ci (make test) draws EXPLAIN_CONFIGS configurations (default 25) per address family,
 each with CONNS_PER_CONFIG connections; `make fuzz` (FUZZ_PROFILE=fuzz FUZZ_EXAMPLES=N) multiplies it.

@@ -1,4 +1,4 @@
-"""Issue 3: DNS capture (spec 2.6) with real UDP and TCP queries.
+"""DNS capture with real UDP and TCP queries.
 
 The "real" resolver runs in the peer on port 53 (203.0.113.1, 198.51.100.1, 2001:db8::1); the pod's DNS
 agent listens on 15053 as the proxy uid 1337. UDP clients use a connected socket, so a reply is only

@@ -1,4 +1,4 @@
-"""Issue 3: kube-virt interfaces (-k, spec 2.5) and excluded interfaces (-c), with a second veth.
+"""Kube-virt interfaces (-k) and excluded interfaces (-c), with a second veth.
 
 A "vm" namespace (192.0.2.130/25) sits behind the pod's virt0 (192.0.2.129/25), as a KubeVirt VM does;
 the peer stays on eth0.

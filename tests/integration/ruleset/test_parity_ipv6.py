@@ -1,4 +1,4 @@
-"""Issue 3: IPv6 (spec 1.4, 2.3, 2.8.1). Dual-stack pods get the same decisions for IPv6, with the ::1 and
+"""IPv6. Dual-stack pods get the same decisions for IPv6, with the ::1 and
 ::6 exemptions; when IPv6 is off, IPv6 traffic is left entirely alone (as Istio's iptables backend does).
 
 The lab6 pod has 192.0.2.2 before 2001:db8::2, so without --dual-stack the first address (IPv4) decides.
@@ -52,7 +52,7 @@ def test_ipv6_off_leaves_ipv6_alone(lab6: Lab) -> None:
     serve(lab6)
     lab6.interceptd("apply", "-i", "*", "-b", "*", "-q", "9999", "-o", "7")
     assert "::6" not in lo6(lab6)
-    # Istio's nft backend would capture these (spec 2.8.1); its iptables backend and interceptd do not.
+    # Istio's nft backend would capture these; its iptables backend and interceptd do not.
     assert lab6.request(lab6.peer, lab6.pod_ip6, 8080) == "pod 8080 - 2001:db8::1"
     assert lab6.request(lab6.pod, lab6.peer_ip6, 9999, **APP) == "peer 9999 - 2001:db8::2"
     assert lab6.request(lab6.peer, lab6.pod_ip, 8080) == "pod 15006 192.0.2.2:8080 192.0.2.1"

@@ -1,4 +1,4 @@
-"""Issue 3: --drop-invalid, --run-validation / validate (spec 4.1), --skip-rule-apply, --dry-run."""
+"""--drop-invalid, --run-validation / validate, --skip-rule-apply, --dry-run."""
 
 from __future__ import annotations
 

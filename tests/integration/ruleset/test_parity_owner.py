@@ -1,4 +1,4 @@
-"""Issue 3: proxy uids/gids (several of them), owner groups, and the IPv4 loopback CIDR (spec 1.3, 2.3).
+"""Proxy uids/gids (several of them), owner groups, and the IPv4 loopback CIDR.
 
 "Never loops" = the proxy's own connection to the original destination reaches the real server instead of
 being captured back into the proxy.

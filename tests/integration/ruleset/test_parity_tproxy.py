@@ -1,4 +1,4 @@
-"""Issue 3: TPROXY inbound (spec 2.2, 2.4) with real connections, policy routing owned by interceptd.
+"""TPROXY inbound with real connections, policy routing owned by interceptd.
 
 The pod's inbound listener on 15006 is transparent (IP_TRANSPARENT) and answers with the local address of
 the accepted socket, which TPROXY keeps as the original destination; the client source is kept too.
@@ -54,7 +54,7 @@ def test_tproxy_port_list_captures_only_those_ports(lab: Lab) -> None:
 def test_second_apply_succeeds_and_reapply_replaces_routes(lab: Lab) -> None:
     serve_pod(lab)
     lab.interceptd("apply", *TPROXY)
-    lab.interceptd("apply", *TPROXY)  # Istio fails here with "file exists" (spec 1.6)
+    lab.interceptd("apply", *TPROXY)  # Istio fails here with "file exists"
     assert len(rules(lab)) == 1 and len(routes(lab)) == 1
     assert lab.request(lab.peer, lab.pod_ip, 8080) == "tp 15006 192.0.2.2:8080 192.0.2.1"
     lab.interceptd("apply", *TPROXY, "-r", "140", "-t", "1400")

@@ -1,4 +1,4 @@
-"""Issue 4: `interceptd run` keeps interception in place, tested against a running agent in the pod namespace.
+"""`interceptd run` keeps interception in place, tested against a running agent in the pod namespace.
 
 The agent runs as a subprocess (`ip netns exec POD interceptd run ...`) with a NOTIFY_SOCKET the test
 binds, so every test waits on the agent's own READY=1 instead of sleeping. Drift is injected with `nft`

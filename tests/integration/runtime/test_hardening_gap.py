@@ -1,7 +1,7 @@
 """No interception gap: connections probed without pause through SIGHUP reloads and agent restarts
 (SIGTERM, and SIGKILL in the middle of a reload's apply) are all captured; injected drift is repaired.
 
-The short version runs in `make test`; `make soak` runs the issue's full counts (tests/soak.py).
+The short version runs in `make test`; `make soak` runs the full counts (tests/soak.py).
 """
 
 from __future__ import annotations

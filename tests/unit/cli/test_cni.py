@@ -1,4 +1,4 @@
-"""The CNI plugin's pure parts: request parsing and how a pod's settings are derived (spec 1.7)."""
+"""The CNI plugin's pure parts: request parsing and how a pod's settings are derived."""
 
 from __future__ import annotations
 

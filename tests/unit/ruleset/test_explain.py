@@ -51,7 +51,7 @@ def verdict(conn: Connection, config: Config | None = None, facts: HostFacts = V
     return v.action, v.address, v.port
 
 
-# Every row of the spec 2.7 table (10.0.0.x there is 192.0.2.x here).
+# Every row of istio-iptables' outbound and inbound decisions (with 192.0.2.x addresses).
 SPEC_ROWS = [
     *[(inbound(p), ("redirect", "primary address of eth0", 15006)) for p in (80, 8080, 15001, 15006)],
     *[(inbound(p), ("none", POD, p)) for p in (15008, 15090, 15021, 15020)],

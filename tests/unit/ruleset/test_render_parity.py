@@ -1,4 +1,4 @@
-"""Render variants of issue 3 (TPROXY, DNS, IPv6, interfaces) and the routes/::6 state around the table."""
+"""Render variants (TPROXY, DNS, IPv6, interfaces) and the routes/::6 state around the table."""
 
 from __future__ import annotations
 
