@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,22 +23,31 @@ def test_records_are_written_into_private_directories(tmp_path: Path) -> None:
     assert nodestate.read(str(state), "pod-a") == RECORD
 
 
-@pytest.mark.parametrize("shared", ["", nodestate.STATE_SUBDIR])
-def test_a_shared_state_directory_is_refused_not_re_moded(tmp_path: Path, shared: str) -> None:
+def _share(directory: Path) -> None:
+    directory.chmod(0o1777)
+
+
+def _give_away(directory: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the directory away")
+    os.chown(directory, 1000, 1000)
+
+
+@pytest.mark.parametrize(("subdir", "spoil", "words"), [
+    ("", _share, "mode 1777 lets other users write to it"),
+    (nodestate.STATE_SUBDIR, _share, "mode 1777 lets other users write to it"),
+    ("", _give_away, "not a symlink or a directory of uid 1000"),
+])
+def test_a_state_directory_others_control_is_refused_and_left_alone(tmp_path: Path, subdir: str,
+                                                                    spoil: Callable[[Path], None],
+                                                                    words: str) -> None:
     state = tmp_path / "state"
     (state / nodestate.STATE_SUBDIR).mkdir(parents=True, mode=0o700)
     state.chmod(0o700)
-    (state / shared).chmod(0o1777)
-    with pytest.raises(StateDirError, match="mode 1777 lets other users write to it"):
+    spoil(state / subdir)
+    before = (state / subdir).stat()
+    with pytest.raises(StateDirError, match=words):
         nodestate.write(str(state), RECORD)
-    assert stat.S_IMODE((state / shared).stat().st_mode) == 0o1777
+    after = (state / subdir).stat()
+    assert (after.st_mode, after.st_uid) == (before.st_mode, before.st_uid)
     assert nodestate.names(str(state)) == []
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the directory away")
-def test_a_state_directory_of_someone_else_is_refused(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    state.mkdir(mode=0o700)
-    os.chown(state, 1000, 1000)
-    with pytest.raises(StateDirError, match="not a symlink or a directory of uid 1000"):
-        nodestate.write(str(state), RECORD)
