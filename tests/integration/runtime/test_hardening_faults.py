@@ -27,9 +27,8 @@ METRICS = 'metrics_address = "127.0.0.1:15321"\n'
 HOLDER = """
 import sys, nftables
 n = nftables.Nftables()
-rc, _, err = n.cmd("delete table inet interceptd")
-assert rc == 0, err
-rc, _, err = n.cmd("add table inet interceptd { flags owner; }")
+# One transaction: between two, the agent would already have repaired the deleted table.
+rc, _, err = n.cmd("delete table inet interceptd; add table inet interceptd { flags owner; }")
 assert rc == 0, err
 print("held", flush=True)
 sys.stdin.read()
