@@ -194,8 +194,9 @@ FACTS = [HostFacts(ipv6=True, host_ip=ipaddress.ip_address("192.0.2.2"),
          HostFacts(ipv6=False, host_ip=ipaddress.ip_address("192.0.2.2"))]
 
 # Every string in a rendered document: names, addresses, keywords. No quote, space, brace, semicolon or
-# newline can reach libnftables, whatever the input was.
-SAFE_STRING = re.compile(r"\A[A-Za-z0-9_.:/@+-]*\Z")
+# newline can reach libnftables, whatever the input was; neither '$' (a variable), '*' (a wildcard) nor '@'
+# except at the head of a reference to one of interceptd's own sets (lower-case names).
+SAFE_STRING = re.compile(r"\A(@[a-z0-9-]+|[A-Za-z0-9_.:/+-]*)\Z")
 
 
 def strings_in(node: Any) -> list[str]:
@@ -207,3 +208,20 @@ def strings_in(node: Any) -> list[str]:
     if isinstance(node, list):
         return [s for v in node for s in strings_in(v)]
     return []
+
+
+def _set_names(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        own = {node["set"]["name"]} if isinstance(node.get("set"), dict) and "name" in node["set"] else set()
+        return own.union(*(_set_names(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_set_names(v) for v in node))
+    return set()
+
+
+def unsafe_strings(document: Any) -> list[str]:
+    """Strings of a rendered document that libnftables could read as syntax: outside SAFE_STRING, or a set
+    reference ('@name') to a set the document does not define (an input that smuggled a reference in)."""
+    sets = _set_names(document)
+    return [s for s in strings_in(document)
+            if not SAFE_STRING.match(s) or (s.startswith("@") and s[1:] not in sets)]

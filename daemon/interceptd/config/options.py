@@ -84,7 +84,8 @@ OPTIONS: tuple[Option, ...] = (
     _opt("kube_virt_interfaces", "kube-virt-interfaces", "k", ("KUBE_VIRT_INTERFACES",), v.parse_ifnames, "",
          "list", "Interfaces whose arriving traffic is treated as outbound (KubeVirt VMs)."),
     _opt("dry_run", "dry-run", "n", ("DRY_RUN",), v.parse_bool, "false", "bool",
-         "Print the ruleset instead of installing it; never touches the kernel (Istio's nft backend does)."),
+         "Print the ruleset instead of installing it; never touches the kernel (Istio's nft backend does). "
+         "interceptd-cni prints it on stderr and applies nothing."),
     _opt("iptables_probe_port", "iptables-probe-port", None, ("IPTABLES_PROBE_PORT",), v.parse_uint16,
          "15002", "int", "Destination port of the --run-validation probe."),
     _opt("probe_timeout", "probe-timeout", None, ("PROBE_TIMEOUT",), v.parse_duration, "5s", "str",

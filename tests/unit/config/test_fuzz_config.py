@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.fuzz_strategies import FACTS, SAFE_STRING, SMUGGLE, culprit, inputs, strings_in, toml_text, value_for
+from support.fuzz_strategies import FACTS, SMUGGLE, culprit, inputs, toml_text, unsafe_strings, value_for
 
 from interceptd.cli import main as cli
 from interceptd.config import OPTIONS, Config
@@ -66,7 +66,7 @@ def assert_renders_safely(cfg: Config, facts: HostFacts) -> None:
     except ConfigError as exc:  # a combination render cannot express (e.g. an unsupported feature)
         assert "\n" not in str(exc)
         return
-    bad = [s for s in strings_in(document) if not SAFE_STRING.match(s)]
+    bad = unsafe_strings(document)
     assert not bad, bad
     json.dumps(document)
 
@@ -200,3 +200,12 @@ def test_the_oracle_names_the_source_of_the_first_bad_value() -> None:
     with pytest.raises(ConfigError) as err:
         config.load({"inbound_capture_port": "x"}, {"ISTIO_SERVICE_CIDR": "nope"}, {"envoy_port": "y"}, "f.toml")
     assert "key 'envoy_port'" in str(err.value) and "--inbound-capture-port" not in str(err.value)
+
+
+def test_the_safety_check_flags_a_smuggled_set_reference() -> None:
+    """What the old interface-name rule let through ('@x' reached libnftables as a set reference)."""
+    document = transaction(render(config.load({"service_exclude_cidr": "192.0.2.0/24"}, {}), FACTS[1]),
+                           Existing.empty())
+    assert unsafe_strings(document) == [] and "@exclude-cidrs-v4" in json.dumps(document)
+    document["nftables"].append({"add": {"rule": {"expr": [{"match": {"right": "@x"}}, {"x": "a*"}]}}})
+    assert unsafe_strings(document) == ["@x", "a*"]
