@@ -111,7 +111,7 @@ def parse_request(env: Mapping[str, str], stdin: str) -> Request:
         raise CniError(E_ENV, f"CNI_COMMAND: invalid value {command!r} (expected ADD, CHECK, DEL or VERSION)")
     if len(stdin) > MAX_CONFIG_BYTES:
         raise CniError(E_DECODE, f"network configuration on stdin is larger than the limit of {MAX_CONFIG_BYTES} "
-                       "bytes")
+                       "characters")
     try:
         conf = json.loads(stdin) if stdin.strip() or command != "VERSION" else {}
     except ValueError as exc:

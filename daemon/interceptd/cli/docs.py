@@ -119,7 +119,8 @@ def readme_reference() -> str:
             "parsed;",
             f"- a named set: at most {values.MAX_SET_ELEMENTS:,} elements after overlapping and adjacent ports or "
             "CIDRs are merged;",
-            f"- the `--config` TOML file and a CNI request: at most {values.MAX_CONFIG_BYTES:,} bytes;",
+            f"- the `--config` TOML file: at most {values.MAX_CONFIG_BYTES:,} bytes; a CNI request on stdin: at "
+            f"most {values.MAX_CONFIG_BYTES:,} characters;",
             f"- `--reconcile-interval`: {values.MIN_RECONCILE_INTERVAL} to {values.MAX_SECONDS:,} seconds.", ""]
     return "\n".join(out)
 
