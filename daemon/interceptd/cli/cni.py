@@ -262,7 +262,7 @@ def cmd_check(request: Request) -> dict[str, Any]:
     found = _config(request)
     path = _namespace(request)
     name = _name(path)
-    if found is None:
+    if found is None or found[0].dry_run:  # a dry-run ADD applied nothing: there is nothing to check
         return {}
     config, _ = found
     record = nodestate.read(_state_dir(request), name)
@@ -302,7 +302,7 @@ def cmd_del(request: Request) -> dict[str, Any]:
         # Unregister first: an agent that still knew the pod would take the table's removal for drift.
         _tell_agent(state_dir, {"op": "del", "name": name})
         nodestate.remove(state_dir, name)
-    if gone:
+    if gone or _own(request).get("dry_run") is True:  # a dry-run ADD applied nothing: leave the kernel alone
         return {}
     table = record.config().table if record is not None else str(_own(request).get("table") or
                                                                   OPTIONS_BY_KEY["table"].default)

@@ -188,6 +188,12 @@ def test_dry_run_renders_and_applies_nothing(node: CniNode, pod: str) -> None:
     assert res.rc == 0 and res.out == prev, res.stderr
     assert '"table"' in res.stderr  # the ruleset it would have applied, for the runtime's log
     _no_table_no_state(node, pod)
+    # CHECK has nothing to compare and DEL nothing to remove: not even a table someone else put there.
+    dry = node.plugins({**node.interceptd, "dry_run": True})[1]
+    assert node.exec(dry, "CHECK", f"/run/netns/{pod}", "c-dry", prev=prev).rc == 0
+    sh("nft", "add", "table", "inet", "interceptd", ns=pod)
+    assert node.exec(dry, "DEL", f"/run/netns/{pod}", "c-dry").rc == 0
+    assert table_listing(pod) is not None
 
 
 def cni_e_io() -> int:
