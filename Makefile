@@ -18,10 +18,10 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml | deps
+$(STAMP): pyproject.toml constraints-dev.txt | deps
 	$(SYSPY) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints-dev.txt -e '.[dev]'
 	@$(PY) -c 'import nftables' || { echo "libnftables binding not importable from $(VENV)"; exit 1; }
 	touch $@
 
@@ -46,6 +46,7 @@ fuzz: venv
 
 # The full hardening counts (about 10 minutes, not in CI): interception gap through 1,000 reloads,
 # 20 restarts and 1,000 drifts; 100,000 applies and scrapes with the agent's RSS/fds/threads slopes.
+# Exits non-zero on any bypass outside drift, a repair over its goal or a growing slope (tests/soak.py).
 soak: venv
 	$(PY) tests/soak.py
 

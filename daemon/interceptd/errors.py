@@ -13,10 +13,6 @@ class ConfigError(InterceptdError):
     exit_code = 2
 
 
-class NotSupportedError(ConfigError):
-    """The configuration turns on a feature this build does not implement yet."""
-
-
 class HostError(InterceptdError):
     """A fact about the host (addresses, resolv.conf, users) could not be read."""
 
@@ -52,6 +48,10 @@ class KernelRefusedError(KernelSideError):
 
 class ResourceError(KernelSideError):
     """A process resource ran out (descriptors): the operation was not attempted, nothing was changed."""
+
+
+class StateDirError(InterceptdError):
+    """The state directory is not a private directory of ours (others could plant files in it)."""
 
 
 class LockedError(InterceptdError):

@@ -138,7 +138,9 @@ HEALTHCHECK=$healthcheck unshare --net --mount --pid --fork --propagation privat
 
 	say "interceptd run: HEALTHCHECK and /readyz pass; the rules stay after SIGTERM"
 	# Not through as_pod: $! must be the agent itself (chroot and setpriv exec it), not a subshell.
-	chroot "$root" setpriv --bounding-set=-all,+net_admin --inh-caps=-all -- interceptd run --log-format console "$@" &
+	# The tmpfs is 1777 like an emptyDir (0777): interceptd refuses it and creates its 0700 subdirectory.
+	chroot "$root" setpriv --bounding-set=-all,+net_admin --inh-caps=-all -- interceptd run --log-format console \
+		--state-dir /run/interceptd/state "$@" &
 	agent=$!
 	trap "kill $agent 2>/dev/null || true" EXIT
 	for _ in $(seq 100); do as_pod "${healthcheck[@]}" 2>/dev/null && break; sleep 0.1; done

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.strategies import SearchStrategy
 
-from interceptd.config import OPTIONS, Option
+from interceptd.config import OPTIONS, Option, options, values
+from interceptd.errors import ConfigError
 from interceptd.ruleset.facts import HostFacts
 
 # derandomize: CI runs the same examples every time; `make fuzz` sets FUZZ_PROFILE=fuzz for a long random run.
@@ -38,7 +39,7 @@ _PORT_ITEM = st.one_of(_PORT, st.tuples(st.integers(1, 65535), st.integers(1, 65
 _V4 = st.tuples(st.ip_addresses(v=4), st.integers(0, 32)).map(lambda t: f"{t[0]}/{t[1]}")
 _V6 = st.tuples(st.ip_addresses(v=6), st.integers(0, 128)).map(lambda t: f"{t[0]}/{t[1]}")
 _CIDR = st.one_of(_V4, _V6, st.ip_addresses().map(str))
-_IFNAME = st.from_regex(r"\A[A-Za-z0-9_.@+-]{1,15}\Z")
+_IFNAME = st.from_regex(r"\A[A-Za-z0-9_.+-]{1,15}\Z")
 _ID = st.one_of(st.sampled_from(["root", "nobody", "daemon", "0", "1337", "65534"]), st.integers(0, 2**32).map(str))
 
 
@@ -156,14 +157,36 @@ def inputs(draw: st.DrawFn, hostile: bool = True) -> tuple[dict[str, str], dict[
     return flags, env, toml
 
 
-def names_of(flags: dict[str, str], env: dict[str, str], toml: dict[str, Any]) -> set[str]:
-    """Everything an error may name to point at one of these inputs."""
-    given = set(flags) | set(toml) | {o.key for o in OPTIONS if set(o.envs) & set(env)}
-    out = set(env) | set(toml) | {"--config"}
+def culprit(flags: dict[str, str], env: dict[str, str], toml: dict[str, Any]) -> str:
+    """What an error about these inputs must name: the one source holding the first bad value, in the order
+    `config.load` reads them (option by option: TOML key, environment variables, flag), else the flag of the
+    first user or group list that does not resolve. Not "some flag": the one to fix."""
+    final: dict[str, Any] = {}
     for option in OPTIONS:
-        if option.key in given:
-            out |= {option.flag, option.key, *option.envs}
-    return out
+        final[option.key] = option.parse(option.default)
+        sources: list[tuple[str, Any]] = []
+        if option.key in toml:
+            sources.append((f"key {option.key!r}", toml[option.key]))
+        sources += [(f"environment variable {name}", env[name]) for name in option.envs if name in env]
+        if option.key in flags:
+            sources.append((option.flag, flags[option.key]))
+        for name, value in sources:
+            try:
+                text = options._toml_text(option, value) if name.startswith("key ") else value
+                final[option.key] = option.parse(text)
+            except (ConfigError, ValueError):
+                return name
+    uids = final["proxy_uid"] or (options._default_uid(final["envoy_user"]),)
+    lists = [("--proxy-uid", uids, values.resolve_uid), ("--proxy-gid", final["proxy_gid"] or uids, values.resolve_gid),
+             ("--outbound-owner-groups", final["outbound_owner_groups"] or (), values.resolve_gid),
+             ("--outbound-owner-groups-exclude", final["outbound_owner_groups_exclude"], values.resolve_gid)]
+    for flag, names, resolve in lists:
+        for name in names:
+            try:
+                resolve(name)
+            except ValueError:
+                return flag
+    return "(nothing: these inputs are valid)"
 
 
 FACTS = [HostFacts(ipv6=True, host_ip=ipaddress.ip_address("192.0.2.2"),
@@ -171,8 +194,9 @@ FACTS = [HostFacts(ipv6=True, host_ip=ipaddress.ip_address("192.0.2.2"),
          HostFacts(ipv6=False, host_ip=ipaddress.ip_address("192.0.2.2"))]
 
 # Every string in a rendered document: names, addresses, keywords. No quote, space, brace, semicolon or
-# newline can reach libnftables, whatever the input was.
-SAFE_STRING = re.compile(r"\A[A-Za-z0-9_.:/@+-]*\Z")
+# newline can reach libnftables, whatever the input was; neither '$' (a variable), '*' (a wildcard) nor '@'
+# except at the head of a reference to one of interceptd's own sets (lower-case names).
+SAFE_STRING = re.compile(r"\A(@[a-z0-9-]+|[A-Za-z0-9_.:/+-]*)\Z")
 
 
 def strings_in(node: Any) -> list[str]:
@@ -184,3 +208,20 @@ def strings_in(node: Any) -> list[str]:
     if isinstance(node, list):
         return [s for v in node for s in strings_in(v)]
     return []
+
+
+def _set_names(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        own = {node["set"]["name"]} if isinstance(node.get("set"), dict) and "name" in node["set"] else set()
+        return own.union(*(_set_names(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_set_names(v) for v in node))
+    return set()
+
+
+def unsafe_strings(document: Any) -> list[str]:
+    """Strings of a rendered document that libnftables could read as syntax: outside SAFE_STRING, or a set
+    reference ('@name') to a set the document does not define (an input that smuggled a reference in)."""
+    sets = _set_names(document)
+    return [s for s in strings_in(document)
+            if not SAFE_STRING.match(s) or (s.startswith("@") and s[1:] not in sets)]

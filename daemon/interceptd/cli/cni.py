@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from interceptd.config import OPTIONS_BY_KEY, Config
+from interceptd.config.values import MAX_CONFIG_BYTES
 from interceptd.control import install
 from interceptd.errors import ConfigError, InterceptdError, KernelRefusedError, NamespaceError
 from interceptd.ruleset import drift
-from interceptd.ruleset.nftjson import normalise
+from interceptd.ruleset.nftjson import Existing, normalise, transaction
 from interceptd.ruleset.render import render
 from interceptd.runtime import nodestate
 from interceptd.system import host, netns
@@ -110,10 +111,15 @@ def parse_request(env: Mapping[str, str], stdin: str) -> Request:
     command = env.get("CNI_COMMAND", "")
     if command not in ("ADD", "CHECK", "DEL", "VERSION"):
         raise CniError(E_ENV, f"CNI_COMMAND: invalid value {command!r} (expected ADD, CHECK, DEL or VERSION)")
+    if len(stdin) > MAX_CONFIG_BYTES:
+        raise CniError(E_DECODE, f"network configuration on stdin is larger than the limit of {MAX_CONFIG_BYTES} "
+                       "characters")
     try:
         conf = json.loads(stdin) if stdin.strip() or command != "VERSION" else {}
     except ValueError as exc:
         raise CniError(E_DECODE, f"network configuration on stdin is not JSON: {exc}") from None
+    except RecursionError:
+        raise CniError(E_DECODE, "network configuration on stdin is not JSON: nested too deeply") from None
     if not isinstance(conf, dict):
         raise CniError(E_DECODE, "network configuration on stdin must be a JSON object")
     version = conf.get("cniVersion", "1.0.0" if command == "VERSION" else "")
@@ -153,6 +159,9 @@ def pod_settings(conf: Mapping[str, Any], args: Mapping[str, str]) -> dict[str, 
     for key in own:
         if key not in OPTIONS_BY_KEY:
             raise ConfigError(f"network configuration 'interceptd': unknown key {key!r}")
+    if own.get("own_table") is True:
+        raise ConfigError("network configuration 'interceptd': key 'own_table' cannot be used with the CNI plugin: "
+                          "an owned table belongs to the process that made it, and the plugin exits at once")
     excluded = conf.get("exclude_namespaces", [])
     if not isinstance(excluded, list) or not all(isinstance(n, str) for n in excluded):
         raise ConfigError("network configuration: 'exclude_namespaces' must be a list of strings")
@@ -226,19 +235,32 @@ def cmd_add(request: Request) -> dict[str, Any]:
         _tell_agent(_state_dir(request), {"op": "add", "name": name})
         return _result(request)
     config, settings = found
+    state_dir = _state_dir(request)
     try:
         with netns.entered(path):
             ruleset = render(config, host.detect(config))
-            applied = install.apply(NftKernel(), Netlink(), ruleset)
+            if config.dry_run:
+                # As the CLI's --dry-run: rendered (so validated) and shown, never applied; stdout is the result's.
+                print(json.dumps(transaction(ruleset, Existing.empty())), file=sys.stderr)
+                return _result(request)
+            try:
+                applied = install.apply(NftKernel(), Netlink(), ruleset)
+                nodestate.write(state_dir, nodestate.Record(name, path, "cni", settings,
+                                                            nodestate.ruleset_digest(ruleset), applied.listing,
+                                                            request.container_id))
+            except (InterceptdError, OSError):
+                # A failed ADD leaves no rules: the runtime retries or gives up on the pod, and a half-made
+                # table (say the routes failed after the transaction) would capture without a record of it.
+                install.remove(NftKernel(), Netlink(), config.table)
+                raise
     except ConfigError as exc:
         raise CniError(E_CONFIG, str(exc)) from None
     except KernelRefusedError as exc:
         raise CniError(E_REFUSED, str(exc)) from None
     except InterceptdError as exc:  # namespace, routes, addresses
         raise CniError(E_IO, str(exc)) from None
-    state_dir = _state_dir(request)
-    nodestate.write(state_dir, nodestate.Record(name, path, "cni", settings, nodestate.ruleset_digest(ruleset),
-                                                applied.listing, request.container_id))
+    except OSError as exc:
+        raise CniError(E_IO, f"state directory {state_dir!r}: {exc.strerror or exc}") from None
     _tell_agent(state_dir, {"op": "add", "name": name})
     return _result(request)
 
@@ -247,7 +269,7 @@ def cmd_check(request: Request) -> dict[str, Any]:
     found = _config(request)
     path = _namespace(request)
     name = _name(path)
-    if found is None:
+    if found is None or found[0].dry_run:  # a dry-run ADD applied nothing: there is nothing to check
         return {}
     config, _ = found
     record = nodestate.read(_state_dir(request), name)
@@ -287,7 +309,7 @@ def cmd_del(request: Request) -> dict[str, Any]:
         # Unregister first: an agent that still knew the pod would take the table's removal for drift.
         _tell_agent(state_dir, {"op": "del", "name": name})
         nodestate.remove(state_dir, name)
-    if gone:
+    if gone or _own(request).get("dry_run") is True:  # a dry-run ADD applied nothing: leave the kernel alone
         return {}
     table = record.config().table if record is not None else str(_own(request).get("table") or
                                                                   OPTIONS_BY_KEY["table"].default)
@@ -334,6 +356,21 @@ def run(env: Mapping[str, str], stdin: str) -> tuple[int, dict[str, Any]]:
         return 1, error
 
 
+def install_settings(text: str) -> dict[str, Any]:
+    """The `interceptd` object `install` writes into the conflist, checked as ADD will check it: settings
+    that every later ADD would refuse are refused now, when the DaemonSet's init step can still fail."""
+    try:
+        own = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"SETTINGS_JSON: not JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigError("SETTINGS_JSON: not JSON: nested too deeply") from None
+    settings = pod_settings({"interceptd": own}, {})
+    if settings is not None:
+        nodestate.settings_config(settings, "SETTINGS_JSON")
+    return dict(own)
+
+
 def install_conflist(conf_dir: str, plugin: dict[str, Any]) -> str:
     """Chain `plugin` last in the node's network: the first .conflist in name order, the one runtimes use.
 
@@ -351,13 +388,16 @@ def install_conflist(conf_dir: str, plugin: dict[str, Any]) -> str:
         with open(path, encoding="utf-8") as fh:
             conf = json.load(fh)
         plugins = [p for p in conf["plugins"] if p.get("type") != plugin["type"]]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"{path!r}: not a CNI conflist: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise ConfigError(f"{path!r}: not a CNI conflist: {str(exc) or type(exc).__name__}") from None
     conf["plugins"] = [*plugins, plugin]
     tmp = f"{path}.interceptd.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(conf, fh, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(conf, fh, indent=2)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(f"CNI configuration directory {conf_dir!r}: cannot write {path!r}: {exc.strerror}") from None
     return path
 
 
@@ -365,14 +405,15 @@ def main() -> NoReturn:
     """The CNI protocol; or `install CONF_DIR [SETTINGS_JSON]`, the DaemonSet's init step."""
     if sys.argv[1:2] == ["install"] and len(sys.argv) in (3, 4):
         try:
-            own = json.loads(sys.argv[3]) if len(sys.argv) == 4 else {}
+            own = install_settings(sys.argv[3]) if len(sys.argv) == 4 else {}
             path = install_conflist(sys.argv[2], {"type": "interceptd-cni", "interceptd": own})
-        except (ConfigError, ValueError) as exc:
+        except ConfigError as exc:
             print(f"interceptd-cni: error: {exc}", file=sys.stderr)
             sys.exit(2)
         print(f"interceptd-cni: chained into {path}", file=sys.stderr)
         sys.exit(0)
-    code, out = run(os.environ, sys.stdin.read() if not sys.stdin.isatty() else "")
+    # One byte over the limit is enough to refuse the request; a larger one is never read into memory.
+    code, out = run(os.environ, sys.stdin.read(MAX_CONFIG_BYTES + 1) if not sys.stdin.isatty() else "")
     if out or code:
         print(json.dumps(out))
     sys.exit(code)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from interceptd.cli import main as cli
-from interceptd.config import OPTIONS, Option
+from interceptd.config import OPTIONS, Option, values
 from interceptd.config.values import split_list
 from interceptd.errors import InterceptdError
 
@@ -111,7 +111,17 @@ def readme_reference() -> str:
 
     for scope, title in _SCOPE_TITLE.items():
         out += [f"#### {title}", "", *options_table(scope, only), ""]
-    out += ["`--config FILE` names the TOML file; `config/interceptd.toml` lists every key at its default.", ""]
+    out += ["`--config FILE` names the TOML file; `config/interceptd.toml` lists every key at its default.", "",
+            "### Limits", "",
+            "Input beyond these limits is refused (exit 2, one line naming the flag or key and the limit), so "
+            "neither parsing nor rendering can be made to take unbounded time or memory:", "",
+            f"- a list option: at most {values.MAX_LIST_ITEMS:,} items as given, counted before any item is "
+            "parsed;",
+            f"- a named set: at most {values.MAX_SET_ELEMENTS:,} elements after overlapping and adjacent ports or "
+            "CIDRs are merged;",
+            f"- the `--config` TOML file: at most {values.MAX_CONFIG_BYTES:,} bytes; a CNI request on stdin: at "
+            f"most {values.MAX_CONFIG_BYTES:,} characters;",
+            f"- `--reconcile-interval`: {values.MIN_RECONCILE_INTERVAL} to {values.MAX_SECONDS:,} seconds.", ""]
     return "\n".join(out)
 
 

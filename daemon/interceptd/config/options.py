@@ -84,7 +84,8 @@ OPTIONS: tuple[Option, ...] = (
     _opt("kube_virt_interfaces", "kube-virt-interfaces", "k", ("KUBE_VIRT_INTERFACES",), v.parse_ifnames, "",
          "list", "Interfaces whose arriving traffic is treated as outbound (KubeVirt VMs)."),
     _opt("dry_run", "dry-run", "n", ("DRY_RUN",), v.parse_bool, "false", "bool",
-         "Print the ruleset instead of installing it; never touches the kernel (Istio's nft backend does)."),
+         "Print the ruleset instead of installing it; never touches the kernel (Istio's nft backend does). "
+         "interceptd-cni prints it on stderr and applies nothing."),
     _opt("iptables_probe_port", "iptables-probe-port", None, ("IPTABLES_PROBE_PORT",), v.parse_uint16,
          "15002", "int", "Destination port of the --run-validation probe."),
     _opt("probe_timeout", "probe-timeout", None, ("PROBE_TIMEOUT",), v.parse_duration, "5s", "str",
@@ -124,7 +125,7 @@ OPTIONS: tuple[Option, ...] = (
     _opt("outbound_ipv4_loopback_cidr", "outbound-ipv4-loopback-cidr", None,
          ("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",), v.parse_loopback_cidr, "127.0.0.1/32", "str",
          "IPv4 loopback destinations never captured."),
-    _opt("envoy_user", "envoy-user", None, ("ENVOY_USER",), v.parse_text, "istio-proxy", "str",
+    _opt("envoy_user", "envoy-user", None, ("ENVOY_USER",), v.parse_id_name, "istio-proxy", "str",
          "User whose uid is the default --proxy-uid."),
     _opt("table", "table", None, ("INTERCEPTD_TABLE",), v.parse_table_name, "interceptd", "str",
          "Name of interceptd's own inet table (no other table is ever touched).", "agent"),
@@ -146,7 +147,8 @@ OPTIONS: tuple[Option, ...] = (
          "A non-loopback address exempts the port from inbound capture.",
          "agent"),
     _opt("state_dir", "state-dir", None, ("INTERCEPTD_STATE_DIR",), v.parse_path, "/run/interceptd", "str",
-         "run, node: directory of the lock file; node: also of its socket and per-namespace state.", "agent"),
+         "run, node: directory of the lock file; node: also of its socket and per-namespace state. Created with "
+         "mode 0700; one that other users can write to is refused (name a subdirectory of it).", "agent"),
     _opt("netns_dir", "netns-dir", None, ("INTERCEPTD_NETNS_DIR",), v.parse_optional_path, "/run/netns", "str",
          "node: directory of network namespace files to keep intercepted, each with this configuration "
          "('' = none; CNI-registered namespaces are kept either way).", "agent"),
@@ -231,6 +233,8 @@ def _toml_text(option: Option, value: object) -> str:
     if isinstance(value, bool):
         raise ConfigError(f"{where}: expected {_KIND_WORD[option.kind]}, got {value!r}")
     if option.kind == "list" and isinstance(value, list):
+        if len(value) > v.MAX_LIST_ITEMS:
+            raise ConfigError(f"{where}: {len(value)} items, more than the limit of {v.MAX_LIST_ITEMS}")
         for item in value:
             if isinstance(item, bool) or not isinstance(item, int | str):
                 raise ConfigError(f"{where}: list items must be numbers or strings, got {item!r}")
@@ -249,13 +253,19 @@ _KIND_WORD = {"bool": "true or false", "int": "a number", "list": "a list or a c
 def read_toml(path: str) -> dict[str, object]:
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            raw = fh.read(v.MAX_CONFIG_BYTES + 1)
+        if len(raw) > v.MAX_CONFIG_BYTES:
+            raise ConfigError(f"--config {path!r}: larger than the limit of {v.MAX_CONFIG_BYTES} bytes")
+        data = tomllib.loads(raw.decode())
     except FileNotFoundError:
         raise ConfigError(f"--config: file {path!r} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--config {path!r}: TOML syntax error: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"--config {path!r}: not UTF-8 text (byte {exc.start})") from None
+    except (ValueError, RecursionError) as exc:
+        # TOMLDecodeError, an integer over Python's 4,300-digit limit (ValueError), arrays or tables nested
+        # past the interpreter's recursion limit.
+        reason = str(exc).splitlines()[0] if isinstance(exc, ValueError) else "nested too deeply"
+        raise ConfigError(f"--config {path!r}: TOML syntax error: {reason}") from None
     except OSError as exc:
         raise ConfigError(f"--config {path!r}: cannot read: {exc.strerror}") from None
     for key in data:
@@ -265,10 +275,14 @@ def read_toml(path: str) -> dict[str, object]:
 
 
 def _parse(option: Option, text: str, where: str) -> Any:
+    # Counted before parsing, so a huge list costs a scan of its text, not the parse of every item.
+    if option.kind == "list" and text.count(",") >= v.MAX_LIST_ITEMS:
+        raise ConfigError(f"{where}: more than the limit of {v.MAX_LIST_ITEMS} list items")
     try:
         return option.parse(text)
     except ValueError as exc:
-        raise ConfigError(f"{where}: invalid value {text!r}: {exc}") from None
+        shown = text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
+        raise ConfigError(f"{where}: invalid value {shown!r}: {exc}") from None
 
 
 def load(flags: Mapping[str, str], env: Mapping[str, str], toml: Mapping[str, object] | None = None,

@@ -14,12 +14,22 @@ from dataclasses import dataclass
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# Limits on hostile or mistaken input. Without them 1,000,000 excluded CIDRs took 23 s and 1.1 GB to render
+# and the agent never became ready. Raw items are counted before any parsing, so parsing itself is bounded;
+# a set may hold more raw items than elements because overlapping and adjacent entries are merged.
+MAX_LIST_ITEMS = 200_000
+MAX_SET_ELEMENTS = 100_000
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a TOML file or a CNI request: room for MAX_LIST_ITEMS IPv6 CIDRs
+MIN_RECONCILE_INTERVAL = 0.1  # seconds; a shorter period is a busy loop, not a backstop
+MAX_SECONDS = 86400
+
 _BOOL_TRUE = {"1", "t", "T", "true", "TRUE", "True"}
 _BOOL_FALSE = {"0", "f", "F", "false", "FALSE", "False"}
 # Patterns are used with fullmatch (a `$` would also accept a trailing newline).
 # Linux dev_valid_name(): 1..15 bytes, not "." or "..", no '/', ':' or white space. Quotes and other
 # characters nft's parser would choke on are refused too, so a name can never smuggle syntax.
-_IFNAME = re.compile(r"[A-Za-z0-9_.@+-]{1,15}")
+# libnftables reads a leading '@' as a set reference, '$' as a variable and a trailing '*' as a wildcard.
+_IFNAME = re.compile(r"[A-Za-z0-9_.+-]{1,15}")
 _ID_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
 _TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h)")
@@ -88,7 +98,8 @@ def parse_inbound_ports(text: str) -> tuple[PortRange, ...] | None:
 
 
 def parse_cidr(text: str) -> IPNetwork:
-    if text != text.strip() or text == "" or "*" in text:
+    # ipaddress accepts IPv6 zone ids ("fe80::1%eth0/128"): a zone has no meaning in a set of prefixes.
+    if text != text.strip() or text == "" or "*" in text or "%" in text:
         raise ValueError(f"{text!r} is not a CIDR")
     try:
         # Host bits are allowed, as in Istio (10.0.0.1/8 means 10.0.0.0/8).
@@ -112,7 +123,7 @@ def parse_include_cidrs(text: str) -> tuple[IPNetwork, ...] | None:
 
 def parse_ifname(text: str) -> str:
     if not _IFNAME.fullmatch(text) or text in (".", ".."):
-        raise ValueError(f"{text!r} is not a valid interface name (1-15 characters of A-Z a-z 0-9 _ . - @ +)")
+        raise ValueError(f"{text!r} is not a valid interface name (1-15 characters of A-Z a-z 0-9 _ . - +)")
     return text
 
 
@@ -120,15 +131,17 @@ def parse_ifnames(text: str) -> tuple[str, ...]:
     return tuple(parse_ifname(item) for item in split_list(text))
 
 
+def parse_id_name(text: str) -> str:
+    """A user or group name or number; a name is resolved later, against the right database."""
+    if not (_DIGITS.fullmatch(text) or _ID_NAME.fullmatch(text)):
+        raise ValueError(f"{text!r} is neither a number nor a valid name")
+    if _DIGITS.fullmatch(text) and int(text) > 0xFFFFFFFE:
+        raise ValueError(f"{text!r} is out of range")
+    return text
+
+
 def parse_id_names(text: str) -> tuple[str, ...]:
-    """A list of user or group names or numbers; names are resolved later, against the right database."""
-    items = split_list(text)
-    for item in items:
-        if not (_DIGITS.fullmatch(item) or _ID_NAME.fullmatch(item)):
-            raise ValueError(f"{item!r} is neither a number nor a valid name")
-        if _DIGITS.fullmatch(item) and int(item) > 0xFFFFFFFE:
-            raise ValueError(f"{item!r} is out of range")
-    return tuple(items)
+    return tuple(parse_id_name(item) for item in split_list(text))
 
 
 def resolve_uid(name: str) -> int:
@@ -198,8 +211,9 @@ def parse_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = parse_duration(text)
-    if not 0 < value <= 86400:
-        raise ValueError("must be between 0 and 86400 seconds")
+    if not MIN_RECONCILE_INTERVAL <= value <= MAX_SECONDS:
+        raise ValueError(f"must be from {MIN_RECONCILE_INTERVAL} to {MAX_SECONDS} seconds (a number or a "
+                         "duration such as 500ms, 10s, 5m)")
     return value
 
 

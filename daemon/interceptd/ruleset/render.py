@@ -11,8 +11,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
-from interceptd.config import Config
-from interceptd.config.values import IPNetwork, PortRange
+from interceptd.config import OPTIONS_BY_KEY, Config
+from interceptd.config.values import MAX_SET_ELEMENTS, IPNetwork, PortRange
+from interceptd.errors import ConfigError
 from interceptd.ruleset import names as N
 from interceptd.ruleset.facts import HostFacts, IPAddress
 from interceptd.ruleset.model import (
@@ -73,6 +74,19 @@ LO_OUT = interface("oifname", "lo")
 LO_IN = interface("iifname", "lo")
 ENTRY = Rule(N.ENTRY)
 
+# The option whose list fills each named set (without the -v4/-v6 suffix): a set over the limit is reported
+# against the flag the user can change.
+SET_SOURCE: dict[str, str] = {  # set name -> the option its elements come from (named in a too-large error)
+    N.SET_PROXY_UIDS: "proxy_uid", N.SET_PROXY_GIDS: "proxy_gid", N.SET_EXCLUDE_INTERFACES: "exclude_interfaces",
+    N.SET_KUBE_VIRT_INTERFACES: "kube_virt_interfaces", N.SET_INBOUND_PORTS: "inbound_ports",
+    N.SET_INBOUND_EXCLUDE_PORTS: "local_exclude_ports", N.SET_OUTBOUND_EXCLUDE_PORTS: "local_outbound_ports_exclude",
+    N.SET_OUTBOUND_PORTS: "outbound_ports", N.SET_OWNER_GROUPS: "outbound_owner_groups",
+    N.SET_OWNER_GROUPS_EXCLUDE: "outbound_owner_groups_exclude",
+    **{name: "service_cidr" for name in N.SET_INCLUDE_CIDRS.values()},
+    **{name: "service_exclude_cidr" for name in N.SET_EXCLUDE_CIDRS.values()},
+    **{name: "resolv_conf" for name in N.SET_DNS_SERVERS.values()},
+}
+
 
 def base_chain(name: str, rules: Iterable[Rule]) -> Chain:
     return Chain(name, tuple(rules), BASE_CHAINS[name])
@@ -129,8 +143,14 @@ class _Builder:
     # -- sets --------------------------------------------------------------------------------------
     def named(self, name: str, type_: str, elements: Iterable[Scalar], interval: bool = False) -> SetRef:
         """Each element once: the kernel lists a set without duplicates, and `install.holds` (the reference's
-        read-back) must find exactly the rendered elements there (`-c eth1,eth1` never became ready)."""
-        self.sets[name] = NamedSet(name, type_, tuple(dict.fromkeys(elements)), interval)
+        read-back) must find exactly the rendered elements there (`-c eth1,eth1` never became ready). At most
+        MAX_SET_ELEMENTS: a set is what the kernel must hold and every check reads back."""
+        items = tuple(dict.fromkeys(elements))
+        if len(items) > MAX_SET_ELEMENTS:
+            option = OPTIONS_BY_KEY[SET_SOURCE[name]]
+            raise ConfigError(f"{option.flag} (key {option.key!r}): {len(items)} elements after merging, more "
+                              f"than the limit of {MAX_SET_ELEMENTS} per set")
+        self.sets[name] = NamedSet(name, type_, items, interval)
         return SetRef(name)
 
     def ports(self, name: str, ports: Iterable[PortRange]) -> SetRef:

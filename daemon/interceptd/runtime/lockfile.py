@@ -4,7 +4,7 @@ claim on the table inside the network namespace itself (TableClaim) that no --st
 The kernel drops the lock when the process dies, so a crashed agent never blocks its successor. The file
 is opened with O_NOFOLLOW and O_NONBLOCK and must be a regular file with one link, owned by us: a symlink,
 hard link or FIFO planted in the state directory cannot redirect the write or hang the agent. The directory
-is created private (0700) and must be a real directory of ours that nobody else can write to.
+is created private (0700) and must be a real directory of ours that nobody else can write to (statedir).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import struct
 
 from interceptd.errors import LockedError
 from interceptd.runtime import logs
+from interceptd.runtime.statedir import refuse_shared
 from interceptd.system import fds, netns
 
 
@@ -154,8 +155,7 @@ class Lock:
         try:
             os.makedirs(directory, mode=0o700, exist_ok=True)
             # Opened without following a symlink and used through the descriptor from here on, so the path
-            # cannot be swapped under us. A directory of ours that others may write to (a Kubernetes
-            # emptyDir is 0777) is made private first; one that is not ours is refused.
+            # cannot be swapped under us. One that is not ours, or that others may write to, is refused.
             dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
             raise LockedError(f"{where}: cannot open the directory: {exc.strerror} (it must be a directory, "
@@ -165,8 +165,7 @@ class Lock:
             if dir_stat.st_uid != os.geteuid():
                 raise LockedError(f"{where}: must be a directory owned by uid {os.geteuid()}, not uid "
                                   f"{dir_stat.st_uid}")
-            if dir_stat.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-                os.fchmod(dir_fd, 0o700)
+            refuse_shared(directory, dir_stat.st_mode)
             fd = os.open(os.path.basename(self.path), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
                          | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
         except OSError as exc:

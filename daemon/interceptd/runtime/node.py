@@ -461,9 +461,15 @@ class Node:
             return
         old = record if record is not None else nodestate.read(self.state_dir, member.name)
         settings = old.settings if old is not None and member.source.kind == "cni" else {}
-        nodestate.write(self.state_dir, nodestate.Record(
-            member.name, member.source.path, member.source.kind, settings,
-            self.shared.digest(applied.ruleset), applied.listing, old.container_id if old else ""))
+        try:
+            nodestate.write(self.state_dir, nodestate.Record(
+                member.name, member.source.path, member.source.kind, settings,
+                self.shared.digest(applied.ruleset), applied.listing, old.container_id if old else ""))
+        except (OSError, InterceptdError) as exc:
+            # The record only lets a restart adopt the table untouched: without it the pod is still kept, and
+            # a restart re-applies. Said once per apply, never the end of the node.
+            member.controller.log.warning("cannot write the namespace's state file", error=str(exc))
+            return
         member.saved = applied
 
     def _still_there(self, member: Member) -> bool:

@@ -21,6 +21,7 @@ from interceptd.config import Config, load
 from interceptd.errors import NamespaceError
 from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import Existing, Json, transaction
+from interceptd.runtime import statedir
 from interceptd.system.netns import is_name
 
 STATE_SUBDIR = "netns"
@@ -73,8 +74,8 @@ def _file(state_dir: str, name: str) -> str:
 
 def write(state_dir: str, record: Record) -> None:
     """Atomically (rename): a reader never sees half a file, a crash leaves the previous one."""
-    directory = state_dir_of(state_dir)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    statedir.ensure_private(state_dir)
+    statedir.ensure_private(state_dir_of(state_dir))
     final = _file(state_dir, record.name)
     tmp = f"{final}.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):

@@ -144,3 +144,61 @@ def test_the_state_file_names_the_pods_settings(node: CniNode, pod: str) -> None
     assert record["settings"]["service_exclude_cidr"] == "203.0.113.0/24"
     assert record["settings"]["local_exclude_ports"] == "15020,15021,15090"
     assert record["listing"] and record["container_id"] == "c-state"
+
+
+def _bridged(node: CniNode, pod: str, container: str) -> dict[str, object]:
+    """The chain's first plugin alone: the pod gets its eth0 and address, interceptd-cni is run by the test."""
+    res = node.exec(node.plugins()[0], "ADD", f"/run/netns/{pod}", container)
+    assert res.rc == 0 and res.out is not None, res.stderr
+    return res.out
+
+
+def _no_table_no_state(node: CniNode, pod: str) -> None:
+    assert table_listing(pod) is None
+    assert sh("ip", "rule", "show", "fwmark", "1337", ns=pod).stdout.strip() == ""
+    assert not os.path.exists(os.path.join(node.state_dir, "netns", f"{pod}.json"))
+
+
+def test_a_failed_add_after_the_transaction_leaves_no_table(node: CniNode, pod: str) -> None:
+    # The kernel takes the table, then refuses the IPv6 TPROXY route: lo has IPv6 turned off in this pod.
+    prev = _bridged(node, pod, "c-half")
+    sh("ip", "addr", "add", "2001:db8::5/64", "dev", "eth0", "nodad", ns=pod)
+    sh("sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1", ns=pod)
+    tproxy = {**node.interceptd, "dual_stack": True}
+    res = node.exec(node.plugins(tproxy)[1], "ADD", f"/run/netns/{pod}", "c-half",
+                    args="sidecar.istio.io/interceptionMode=TPROXY", prev=prev)
+    assert res.rc == 1 and res.out is not None and res.out["code"] == cni_e_io(), (res.out, res.stderr)
+    assert "Traceback" not in res.stderr and "\n" not in res.out["msg"]
+    _no_table_no_state(node, pod)
+
+
+def test_a_state_directory_it_cannot_write_fails_the_add_and_leaves_no_table(node: CniNode, pod: str) -> None:
+    blocker = os.path.join(node.tmp, "not-a-directory")
+    with open(blocker, "w", encoding="utf-8"):
+        pass
+    res = node.exec(node.plugins({**node.interceptd, "state_dir": blocker})[1], "ADD", f"/run/netns/{pod}", "c-st",
+                    prev=_bridged(node, pod, "c-st"))
+    assert res.rc == 1 and res.out is not None and blocker in res.out["msg"], (res.out, res.stderr)
+    assert "Traceback" not in res.stderr
+    _no_table_no_state(node, pod)
+
+
+def test_dry_run_renders_and_applies_nothing(node: CniNode, pod: str) -> None:
+    prev = _bridged(node, pod, "c-dry")
+    res = node.exec(node.plugins({**node.interceptd, "dry_run": True})[1], "ADD", f"/run/netns/{pod}", "c-dry",
+                    prev=prev)
+    assert res.rc == 0 and res.out == prev, res.stderr
+    assert '"table"' in res.stderr  # the ruleset it would have applied, for the runtime's log
+    _no_table_no_state(node, pod)
+    # CHECK has nothing to compare and DEL nothing to remove: not even a table someone else put there.
+    dry = node.plugins({**node.interceptd, "dry_run": True})[1]
+    assert node.exec(dry, "CHECK", f"/run/netns/{pod}", "c-dry", prev=prev).rc == 0
+    sh("nft", "add", "table", "inet", "interceptd", ns=pod)
+    assert node.exec(dry, "DEL", f"/run/netns/{pod}", "c-dry").rc == 0
+    assert table_listing(pod) is not None
+
+
+def cni_e_io() -> int:
+    from interceptd.cli import cni
+
+    return cni.E_IO

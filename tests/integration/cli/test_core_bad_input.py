@@ -22,6 +22,11 @@ BAD = [
     (["-b", "80,*"], {}, "80,*"),
     (["-c", "an-interface-name-too-long"], {}, "an-interface-name-too-long"),
     (["--no-such-flag"], {}, "--no-such-flag"),
+    (["-c", "@x"], {}, "@x"),  # libnftables would read a set reference
+    (["-k", "eth*"], {}, "eth*"),  # and a wildcard
+    (["-x", "fe80::1%x/128"], {}, "fe80::1%x/128"),
+    (["--envoy-user", "a\tb"], {}, "--envoy-user"),
+    (["--reconcile-interval", "1e-300"], {}, "--reconcile-interval"),
     ([], {"ISTIO_LOCAL_EXCLUDE_PORTS": "15090,abc"}, "15090,abc"),
     ([], {"INVALID_DROP": "yes please"}, "yes please"),
 ]
@@ -42,7 +47,9 @@ def test_bad_input_changes_nothing(lab: Lab, args: list[str], env: dict[str, str
 def test_bad_toml_changes_nothing(lab: Lab, tmp_path: Path) -> None:
     lab.interceptd("apply", "-i", "*")
     before = lab.nft_json()
-    for text, needle in (('envoy_port = "x"\n', "envoy_port"), ("nope = 1\n", "nope"), ("[[x\n", "TOML")):
+    for text, needle in (('envoy_port = "x"\n', "envoy_port"), ("nope = 1\n", "nope"), ("[[x\n", "TOML"),
+                         ("envoy_port = 1" + "0" * 4400 + "\n", "TOML"),
+                         ("service_cidr = " + "[" * 50_000 + "]" * 50_000 + "\n", "nested too deeply")):
         path = tmp_path / "bad.toml"
         path.write_text(text)
         result = lab.interceptd("apply", "--config", str(path), check=False)

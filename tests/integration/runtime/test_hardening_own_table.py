@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.gaplab import CONFIG_A, AgentProc, Prober
 from support.netlab import INTERCEPTD, Lab, sh, wait_until
 
 from interceptd.ruleset import names as N
@@ -82,21 +84,45 @@ def test_owner_reloads_and_the_table_goes_with_the_agent(lab: Lab, agent: subpro
     assert wait_until(lambda: flags(lab) is None, timeout=5)  # no persist here: the owner took it along
 
 
+PROXY_UID = 1337
+PROXY_RETURN = "istio-output/proxy-uid-return"  # the named counter of the rule that lets the proxy out
+
+
+def _packets(lab: Lab, counter: str) -> int:
+    listing = sh("nft", "list", "counter", "inet", "interceptd", counter, ns=lab.pod).stdout
+    words = listing.split()
+    return int(words[words.index("packets") + 1])
+
+
 def test_an_existing_table_is_taken_over_without_a_gap(lab: Lab, tmp_path: Path) -> None:
-    """An `apply`-installed table becomes owned by one text transaction that copies it, counters included."""
-    lab.interceptd("apply", *ARGS)
-    lab.request(lab.pod, "198.51.100.1", 9, timeout=0.2)  # counts in istio-output
-    entry = N.counter_name(N.ISTIO_OUTPUT, N.ENTRY)
-    counter = sh("nft", "list", "counter", "inet", "interceptd", entry, ns=lab.pod).stdout
-    assert "packets 0 " not in counter
-    proc = subprocess.Popen(["ip", "netns", "exec", lab.pod, INTERCEPTD, "run", "--own-table", "--state-dir",
-                             str(tmp_path / "run"), *ARGS], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """An `apply`-installed table becomes owned by one text transaction that copies it, counters included:
+    probers connecting without pause in both directions see no connection bypass the proxy meanwhile."""
+    lab.serve(lab.pod, "pod", tcp=(15001, 15006, 80))
+    lab.serve(lab.peer, "peer", tcp=[9999])
+    config = tmp_path / "agent.toml"
+    config.write_text(CONFIG_A)
+    lab.interceptd("apply", "--config", str(config))
+    for _ in range(5):  # the proxy's own connections: counted once each (nat sees the first packet), and
+        lab.request(lab.pod, "198.51.100.1", 9999, uid=PROXY_UID, gid=PROXY_UID)  # no prober makes one
+    assert _packets(lab, PROXY_RETURN) == 5
+    probers = [Prober(lab, "outbound"), Prober(lab, "inbound")]
+    agent = AgentProc(lab, tmp_path, "--own-table")
     try:
-        assert wait_until(lambda: flags(lab) == "flags owner", timeout=10)
-        after = sh("nft", "list", "counter", "inet", "interceptd", entry, ns=lab.pod).stdout
-        assert after.split("packets")[1].split()[0] >= counter.split("packets")[1].split()[0]
+        time.sleep(0.3)
+        agent.start()
+        assert wait_until(lambda: flags(lab) == "flags owner", timeout=10), agent.log.read_text()
+        time.sleep(0.3)
+    finally:
+        samples = [p.stop() for p in probers]
+    try:
+        for s in samples:
+            windows = s.windows()
+            assert s.count("ok") > 10 and s.count("bypass") == 0 and s.count("fail") == 0, \
+                (s.direction, s.count("ok"), s.count("bypass"), s.count("fail"), windows)
+            assert max(windows, default=0.0) == 0.0
+        # The owned copy kept the count from before the takeover: it did not start again from zero.
+        assert _packets(lab, PROXY_RETURN) == 5
         refused = sh("nft", "flush", "table", "inet", "interceptd", ns=lab.pod, check=False)
         assert refused.returncode != 0
     finally:
-        proc.kill()
-        proc.wait()
+        agent.close()

@@ -61,6 +61,7 @@ def test_pods_left_alone(conf: dict[str, object], args: dict[str, str]) -> None:
     ({"interceptd": {"bogus": 1}}, {}, "unknown key 'bogus'"),
     ({}, {"traffic.sidecar.istio.io/includeInboundPorts": "http"}, "includeInboundPorts: invalid value 'http'"),
     ({"exclude_namespaces": "kube-system"}, {}, "exclude_namespaces"),
+    ({"interceptd": {"own_table": True}}, {}, "key 'own_table' cannot be used with the CNI plugin"),
 ])
 def test_bad_settings_name_the_culprit(conf: dict[str, object], args: dict[str, str], words: str) -> None:
     with pytest.raises(ConfigError, match=words):
@@ -79,6 +80,11 @@ def test_cni_args_parsing() -> None:
     (ENV, "[]", cni.E_DECODE),
     (ENV, '{"cniVersion": "1.0.0", "name": "n"}', cni.E_CONFIG),
     ({**ENV, "CNI_COMMAND": "CHECK"}, '{"cniVersion": "0.3.1", "name": "n", "type": "t"}', cni.E_VERSION),
+    (ENV, "[" * 100_000 + "]" * 100_000, cni.E_DECODE),
+    (ENV, '{"cniVersion": "1.0.0", "name": "n", "type": "t", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     cni.E_DECODE),
+    (ENV, CONF + " " * (16 * 1024 * 1024), cni.E_DECODE),  # over the size limit, valid JSON all the same
+    (ENV, CONF[:-1] + ', "interceptd": {"own_table": true}}', cni.E_CONFIG),
 ])
 def test_bad_requests_get_the_spec_error_json(env: dict[str, str], stdin: str, code: int) -> None:
     rc, out = cni.run(env, stdin)
@@ -104,3 +110,39 @@ def test_install_chains_into_the_first_conflist_once(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="no .conflist"):
         cni.install_conflist(str(tmp_path / "empty"), plugin)
+
+
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    monkeypatch.setattr("sys.argv", ["interceptd-cni", *argv])
+    with pytest.raises(SystemExit) as exited:
+        cni.main()
+    return int(exited.value.code or 0), capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("settings", "words"), [
+    ("[" * 100_000, "SETTINGS_JSON: not JSON: nested too deeply"),
+    ("[[[", "SETTINGS_JSON: not JSON"),
+    ('{"envoy_port": 70000}', "key 'envoy_port': invalid value '70000'"),
+    ('{"nope": 1}', "unknown key 'nope'"),
+    ('{"own_table": true}', "own_table"),
+    ('{"exclude_interfaces": ["@x"]}', "'@x' is not a valid interface name"),
+    ("[]", "'interceptd' must be an object"),
+])
+def test_install_refuses_settings_every_add_would_refuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str], settings: str,
+                                                        words: str) -> None:
+    conflist = tmp_path / "10-k8s.conflist"
+    before = json.dumps({"cniVersion": "1.0.0", "name": "k8s", "plugins": [{"type": "bridge"}]})
+    conflist.write_text(before)
+    code, err = run_main(monkeypatch, capsys, "install", str(tmp_path), settings)
+    assert code == 2 and words in err and err.count("\n") == 1 and len(err) < 400, err
+    assert conflist.read_text() == before
+
+
+def test_install_writes_valid_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "10-k8s.conflist").write_text(json.dumps({"cniVersion": "1.0.0", "name": "k", "plugins": []}))
+    code, err = run_main(monkeypatch, capsys, "install", str(tmp_path), '{"service_exclude_cidr": ["192.0.2.0/24"]}')
+    assert code == 0, err
+    plugins = json.loads((tmp_path / "10-k8s.conflist").read_text())["plugins"]
+    assert plugins == [{"type": "interceptd-cni", "interceptd": {"service_exclude_cidr": ["192.0.2.0/24"]}}]

@@ -5,13 +5,18 @@ one-line message. Never another exception, never a traceback on the runtime's st
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tempfile
+from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
+from unittest import mock
 
+import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
-from support.fuzz_strategies import FACTS, SAFE_STRING, SMUGGLE, strings_in, value_for
+from support.fuzz_strategies import FACTS, SMUGGLE, unsafe_strings, value_for
 
 from interceptd.cli import cni
 from interceptd.config import OPTIONS
@@ -42,7 +47,7 @@ def own_settings(draw: st.DrawFn) -> dict[str, Any]:
     return out
 
 
-CORRUPTIONS = ("stdin", "json", "version", "name", "type", "command", "args")
+CORRUPTIONS = ("stdin", "json", "deep", "version", "name", "type", "command", "args")
 
 
 @st.composite
@@ -62,7 +67,8 @@ def request(draw: st.DrawFn) -> tuple[dict[str, str], str]:
         conf["prevResult"] = draw(ANY_JSON)
     text = json.dumps(conf)
     stdin = {"stdin": draw(st.one_of(st.integers(0, len(text)).map(lambda n: text[:n]), st.text(max_size=40))),
-             "json": json.dumps(draw(ANY_JSON))}.get(str(broken), text)
+             "json": json.dumps(draw(ANY_JSON)),
+             "deep": draw(st.sampled_from(["[", '{"a":'])) * draw(st.integers(900, 120_000))}.get(str(broken), text)
     annotations = {a: draw(st.one_of(value_for(next(o for o in OPTIONS if o.key == k)), st.sampled_from(SMUGGLE)))
                    for a, k in cni.ANNOTATIONS.items() if draw(st.integers(0, 3)) == 0}
     args = ";".join(f"{k}={v.replace(';', '')}" for k, v in annotations.items())
@@ -103,5 +109,62 @@ def test_cni_input_yields_a_pod_config_or_a_cni_error(given_request: tuple[dict[
         document = transaction(render(config, facts), Existing.empty())
     except ConfigError:
         return
-    bad = [s for s in strings_in(document) if not SAFE_STRING.match(s)]
+    bad = unsafe_strings(document)
     assert not bad, bad
+
+
+def assert_cni_answer(code: int, out: dict[str, Any]) -> None:
+    """The spec's answer: success with a result, or error JSON whose message is one line."""
+    if code == 0:
+        event("success")
+        return
+    event(f"CNI error {out.get('code')}")
+    assert code == 1 and set(out) >= {"cniVersion", "code", "msg"}, out
+    assert isinstance(out["code"], int) and out["code"] >= 1 and out["msg"] and "\n" not in out["msg"], out
+
+
+@settings(max_examples=1500 * SCALE)
+@given(request())
+def test_the_plugin_process_answers_every_request_with_the_spec_json(given_request: tuple[dict[str, str], str]
+                                                                     ) -> None:
+    """Through main(), as the runtime runs it: no exception escapes, stdout is one JSON document. CNI_NETNS
+    names no namespace here, so the kernel is never reached: whatever is valid ends as error 3."""
+    env, stdin = given_request
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.dict(os.environ, env, clear=True), mock.patch("sys.argv", ["interceptd-cni"]), \
+            mock.patch("sys.stdin", io.StringIO(stdin)), redirect_stdout(out), redirect_stderr(err), \
+            pytest.raises(SystemExit) as exited:
+        cni.main()
+    assert "Traceback" not in err.getvalue()
+    code = exited.value.code
+    assert isinstance(code, int)
+    lines = out.getvalue().splitlines()
+    assert len(lines) <= 1 and (code == 0 or lines), out.getvalue()
+    assert_cni_answer(code, json.loads(lines[0]) if lines else {})
+
+
+@settings(max_examples=1500 * SCALE)
+@given(st.one_of(own_settings().map(json.dumps), ANY_JSON.map(json.dumps), st.text(max_size=40),
+                 st.sampled_from(["[", "{"]).flatmap(lambda c: st.integers(900, 120_000).map(lambda n: c * n))))
+def test_install_writes_only_settings_an_add_accepts(settings_json: str) -> None:
+    """`interceptd-cni install DIR SETTINGS_JSON`: exit 2 and one line, or a conflist whose settings parse."""
+    with tempfile.TemporaryDirectory() as conf_dir:
+        conflist = os.path.join(conf_dir, "10-k8s.conflist")
+        with open(conflist, "w", encoding="utf-8") as fh:
+            json.dump({"cniVersion": "1.0.0", "name": "k8s", "plugins": [{"type": "bridge"}]}, fh)
+        err = io.StringIO()
+        with mock.patch("sys.argv", ["interceptd-cni", "install", conf_dir, settings_json]), \
+                redirect_stderr(err), pytest.raises(SystemExit) as exited:
+            cni.main()
+        message = err.getvalue()
+        assert message.count("\n") == 1 and "Traceback" not in message, message
+        with open(conflist, encoding="utf-8") as fh:
+            plugins = json.load(fh)["plugins"]
+    if exited.value.code == 2:
+        event("refused")
+        assert message.startswith("interceptd-cni: error: ") and plugins == [{"type": "bridge"}], message
+        return
+    event("installed")
+    assert exited.value.code == 0
+    settings_ = cni.pod_settings({"interceptd": plugins[-1]["interceptd"]}, {})
+    assert settings_ is None or nodestate.settings_config(settings_, "installed")

@@ -96,6 +96,15 @@ BAD_FLAGS = [
     ({"envoy_port": "80\n"}, "--envoy-port", "80\\n"),
     ({"exclude_interfaces": "eth0\n"}, "--istio-exclude-interfaces", "eth0\\n"),
     ({"table": "t\n"}, "--table", "t\\n"),
+    ({"service_exclude_cidr": "fe80::1%x/128"}, "--istio-service-exclude-cidr", "fe80::1%x/128"),
+    ({"service_cidr": "fe80::%1/64"}, "--istio-service-cidr", "fe80::%1/64"),
+    ({"exclude_interfaces": "@x"}, "--istio-exclude-interfaces", "@x"),
+    ({"kube_virt_interfaces": "eth@0"}, "--kube-virt-interfaces", "eth@0"),
+    ({"envoy_user": "istio\0proxy"}, "--envoy-user", "istio\\x00proxy"),
+    ({"envoy_user": "@set"}, "--envoy-user", "@set"),
+    ({"reconcile_interval": "1e-300"}, "--reconcile-interval", "from 0.1 to 86400 seconds"),
+    ({"reconcile_interval": "0"}, "--reconcile-interval", "from 0.1 to 86400 seconds"),
+    ({"reconcile_interval": "nan"}, "--reconcile-interval", "nan"),
 ]
 
 
@@ -134,6 +143,42 @@ def test_bad_toml(tmp_path: Path) -> None:
         load_all({}, {}, str(path))
     with pytest.raises(ConfigError, match="does not exist"):
         load_all({}, {}, str(tmp_path / "missing.toml"))
+
+
+def test_list_length_is_capped_before_parsing() -> None:
+    # 200,001 items of garbage: refused by counting, without one item being parsed (the message says so).
+    with pytest.raises(ConfigError, match=r"^flag -x/--istio-service-exclude-cidr: more than the limit of 200000 "):
+        cfg(flags={"service_exclude_cidr": ",".join(["garbage"] * 200_001)})
+    with pytest.raises(ConfigError, match=r"key 'outbound_ports': 200001 items, more than the limit of 200000$"):
+        cfg(toml={"outbound_ports": [80] * 200_001})
+
+
+def test_a_huge_invalid_list_is_reported_on_one_short_line() -> None:
+    with pytest.raises(ConfigError) as err:
+        cfg(env={"ISTIO_SERVICE_EXCLUDE_CIDR": ",".join(["192.0.2.0/24"] * 50_000 + ["nope"])})
+    assert len(str(err.value)) < 400 and "ISTIO_SERVICE_EXCLUDE_CIDR" in str(err.value) and "'nope'" in str(err.value)
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("envoy_port = 1" + "0" * 4400 + "\n", "4300"),
+    ("service_cidr = " + "[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply"),
+    ("a = " + "{b = " * 5_000 + "1" + "}" * 5_000 + "\n", "nested too deeply"),
+])
+def test_hostile_toml_is_one_line(tmp_path: Path, text: str, reason: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_all({}, {}, str(path))
+    message = str(err.value)
+    assert message.startswith(f"--config {str(path)!r}: TOML syntax error") and reason in message, message
+    assert "\n" not in message and len(message) < 400
+
+
+def test_config_file_size_is_capped(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"#" * (16 * 1024 * 1024 + 1))
+    with pytest.raises(ConfigError, match="larger than the limit of 16777216 bytes"):
+        load_all({}, {}, str(path))
 
 
 def test_every_option_has_a_flag_toml_key_and_help() -> None:

@@ -106,7 +106,9 @@ def test_native_sidecar_runs_the_agent_on_the_configmap(tmp_path: Path) -> None:
 
     args, cfg = cli.parse([command, option, str(configmap_toml(tmp_path))])
     assert args.command == "run"
-    assert cfg.state_dir in mounts and "emptyDir" in volumes[mounts[cfg.state_dir]]
+    # An emptyDir is 0777, which interceptd refuses as its state directory: a subdirectory of it is created 0700.
+    shared = str(Path(cfg.state_dir).parent)
+    assert shared in mounts and "emptyDir" in volumes[mounts[shared]]
     assert cfg.metrics_address is not None
     host, port = cfg.metrics_address
     assert host == "0.0.0.0"  # the kubelet and Prometheus connect to the pod's address
@@ -122,10 +124,10 @@ def test_native_sidecar_runs_the_agent_on_the_configmap(tmp_path: Path) -> None:
 
 
 def test_configmap_matches_the_istio_default_example(tmp_path: Path) -> None:
-    """The ConfigMap is istio-default.toml plus the metrics listener and the log format."""
+    """The ConfigMap is istio-default.toml plus the metrics listener, the log format and the state directory."""
     from_map = config.read_toml(str(configmap_toml(tmp_path)))
     example = config.read_toml(str(ROOT / "config" / "examples" / "istio-default.toml"))
-    assert {k: v for k, v in from_map.items() if k not in ("metrics_address", "log_format")} == example
+    assert {k: v for k, v in from_map.items() if k not in ("metrics_address", "log_format", "state_dir")} == example
 
 
 def test_istio_injection_template_spellings_all_apply(monkeypatch: pytest.MonkeyPatch) -> None:

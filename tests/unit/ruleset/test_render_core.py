@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 
-from interceptd.config import Config, load
+from interceptd.config import OPTIONS_BY_KEY, Config, load
 from interceptd.control import install
+from interceptd.errors import ConfigError
 from interceptd.ruleset import names as N
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.model import Jump, Redirect, Return, SetRef
 from interceptd.ruleset.nftjson import Existing, normalise, transaction
-from interceptd.ruleset.render import render
+from interceptd.ruleset.render import SET_SOURCE, render
 from interceptd.system.fake import FakeKernel, FakeRouter
 from interceptd.system.host import decide_ipv6, parse_resolv_conf
 
@@ -164,3 +165,32 @@ def test_remove() -> None:
     assert install.remove(kernel, FakeRouter(), "interceptd") is True
     assert kernel.list_table("interceptd") is None
     assert install.remove(kernel, FakeRouter(), "interceptd") is False
+
+
+def test_a_set_over_the_limit_names_the_flag_and_merged_lists_may_exceed_it() -> None:
+    every_other = ",".join(f"{ipaddress.IPv4Address(0xC0000000 + 2 * n)}/32" for n in range(100_001))
+    try:
+        render(cfg(service_exclude_cidr=every_other), V4)
+    except ConfigError as exc:
+        assert str(exc) == ("--istio-service-exclude-cidr (key 'service_exclude_cidr'): 100001 elements after "
+                            "merging, more than the limit of 100000 per set")
+        assert exc.exit_code == 2
+    else:
+        raise AssertionError("100,001 disjoint prefixes were rendered")
+    adjacent = ",".join(f"{ipaddress.IPv4Address(0xC0000000 + n)}/32" for n in range(150_000))
+    sets = {s.name: s for s in render(cfg(service_exclude_cidr=adjacent), V4).sets}
+    assert len(sets["exclude-cidrs-v4"].elements) < 10
+
+
+def test_every_set_names_the_option_that_fills_it() -> None:
+    everything = cfg(exclude_interfaces="eth9", kube_virt_interfaces="virt0",
+                     service_cidr="192.0.2.0/24,2001:db8::/32",
+                     service_exclude_cidr="198.51.100.0/24,2001:db8:1::/48", outbound_ports="80",
+                     local_outbound_ports_exclude="81", outbound_owner_groups="0", redirect_dns="true",
+                     inbound_ports="82", inbound_interception_mode="TPROXY")
+    facts = HostFacts(ipv6=True, host_ip=ipaddress.ip_address("192.0.2.2"),
+                      dns_v4=(ipaddress.IPv4Address("192.0.2.53"),), dns_v6=(ipaddress.IPv6Address("2001:db8::53"),))
+    rendered = {s.name for s in render(everything, facts).sets}
+    star = {s.name for s in render(cfg(outbound_owner_groups_exclude="0", local_exclude_ports="15090"), V4).sets}
+    assert rendered | star == set(SET_SOURCE)
+    assert set(SET_SOURCE.values()) <= set(OPTIONS_BY_KEY)

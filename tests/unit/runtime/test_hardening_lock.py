@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from interceptd.errors import LockedError
+from interceptd.errors import LockedError, StateDirError
 from interceptd.runtime.lockfile import Lock, lock_path
 
 pytestmark = pytest.mark.usefixtures("own_netns")
@@ -43,14 +43,27 @@ def test_symlinked_state_dir_is_refused_before_anything_is_created(tmp_path: Pat
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770])
-def test_a_shared_state_dir_of_ours_is_made_private_first(tmp_path: Path, mode: int) -> None:
-    """A Kubernetes emptyDir is created 0777: the agent makes it 0700 before it creates anything in it."""
+def test_a_state_dir_others_can_write_is_refused_and_left_as_it_is(tmp_path: Path, mode: int) -> None:
+    """Re-moding it would break whoever shares it (a 1777 directory lost its sticky bit): refuse, name it."""
     state = tmp_path / "run"
     state.mkdir()
     state.chmod(mode)
-    lock = Lock(str(state), "interceptd")
+    with pytest.raises(StateDirError) as err:
+        Lock(str(state), "interceptd").acquire()
+    assert str(err.value).startswith(f"state directory {str(state)!r} (--state-dir, key 'state_dir'): mode "
+                                     f"{mode:04o} lets other users write to it")
+    assert stat.S_IMODE(state.stat().st_mode) == mode and list(state.iterdir()) == []
+
+
+def test_a_subdirectory_of_a_shared_directory_is_created_private(tmp_path: Path) -> None:
+    """What the Kubernetes manifests do with their 0777 emptyDir: --state-dir names a subdirectory of it."""
+    shared = tmp_path / "emptydir"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    lock = Lock(str(shared / "state"), "interceptd")
     lock.acquire()
-    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE((shared / "state").stat().st_mode) == 0o700
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
     lock.release()
 
 
