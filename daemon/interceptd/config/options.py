@@ -151,7 +151,9 @@ OPTIONS: tuple[Option, ...] = (
          "mode 0700; one that other users can write to is refused (name a subdirectory of it).", "agent"),
     _opt("netns_dir", "netns-dir", None, ("INTERCEPTD_NETNS_DIR",), v.parse_optional_path, "/run/netns", "str",
          "node: directory of network namespace files to keep intercepted, each with this configuration "
-         "('' = none; CNI-registered namespaces are kept either way).", "agent"),
+         "('' = none; CNI-registered namespaces are kept either way). It must belong to root and be writable by "
+         "root only; only root's namespace bind mounts in it are taken (no symlinks, never the agent's own "
+         "namespace), and pods whose CNI ADD opted out stay out.", "agent"),
     _opt("netns_config_dir", "netns-config-dir", None, ("INTERCEPTD_NETNS_CONFIG_DIR",), v.parse_path,
          "/etc/interceptd/netns.d", "str",
          "node: per-namespace drop-ins: NAME.toml here overrides the configuration's keys for namespace NAME.",
