@@ -41,7 +41,7 @@ from interceptd.config import Config, load, read_toml
 from interceptd.control.controller import TableController
 from interceptd.control.install import Applied
 from interceptd.control.state import AgentState
-from interceptd.errors import ConfigError, InterceptdError, ListenError, LockedError, NamespaceError
+from interceptd.errors import ConfigError, InterceptdError, ListenError, LockedError, NamespaceError, StateDirError
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import Json
@@ -310,7 +310,12 @@ class Node:
         records: dict[str, nodestate.Record | None] = {}
         found: dict[str, tuple[Source, nodestate.Record | None]] = {}
         opted_out: set[netns.Identity] = set()
-        for name in nodestate.names(self.state_dir):
+        try:
+            recorded = nodestate.names(self.state_dir)
+        except StateDirError as exc:  # planted records are never trusted; the watched directory still is
+            self._note_failure("state-directory", str(exc))
+            recorded = []
+        for name in recorded:
             member = self.members.get(name)
             if member is not None and identity(member.source.path) == member.source.ident:
                 # Managed and still there: its record is ours (we wrote it); reading every record on every pass

@@ -14,11 +14,12 @@ import hashlib
 import json
 import os
 import socket
+import stat
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from interceptd.config import Config, load
-from interceptd.errors import NamespaceError
+from interceptd.errors import NamespaceError, StateDirError
 from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import Existing, Json, transaction
 from interceptd.runtime import statedir
@@ -92,6 +93,8 @@ def read(state_dir: str, name: str) -> Record | None:
     try:
         fd = os.open(_file(state_dir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         with os.fdopen(fd, encoding="utf-8") as fh:
+            if os.fstat(fd).st_uid != os.geteuid():
+                return None  # not written by us (nor by the CNI plugin, which runs as the same root)
             data = json.load(fh)
         record = Record(**data)
     except (OSError, ValueError, TypeError, RecursionError, NamespaceError):
@@ -109,10 +112,18 @@ def remove(state_dir: str, name: str) -> None:
 
 
 def names(state_dir: str) -> list[str]:
+    """The recorded namespaces. StateDirError when the records' directory is not a private one of ours: its
+    records could have been planted by another user, and a record decides what gets intercepted."""
+    directory = state_dir_of(state_dir)
     try:
-        entries = os.listdir(state_dir_of(state_dir))
+        found = os.lstat(directory)
     except FileNotFoundError:
         return []
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
+        raise StateDirError(f"state directory {directory!r}: must be a directory owned by uid {os.geteuid()}, not "
+                            f"a symlink or a directory of uid {found.st_uid}; its records are not trusted")
+    statedir.refuse_shared(directory, found.st_mode)
+    entries = os.listdir(directory)
     return sorted(e[:-5] for e in entries if e.endswith(".json") and is_name(e[:-5]))
 
 

@@ -99,3 +99,16 @@ def test_socket_requests_are_flat_and_name_only_namespaces(watched: tuple[Node, 
     node, _directory, kernels = watched
     reply = node._answer(line)
     assert reply["ok"] is False and error in reply["error"] and kernels == {}
+
+
+def test_records_in_a_directory_others_can_write_are_not_trusted(
+        watched: tuple[Node, Path, dict[str, FakeKernel]], tmp_path: Path) -> None:
+    node, _directory, kernels = watched
+    records = tmp_path / "state" / "netns"
+    records.mkdir(parents=True)
+    (records / "planted.json").write_text(json.dumps({"name": "planted", "path": "/proc/1/ns/net", "source": "cni",
+                                                      "settings": {}}))
+    records.chmod(0o777)
+    node.scan()
+    assert node.members == {} and kernels == {}
+    assert "lets other users write to it" in node.failures()["state-directory"]
