@@ -1,5 +1,5 @@
-"""`make soak`: the full counts, about 15 minutes on a busy 2-core machine, not in CI. Prints the figures as JSON and exits
-non-zero when a goal is missed (each failure on one line on stderr):
+"""`make soak`: the full counts, about 15 minutes on a busy 2-core machine, not in CI. Prints the figures
+as JSON and exits non-zero when a goal is missed (each failure on one line on stderr):
 
 1. Gap: probers outbound and inbound through 1,000 SIGHUP reloads, 20 restarts (SIGTERM, and SIGKILL in
    the middle of a reload's apply) and 1,000 injected drifts (flush or delete of the table). Goals: no
