@@ -61,6 +61,7 @@ NODE_WIDE = ("interceptd_build",)  # families exported once, without a netns lab
 MAX_REQUEST = 4096  # a request is one short line: {"op": "add", "name": "..."}
 MAX_CLIENTS = 32  # at once; interceptd-cni connects once per ADD/DEL and is gone in milliseconds
 REQUEST_DEADLINE_S = 2.0  # a client that has not sent a whole line by then is dropped
+STATE_RECORDS = "state-directory"  # how /readyz and the metric name untrusted CNI records (not a namespace)
 MAX_DETAIL = 10  # namespaces named in /readyz and in the status line
 
 
@@ -313,8 +314,11 @@ class Node:
         try:
             recorded = nodestate.names(self.state_dir)
         except StateDirError as exc:  # planted records are never trusted; the watched directory still is
-            self._note_failure("state-directory", str(exc))
+            self._note_failure(STATE_RECORDS, str(exc))
             recorded = []
+        else:
+            with self._lock:
+                self._failed.pop(STATE_RECORDS, None)
         for name in recorded:
             member = self.members.get(name)
             if member is not None and identity(member.source.path) == member.source.ident:
@@ -376,7 +380,8 @@ class Node:
                 if record is not None and record.source == "dir":
                     nodestate.remove(self.state_dir, name)  # its namespace went while the agent was away
         with self._lock:  # a namespace that is no longer there is no longer a failure either
-            for name in [n for n in self._failed if n not in found and n not in entries_of(self.config.netns_dir)]:
+            for name in [n for n in self._failed if n not in found and n != STATE_RECORDS
+                         and n not in entries_of(self.config.netns_dir)]:
                 del self._failed[name]
         return found, pending
 
