@@ -50,4 +50,8 @@ def test_a_state_directory_others_control_is_refused_and_left_alone(tmp_path: Pa
         nodestate.write(str(state), RECORD)
     after = (state / subdir).stat()
     assert (after.st_mode, after.st_uid) == (before.st_mode, before.st_uid)
-    assert nodestate.names(str(state)) == []
+    if subdir:  # records in a directory others can write are never listed as ours
+        with pytest.raises(StateDirError, match=words):
+            nodestate.names(str(state))
+    else:
+        assert nodestate.names(str(state)) == []
