@@ -22,11 +22,7 @@ still equals it, and whose configuration renders the same ruleset, is adopted wi
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import socket
-import stat
 import threading
 import time
 import weakref
@@ -41,38 +37,26 @@ from interceptd.config import Config, load, read_toml
 from interceptd.control.controller import TableController
 from interceptd.control.install import Applied
 from interceptd.control.state import AgentState
-from interceptd.errors import ConfigError, InterceptdError, ListenError, LockedError, NamespaceError, StateDirError
+from interceptd.errors import ConfigError, InterceptdError, LockedError, NamespaceError
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import Json
-from interceptd.runtime import logs, nodestate
+from interceptd.runtime import discovery, logs, nodestate
+from interceptd.runtime.discovery import Source
 from interceptd.runtime.lockfile import Lock, TableClaim
 from interceptd.runtime.loop import EventLoop, trim_heap
 from interceptd.runtime.metrics import Collector, MetricsServer
+from interceptd.runtime.nodesocket import NodeSocket
 from interceptd.runtime.sdnotify import Notifier
 from interceptd.system import host, netns
 from interceptd.system.events import NftEvents
-from interceptd.system.fds import move_high, raise_nofile_limit
+from interceptd.system.fds import raise_nofile_limit
 from interceptd.system.kernel import Kernel, NftKernel
 from interceptd.system.routes import Netlink, Router
 
 RESCAN_SOON_S = 0.05  # a namespace file not yet bind-mounted (`ip netns add` is two steps)
 NODE_WIDE = ("interceptd_build",)  # families exported once, without a netns label
-MAX_REQUEST = 4096  # a request is one short line: {"op": "add", "name": "..."}
-MAX_CLIENTS = 32  # at once; interceptd-cni connects once per ADD/DEL and is gone in milliseconds
-REQUEST_DEADLINE_S = 2.0  # a client that has not sent a whole line by then is dropped
-STATE_RECORDS = "state-directory"  # how /readyz and the metric name untrusted CNI records (not a namespace)
 MAX_DETAIL = 10  # namespaces named in /readyz and in the status line
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a managed namespace came from; a different Source under the same name is a new namespace."""
-
-    name: str
-    path: str
-    kind: str  # "cni" or "dir"
-    ident: netns.Identity
 
 
 def _facts_in(path: str, config: Config) -> HostFacts:
@@ -149,15 +133,6 @@ class Interner:
             self._listings[key] = listing
         self._digests.setdefault(ruleset, key)
         return Applied(ruleset, listing, applied.duration_s)
-
-
-@dataclass(eq=False)
-class _Client:
-    """A connection to the node socket, read a chunk at a time by the loop until its line is complete."""
-
-    sock: socket.socket
-    deadline: float
-    data: bytes = b""
 
 
 @dataclass(eq=False)
@@ -253,8 +228,7 @@ class Node:
         self._next_pass = 0.0
         self.state = AgentState("*", "node")  # for /readyz: its probe asks every namespace
         self.state.probe = self.ready
-        self._listener: socket.socket | None = None
-        self._clients: dict[socket.socket, _Client] = {}
+        self.socket = NodeSocket(self.state_dir, self.loop, self.handle, self.log)
         self._watch: netns.DirWatch | None = None
         self._own = self.ports.identity("/proc/thread-self/ns/net")  # the node's own namespace: never a pod
 
@@ -306,84 +280,16 @@ class Node:
     # --- discovering namespaces ---
 
     def discover(self) -> tuple[dict[str, tuple[Source, nodestate.Record | None]], bool]:
-        """What should be managed now, and whether a namespace file was seen half-created."""
-        identity = self.ports.identity
-        records: dict[str, nodestate.Record | None] = {}
-        found: dict[str, tuple[Source, nodestate.Record | None]] = {}
-        opted_out: set[netns.Identity] = set()
-        try:
-            recorded = nodestate.names(self.state_dir)
-        except StateDirError as exc:  # planted records are never trusted; the watched directory still is
-            self._note_failure(STATE_RECORDS, str(exc))
-            recorded = []
-        else:
-            with self._lock:
-                self._failed.pop(STATE_RECORDS, None)
-        for name in recorded:
-            member = self.members.get(name)
-            if member is not None and identity(member.source.path) == member.source.ident:
-                # Managed and still there: its record is ours (we wrote it); reading every record on every pass
-                # would parse a listing per namespace (most of a pass's time at 1,000 pods).
-                records[name] = None
-                if member.source.kind == "cni":
-                    found[name] = (member.source, None)
-                continue
-            record = records[name] = nodestate.read(self.state_dir, name)
-            if record is not None and record.source == "cni":
-                ident = identity(record.path)
-                if ident is not None and record.opted_out:
-                    opted_out.add(ident)  # never ours, whatever directory it shows in
-                    continue
-                if ident is not None and ident == self._own:
-                    self._note_failure(name, f"{record.path!r} is the node agent's own network namespace: never "
-                                             f"managed")
-                    continue
-                if ident is None:  # the pod is gone and nobody said DEL (e.g. while the node rebooted)
-                    nodestate.remove(self.state_dir, name)
-                    continue
-                found[name] = (Source(name, record.path, "cni", ident), record)
-        pending = False
-        if self.config.netns_dir:
-            cni_idents = {source.ident for source, _ in found.values()}
-            try:
-                entries = sorted(os.listdir(self.config.netns_dir))
-            except FileNotFoundError:
-                entries = []
-            for entry in entries:
-                path = os.path.join(self.config.netns_dir, entry)
-                refused = _not_a_pod_file(path)
-                if refused:
-                    self._note_failure(entry, f"{path!r}: {refused}")
-                    continue
-                ident = identity(path)
-                if ident is None and netns.on_nsfs(path):
-                    self._note_failure(entry, f"{path!r} is a namespace of another kind, not a network namespace")
-                    continue
-                if ident is None:
-                    pending = pending or os.path.isfile(path)
-                    continue
-                if ident == self._own:
-                    self._note_failure(entry, f"{path!r} is the node agent's own network namespace: never managed")
-                    continue
-                if entry in found or ident in cni_idents or ident in opted_out:
-                    continue  # the CNI's registration (the pod's own settings, or its opt-out) wins
-                try:
-                    name = netns.name_for(path)
-                except NamespaceError as exc:
-                    self._note_failure(entry, str(exc))
-                    continue
-                record = records.get(name)
-                found[name] = (Source(name, path, "dir", ident), record if record and record.source == "dir" else None)
-        for name in records:
-            if name not in found and name not in self.members:
-                record = records[name]
-                if record is not None and record.source == "dir":
-                    nodestate.remove(self.state_dir, name)  # its namespace went while the agent was away
+        """What should be managed now, and whether a namespace file was seen half-created; what cannot be
+        managed is noted (log once, metric, /readyz) until it goes or can be."""
+        result = discovery.discover(self.config.netns_dir, self.state_dir, self.ports.identity, self._own,
+                                    {name: m.source for name, m in self.members.items()})
         with self._lock:  # a namespace that is no longer there is no longer a failure either
-            for name in [n for n in self._failed if n not in found and n != STATE_RECORDS
-                         and n not in entries_of(self.config.netns_dir)]:
+            for name in [n for n in self._failed if n not in result.found and n not in result.refused]:
                 del self._failed[name]
-        return found, pending
+        for name, why in result.refused.items():
+            self._note_failure(name, why)
+        return result.found, result.pending
 
     def scan(self) -> bool:
         """Forget what went, take on what came; True if a half-created namespace file needs another look."""
@@ -567,9 +473,9 @@ class Node:
             self.notifier.status(self.status_line())
             trim_heap()  # a pass reads every namespace's listing: give the heap back
             self._next_pass = time.monotonic() + self.config.reconcile_interval
-        self._expire_clients(time.monotonic())
+        self.socket.expire(time.monotonic())
         deadlines = [m.controller.retry_at for m in self.members.values() if m.controller.retry_at is not None]
-        deadlines += [c.deadline for c in self._clients.values()]
+        deadlines += self.socket.deadlines()
         return min([self._next_pass, *deadlines, *([self._rescan_at] if self._rescan_at is not None else [])])
 
     # --- the socket: registrations from interceptd-cni, status queries ---
@@ -612,69 +518,6 @@ class Node:
                         "last_error": s.last_error}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
-    def _accept(self) -> None:
-        """A new client of the socket: read without ever waiting on it (the loop serves every namespace)."""
-        assert self._listener is not None
-        try:
-            conn, _ = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:  # descriptors ran out: the client waits in the backlog, the loop goes on
-            self.log.warning("cannot accept on the node socket", error=exc.strerror)
-            return
-        if len(self._clients) >= MAX_CLIENTS:
-            conn.close()
-            self.log.warning("node socket busy: client refused", clients=len(self._clients))
-            return
-        conn.setblocking(False)
-        client = _Client(conn, time.monotonic() + REQUEST_DEADLINE_S)
-        self._clients[conn] = client
-        self.loop.watch(conn, lambda: self._read(client))
-
-    def _read(self, client: _Client) -> None:
-        try:
-            chunk = client.sock.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._drop(client, f"read failed: {exc.strerror}")
-            return
-        client.data += chunk
-        if b"\n" in client.data:
-            line = client.data.split(b"\n", 1)[0]
-            reply = self._answer(line)
-            with contextlib.suppress(OSError):  # a small reply; a client that does not read loses it
-                client.sock.send(json.dumps(reply).encode() + b"\n")
-            self._drop(client, "" if reply.get("ok") else str(reply.get("error")))
-        elif len(client.data) > MAX_REQUEST:
-            self._drop(client, f"request longer than {MAX_REQUEST} bytes")
-        elif not chunk:
-            self._drop(client, "closed before a complete request")
-
-    def _answer(self, line: bytes) -> dict[str, Any]:
-        """One request line: a flat JSON object of short strings (no nesting to recurse into)."""
-        try:
-            message = json.loads(line)
-        except (ValueError, RecursionError):
-            return {"ok": False, "error": "not a JSON object"}
-        if not isinstance(message, dict) or not all(isinstance(v, str) for v in message.values()):
-            return {"ok": False, "error": "a request is a flat JSON object of strings"}
-        name = message.get("name", "")
-        if not netns.is_name(name):
-            return {"ok": False, "error": f"{name!r} is not a network namespace name"}
-        return self.handle(message)
-
-    def _drop(self, client: _Client, error: str) -> None:
-        self.loop.unwatch(client.sock)
-        self._clients.pop(client.sock, None)
-        client.sock.close()
-        if error:
-            self.log.warning("bad request on the node socket", error=error)
-
-    def _expire_clients(self, now: float) -> None:
-        for client in [c for c in self._clients.values() if now >= c.deadline]:
-            self._drop(client, f"no complete request within {REQUEST_DEADLINE_S:g} s")
-
     # --- lifecycle ---
 
     def run(self) -> int:
@@ -692,10 +535,10 @@ class Node:
                 reg.register(NodeCollector(self))
                 ProcessCollector(registry=reg)
                 metrics = MetricsServer(self.config.metrics_address, reg, self.state).start()
-            self._open_socket()
+            self.socket.open()
             if self.config.netns_dir:
                 os.makedirs(self.config.netns_dir, mode=0o755, exist_ok=True)
-                check_netns_dir(self.config.netns_dir)
+                discovery.check_netns_dir(self.config.netns_dir)
                 self._watch = netns.DirWatch(self.config.netns_dir)
                 self.loop.watch(self._watch, self._on_watch)
             self.loop.run(self._first_tick, self.reload_all)
@@ -725,25 +568,6 @@ class Node:
         self._watch.drain()
         self._rescan_at = time.monotonic()
 
-    def _open_socket(self) -> None:
-        path = nodestate.socket_path(self.state_dir)
-        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # a previous agent's; the lock says none is running
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        try:
-            umask = os.umask(0o177)  # the socket is born 0600: no moment where others may connect
-            try:
-                listener.bind(path)
-            finally:
-                os.umask(umask)
-            listener.listen(64)
-        except OSError as exc:
-            listener.close()
-            raise ListenError(f"--state-dir {self.state_dir!r}: cannot listen on {path!r}: {exc.strerror}") from None
-        self._listener = move_high(listener)
-        self.loop.watch(self._listener, self._accept)
-
     def status_line(self) -> str:
         members = self.snapshot()
         ready = sum(1 for m in members if m.controller.ready())
@@ -758,58 +582,11 @@ class Node:
                 member.claim.release()
         with self._lock:
             self.members.clear()
-        for client in list(self._clients.values()):
-            self._drop(client, "")
-        if self._listener is not None:
-            self._listener.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(nodestate.socket_path(self.state_dir))
+        self.socket.close()
         if self._watch is not None:
             self._watch.close()
         self.loop.close()
         self.log.info("stop")
-
-
-def _not_a_pod_file(path: str) -> str:
-    """Why a watched directory's entry is not trusted as a pod's namespace file ("" when it is): it must be a
-    file of root's itself (a bind mount target), not a symlink that could point at any namespace, e.g. the
-    node's own (/proc/self/ns/net)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return "gone"
-    except OSError as exc:
-        return f"cannot be read: {exc.strerror}"
-    if stat.S_ISLNK(st.st_mode):
-        return "is a symlink, not a namespace bind mount: never followed"
-    if st.st_uid not in (0, os.geteuid()):
-        return f"belongs to uid {st.st_uid}, not root: not trusted as a pod's namespace"
-    return ""
-
-
-def check_netns_dir(directory: str) -> None:
-    """The watched directory must be root's and writable by root only: whoever can add an entry there decides
-    what the node agent intercepts. A directory others can write is refused, never fixed silently."""
-    try:
-        st = os.lstat(directory)
-    except OSError as exc:
-        raise ConfigError(f"--netns-dir {directory!r}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise ConfigError(f"--netns-dir {directory!r}: must be a directory (not a symlink)")
-    if st.st_uid not in (0, os.geteuid()) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise ConfigError(f"--netns-dir {directory!r}: must belong to root and be writable by root only "
-                          f"(it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}): whoever can add a file "
-                          f"there decides what is intercepted")
-
-
-def entries_of(directory: str) -> set[str]:
-    """The names in the watched directory (none when it is unset or missing)."""
-    if not directory:
-        return set()
-    try:
-        return set(os.listdir(directory))
-    except OSError:
-        return set()
 
 
 def locate(config: Config, name: str) -> tuple[str, str]:

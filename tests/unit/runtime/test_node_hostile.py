@@ -14,7 +14,8 @@ import pytest
 from interceptd.config import options as config
 from interceptd.errors import ConfigError
 from interceptd.ruleset.facts import HostFacts
-from interceptd.runtime.node import Node, Ports, check_netns_dir
+from interceptd.runtime.discovery import check_netns_dir
+from interceptd.runtime.node import Node, Ports
 from interceptd.runtime.sdnotify import Notifier
 from interceptd.system import netns
 from interceptd.system.fake import FakeKernel, FakeRouter
@@ -97,7 +98,7 @@ def test_a_foreign_writable_directory_is_refused_not_fixed(tmp_path: Path) -> No
 def test_socket_requests_are_flat_and_name_only_namespaces(watched: tuple[Node, Path, dict[str, FakeKernel]],
                                                            line: bytes, error: str) -> None:
     node, _directory, kernels = watched
-    reply = node._answer(line)
+    reply = node.socket.answer(line)
     assert reply["ok"] is False and error in reply["error"] and kernels == {}
 
 
