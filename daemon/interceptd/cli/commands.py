@@ -1,4 +1,9 @@
-"""The subcommands: glue between config, render, the kernel and the terminal."""
+"""The subcommands: glue between config, render, the kernel and the terminal.
+
+An init container or a CNI plugin pays for every module the process imports, so this module imports only
+what the one-shot commands share; the agents' machinery (structlog, prometheus_client, asyncio, the HTTP
+server) and each command's own extras are imported inside the command that uses them.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,10 @@ import sys
 
 from interceptd.config import OPTIONS_BY_KEY, Config, load_all
 from interceptd.control import install
-from interceptd.control.validate import run as run_validation
 from interceptd.errors import ConfigError
-from interceptd.ruleset import status
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.nftjson import Existing, transaction
 from interceptd.ruleset.render import render
-from interceptd.runtime import logs
-from interceptd.runtime.agent import Agent
 from interceptd.system import host, preflight
 from interceptd.system.kernel import NftKernel
 from interceptd.system.routes import Netlink
@@ -62,6 +63,8 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
 
 def _start_agent(config: Config, command: str) -> None:
     """The one-shot flags make no sense for an agent that keeps the rules; then set up its logging."""
+    from interceptd.runtime import logs
+
     for key in ("dry_run", "cleanup_only", "skip_rule_apply", "run_validation"):
         if getattr(config, key):
             raise ConfigError(f"{OPTIONS_BY_KEY[key].flag} cannot be used with {command}")
@@ -69,6 +72,8 @@ def _start_agent(config: Config, command: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from interceptd.runtime.agent import Agent
+
     _start_agent(config, "run")
     agent = Agent(config, lambda: load_all(args.option_flags, config_path=args.config))
     return agent.run()
@@ -107,6 +112,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
         print(explaincmd.explain_top(config, facts_for(config), listing, args.explain_top))
         return 0
+    from interceptd.ruleset import status
+
     stats = status.chain_stats(listing)
     if args.json:
         print(json.dumps(status.as_json(table, stats), indent=2))
@@ -116,6 +123,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, config: Config) -> int:
+    from interceptd.control.validate import run as run_validation
+
     run_validation(config, facts_for(config))
     print("interceptd: validation passed: the redirect works", file=sys.stderr)
     return 0

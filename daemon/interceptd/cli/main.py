@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from interceptd import __version__
-from interceptd.cli import explaincmd
 from interceptd.config import OPTIONS, Config, Option, load_all
 from interceptd.errors import ConfigError, InterceptdError
 
@@ -105,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--explain-top", metavar="N", nargs="?", type=int, const=10,
                            help="the N busiest rules by counter (default 10), one line each on what they mean")
         if name == "explain":
+            from interceptd.cli import explaincmd
+
             explaincmd.add_arguments(p)
         if name == "render":
             p.add_argument("--ipv6", choices=("auto", "on", "off"), default="auto",
