@@ -10,16 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Protocol
 
 from interceptd.config import OPTIONS_BY_KEY, Config, load_all
 from interceptd.control import install
-from interceptd.errors import ConfigError
+from interceptd.errors import ConfigError, KernelRefusedError
 from interceptd.ruleset.facts import HostFacts
+from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import Existing, transaction
 from interceptd.ruleset.render import render
 from interceptd.system import host, preflight
-from interceptd.system.kernel import NftKernel
-from interceptd.system.routes import Netlink
+from interceptd.system.kernel import Kernel, NftKernel
+from interceptd.system.routes import Netlink, Router
 
 _IPV6_CHOICE = {"auto": None, "on": True, "off": False}
 
@@ -37,6 +39,25 @@ def cmd_render(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+class _ProbedKernel(Kernel, preflight.Probe, Protocol):
+    """What a one-shot apply needs of the kernel: transactions, and the probes that explain a refusal."""
+
+
+def apply_once(kernel: _ProbedKernel, router: Router, ruleset: Ruleset, config: Config, ipv6: bool,
+               ) -> install.Applied:
+    """Install the ruleset, and only when the kernel refuses it, find out which feature is missing.
+
+    Probing first would cost every apply a check-mode transaction (an RCU grace period in the kernel,
+    10-20 ms); a refused transaction changes nothing either, so probing afterwards names the same feature.
+    """
+    preflight.check_version(kernel)
+    try:
+        return install.apply(kernel, router, ruleset, reference=False)
+    except KernelRefusedError:
+        preflight.run(config, ipv6, kernel)
+        raise
+
+
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     if config.cleanup_only:
         return cmd_cleanup(args, config)
@@ -49,10 +70,8 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
         return 0
     if not config.skip_rule_apply:
         facts = facts_for(config)
-        kernel = NftKernel()
-        preflight.run(config, facts.ipv6, kernel)
         ruleset = render(config, facts)
-        applied = install.apply(kernel, Netlink(), ruleset, reference=False)
+        applied = apply_once(NftKernel(), Netlink(), ruleset, config, facts.ipv6)
         rules = sum(len(c.rules) for c in ruleset.chains)
         print(f"interceptd: applied table inet {ruleset.table}: {len(ruleset.chains)} chains, {rules} rules, "
               f"{len(ruleset.sets)} sets in {applied.duration_s * 1000:.1f} ms", file=sys.stderr)

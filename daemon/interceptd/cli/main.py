@@ -88,7 +88,12 @@ def normalise_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     return out, bools
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; with `only`, the other subcommands get no options of their own.
+
+    Adding ~55 options to each of 8 subcommands is most of a one-shot command's parsing time, and argparse
+    only ever looks at the subcommand being run: its help and errors, and the top level's, are the same.
+    """
     parser = _Parser(prog="interceptd", description="Transparent traffic interception for service meshes, "
                      "on nftables, compatible with istio-iptables.", epilog=NAT_NOTE)
     parser.add_argument("--version", action="version", version=f"interceptd {__version__}")
@@ -96,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
                            epilog=NAT_NOTE)
+        if only is not None and name != only:
+            continue
         add_options(p)
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -115,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Config]:
     args_list, bools = normalise_argv(argv)
-    args = build_parser().parse_args(args_list)
+    # The top level has no option taking a value, so its first non-option argument is the subcommand.
+    command = next((arg for arg in args_list if not arg.startswith("-")), None)
+    args = build_parser(command if command in COMMANDS else None).parse_args(args_list)
     if args.command is None:
         raise ConfigError("a command is needed: " + ", ".join(COMMANDS))
     flags = {o.key: getattr(args, o.key) for o in OPTIONS if getattr(args, o.key, None) is not None}
