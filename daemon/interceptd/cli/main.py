@@ -89,7 +89,7 @@ def normalise_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The whole CLI; with `only`, the other subcommands get no options of their own.
+    """The whole CLI; with `only`, the other subcommands get no options of their own (`only=""`: none has).
 
     Adding ~55 options to each of 8 subcommands is most of a one-shot command's parsing time, and argparse
     only ever looks at the subcommand being run: its help and errors, and the top level's, are the same.
@@ -123,8 +123,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Config]:
     args_list, bools = normalise_argv(argv)
     # The top level has no option taking a value, so its first non-option argument is the subcommand.
-    command = next((arg for arg in args_list if not arg.startswith("-")), None)
-    args = build_parser(command if command in COMMANDS else None).parse_args(args_list)
+    command = next((arg for arg in args_list if not arg.startswith("-")), "")
+    args = build_parser(command).parse_args(args_list)
     if args.command is None:
         raise ConfigError("a command is needed: " + ", ".join(COMMANDS))
     flags = {o.key: getattr(args, o.key) for o in OPTIONS if getattr(args, o.key, None) is not None}
@@ -139,14 +139,14 @@ def _print_error(exc: InterceptdError) -> int:
 
 
 def run_command(argv: Sequence[str]) -> int:
-    from interceptd.cli import commands
-
     if argv[:1] == ["istio-iptables"]:
         # Istio's injection template runs `<image entrypoint> istio-iptables ARGS` (pilot-agent's spelling):
         # with interceptd's image as the proxy-init image, that is `interceptd istio-iptables ARGS`.
         argv = ["apply", *argv[1:]]
     try:
         args, config = parse(argv)
+        from interceptd.cli import commands  # after parsing: --help, --version and bad flags need none of it
+
         handler: Callable[[argparse.Namespace, Config], int] = getattr(commands, f"cmd_{args.command}")
         return handler(args, config)
     except InterceptdError as exc:
