@@ -1,4 +1,4 @@
-"""Read-only rtnetlink dumps (addresses, policy rules, routes) on a plain netlink socket.
+"""Read-only rtnetlink dumps (addresses, policy rules, routes) and `ip route get`, on a plain netlink socket.
 
 The agent reads these on every start, reload and apply; pyroute2 costs about 11 MB of resident memory
 once imported, so reading stays on this small module and pyroute2 is only loaded to *change* routes
@@ -7,6 +7,7 @@ once imported, so reading stays on this small module and pyroute2 is only loaded
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -19,7 +20,7 @@ RTM_GETADDR, RTM_NEWADDR = 22, 20
 RTM_GETROUTE, RTM_NEWROUTE = 26, 24
 RTM_GETRULE, RTM_NEWRULE = 34, 32
 IFA_ADDRESS = 1
-RTA_TABLE = 15
+RTA_DST, RTA_OIF, RTA_PREFSRC, RTA_TABLE = 1, 4, 7, 15
 FRA_FWMARK, FRA_TABLE, FRA_PROTOCOL = 10, 15, 21
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -57,13 +58,12 @@ def _attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
     return out
 
 
-def _dump(msg_type: int, header: bytes) -> list[tuple[bytes, int, int]]:
-    """(datagram, body offset, end) of every message of a dump request."""
+def _dump(msg_type: int, header: bytes, flags: int = NLM_F_DUMP) -> list[tuple[bytes, int, int]]:
+    """(datagram, body offset, end) of every message of a dump request; without NLM_F_DUMP, the one answer."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as sock:
         sock.bind((0, 0))
         seq = os.getpid() & 0xFFFF
-        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(header), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
-                  + header)
+        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(header), msg_type, NLM_F_REQUEST | flags, seq, 0) + header)
         out: list[tuple[bytes, int, int]] = []
         while True:
             data = sock.recv(1 << 16)
@@ -77,6 +77,8 @@ def _dump(msg_type: int, header: bytes) -> list[tuple[bytes, int, int]]:
                     raise OSError(code, os.strerror(code))
                 out.append((data, offset + _NLMSGHDR.size, min(offset + length, len(data))))
                 offset += (length + 3) & ~3
+            if not flags & NLM_F_DUMP:
+                return out
 
 
 def addresses(family: int = socket.AF_UNSPEC) -> list[Address]:
@@ -112,3 +114,19 @@ def routes(family: int) -> list[RuleOrRoute]:
         table, _ = _table(data, body, end, RTA_TABLE)
         out.append(RuleOrRoute(data[body], table, data[body + 5], 0))
     return out
+
+
+def route_get(dst: str) -> tuple[int, str | None]:
+    """`ip route get DST`: the index of the interface the kernel routes DST through, and the preferred source
+    address when the route names one (explain asks this for one connection: no pyroute2 for that)."""
+    addr = ipaddress.ip_address(dst)
+    family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+    packed = addr.packed
+    header = _RTMSG.pack(family, len(packed) * 8, 0, 0, 0, 0, 0, 0, 0) + _NLATTR.pack(_NLATTR.size + len(packed),
+                                                                                     RTA_DST) + packed
+    for data, body, end in _dump(RTM_GETROUTE, header, flags=0):
+        attrs = _attrs(data, body + _RTMSG.size, end)
+        if RTA_OIF in attrs:
+            src = attrs.get(RTA_PREFSRC)
+            return struct.unpack("=I", attrs[RTA_OIF])[0], str(ipaddress.ip_address(src)) if src else None
+    raise OSError(errno.ENETUNREACH, f"no route to {dst}")
