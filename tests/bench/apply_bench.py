@@ -6,7 +6,8 @@ whole process is what counts, interpreter start-up and imports included. Contend
 re-apply over the same ruleset already loaded:
 - the Python floor: `/usr/bin/python3 -c 'import nftables; nftables.Nftables()'`;
 - `interceptd apply --config FILE`, the headline row;
-- `istio-iptables` with the seed's flags (`-x` and `-d` carrying the N CIDRs and the ports);
+- `istio-iptables` with the seed's flags (`-x` and `-d` carrying the N CIDRs and the ports; at 10,000 the
+  list is longer than Linux takes in one argument, so those two lists come in a TOML file, `--config`);
 - interceptd in process: the CLI's `apply` (parse, host facts, render, version check, one transaction)
   without interpreter start-up and imports; the agent's apply adds the read-back of its drift reference;
 - a bare libnftables json_cmd of the very JSON `apply` sends (the floor for the transaction itself);
@@ -86,10 +87,20 @@ def _run(*cmd: str) -> None:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed ({result.returncode}): {result.stderr.strip()[:300]}")
 
 
-def seed_argv(n: int, n_ports: int) -> list[str]:
+# Linux refuses a single argument (or environment string) over 32 pages (MAX_ARG_STRLEN): Istio's flags
+# cannot carry 10,000 CIDRs either. Longer lists go to a TOML file, the rest stays on the command line.
+MAX_ARG = 128 * 1024 - 1
+
+
+def seed_argv(n: int, n_ports: int, workdir: Path) -> list[str]:
     """Istio's init-container flags with the N CIDRs and the ports of the benchmark config."""
-    return ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*",
-            "-x", ",".join(bench_cidrs(n)), "-b", "*", "-d", ",".join(map(str, bench_ports(n_ports)))]
+    lists = {"-x": ",".join(bench_cidrs(n)), "-d": ",".join(map(str, bench_ports(n_ports)))}
+    argv = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "*"]
+    if max(map(len, lists.values())) <= MAX_ARG:
+        return [*argv, "-x", lists["-x"], "-d", lists["-d"]]
+    toml = workdir / f"alias-{n}.toml"
+    toml.write_text(toml_text({"service_exclude_cidr": bench_cidrs(n), "local_exclude_ports": bench_ports(n_ports)}))
+    return [*argv, "--config", str(toml)]
 
 
 @contextlib.contextmanager
@@ -130,7 +141,7 @@ class Inputs:
         self.files["nft"].write_text(istio_layout.nft_text(config))
         self.files["json"].write_text(json.dumps(istio_layout.nft_json(config)))
         self.files["ipt"].write_text(istio_layout.iptables_restore(config))
-        self.alias = seed_argv(n, n_ports)
+        self.alias = seed_argv(n, n_ports, workdir)
         self.config = config
         with pod_namespace() as ns:
             self.text = call_in(ns, text_form, config, timeout=300)
