@@ -27,6 +27,7 @@ import io
 import itertools
 import json
 import re
+import resource
 import subprocess
 import tempfile
 import time
@@ -203,19 +204,31 @@ def prepare(name: str, inputs: Inputs) -> Callable[[], None]:
     raise ValueError(name)
 
 
-def _trial(name: str, inputs: Inputs, loaded: bool) -> float:
-    """One timed sample, in a forked child inside its own fresh namespace."""
+def _cpu_s() -> float:
+    """User + system CPU of this process and of its children that ended (a subprocess contender)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _trial(name: str, inputs: Inputs, loaded: bool) -> tuple[float, float]:
+    """One sample, in a forked child inside its own fresh namespace: wall-clock and CPU seconds. The CPU
+    time (the kernel's work on the transaction included, as system time) is what stays comparable when
+    other work shares the machine's cores."""
     if loaded and name in (BARE, FLOOR):
         in_process_apply(inputs.path("toml"))  # the bare json_cmd re-applies over interceptd's own table
     elif loaded:
         prepare(name, inputs)()  # the same ruleset already in place
-    return timed(prepare(name, inputs))
+    action = prepare(name, inputs)
+    cpu = _cpu_s()
+    wall = timed(action)
+    return wall, _cpu_s() - cpu
 
 
-def sample(name: str, inputs: Inputs, loaded: bool) -> float:
-    def once() -> float:
+def sample(name: str, inputs: Inputs, loaded: bool) -> tuple[float, float]:
+    def once() -> tuple[float, float]:
         with pod_namespace() as ns:
-            return float(call_in(ns, _trial, name, inputs, loaded, timeout=300))
+            wall, cpu = call_in(ns, _trial, name, inputs, loaded, timeout=300)
+            return float(wall), float(cpu)
     return with_retries(once, name)
 
 
@@ -225,7 +238,8 @@ def _measure_size(inputs: Inputs, reps: int) -> dict[str, Any]:
     for mode, loaded in (("fresh", False), ("reapply", True)):
         samples = interleaved({name: (lambda name=name, loaded=loaded: sample(name, inputs, loaded))
                                for name in CONTENDERS}, reps)
-        out[f"{inputs.n}/{mode}"] = {name: summary(s) for name, s in samples.items()}
+        out[f"{inputs.n}/{mode}"] = {name: summary(wall for wall, _ in s) for name, s in samples.items()}
+        out[f"{inputs.n}/{mode}/cpu"] = {name: summary(cpu for _, cpu in s) for name, s in samples.items()}
     return out
 
 
@@ -243,48 +257,52 @@ def measure_cni(reps: int) -> dict[str, Any]:
         plugins = node.plugins()
         counter = itertools.count()
 
-        def add(chain: bool) -> Callable[[], float]:
-            def go() -> float:
+        def add(chain: bool) -> Callable[[], tuple[float, float]]:
+            def go() -> tuple[float, float]:
                 pod, container = new_ns("-pod"), f"bench-{next(counter)}"
                 netns = f"/run/netns/{pod}"
                 try:
-                    started = time.perf_counter()
+                    cpu, started = _cpu_s(), time.perf_counter()
                     done = [node.exec(plugins[0], "ADD", netns, container)]
                     if chain and done[0].rc == 0:
                         done.append(node.exec(plugins[1], "ADD", netns, container, prev=done[0].out))
-                    elapsed = time.perf_counter() - started
+                    elapsed, cpu = time.perf_counter() - started, _cpu_s() - cpu
                     for result in done:
                         if result.rc != 0:
                             raise RuntimeError(f"CNI ADD failed ({result.rc}): {result.stderr.strip()[:300]}")
-                    return elapsed
+                    return elapsed, cpu
                 finally:
                     node.chain("DEL", pod, container)
                     delete_ns(pod)
             return go
 
         samples = interleaved({CNI_BRIDGE: add(False), CNI_CHAIN: add(True)}, reps)
-    return {name: summary(s) for name, s in samples.items()}
+    return {**{name: summary(wall for wall, _ in s) for name, s in samples.items()},
+            **{f"{name}/cpu": summary(cpu for _, cpu in s) for name, s in samples.items()}}
 
 
 def run(report: Report, sizes: tuple[int, ...], n_ports: int, reps: int, cni_reps: int = 20) -> None:
     results = measure_apply(sizes, n_ports, reps)
     cni = measure_cni(cni_reps)
     report.data["apply"] = {"excluded_ports": n_ports, "reps": reps, "results": results, "cni": cni}
-    title = (f"apply: whole processes, median of {reps} (interleaved, each trial in a fresh namespace), "
-             f"N excluded CIDRs + {n_ports} excluded inbound ports (3 at N=10)")
-    report.row(title, "CIDRs/mode", *CONTENDERS, "CLI/floor", "alias/floor", "CLI/nft-f", "alias/nft-f",
-               "in-proc/bare")
-    for n in sizes:
-        for mode in ("fresh", "reapply"):
-            med = {name: results[f"{n}/{mode}"][name]["median"] for name in CONTENDERS}
-            report.row(title, f"{n} {mode}", *(ms(med[name]) for name in CONTENDERS),
-                       ratio(med[CLI], med[FLOOR]), ratio(med[ALIAS], med[FLOOR]),
-                       ratio(med[CLI], med[NFT]), ratio(med[ALIAS], med[NFT]), ratio(med[INPROC], med[BARE]))
+    for kind, suffix in (("wall-clock", ""), ("CPU (user + system, children included)", "/cpu")):
+        title = (f"apply, {kind}: whole processes, median of {reps} (interleaved, each trial in a fresh "
+                 f"namespace), N excluded CIDRs + {n_ports} excluded inbound ports (3 at N=10)")
+        report.row(title, "CIDRs/mode", *CONTENDERS, "CLI/floor", "alias/floor", "CLI/nft-f", "alias/nft-f",
+                   "in-proc/bare")
+        for n in sizes:
+            for mode in ("fresh", "reapply"):
+                med = {name: results[f"{n}/{mode}{suffix}"][name]["median"] for name in CONTENDERS}
+                report.row(title, f"{n} {mode}", *(ms(med[name]) for name in CONTENDERS),
+                           ratio(med[CLI], med[FLOOR]), ratio(med[ALIAS], med[FLOOR]),
+                           ratio(med[CLI], med[NFT]), ratio(med[ALIAS], med[NFT]), ratio(med[INPROC], med[BARE]))
     report.row(title, "render (pure)", *(ms(results[f"{n}/render"]["median"]) + f" @{n}" for n in sizes))
     cni_title = (f"interceptd-cni ADD: one pod, median of {cni_reps} (interleaved, each in a fresh pod namespace), "
                  "plugins run as CniNode runs them (ip netns exec in the node namespace)")
-    report.row(cni_title, "chain", "median", "min", "max", "vs bridge alone")
+    report.row(cni_title, "chain", "median", "min", "max", "vs bridge alone", "CPU median", "CPU vs bridge alone")
     for name in (CNI_BRIDGE, CNI_CHAIN):
-        s = cni[name]
-        extra = ms(s["median"] - cni[CNI_BRIDGE]["median"]) if name == CNI_CHAIN else ""
-        report.row(cni_title, name, ms(s["median"]), ms(s["min"]), ms(s["max"]), extra)
+        wall, cpu = cni[name], cni[f"{name}/cpu"]
+        more = [ms(wall["median"] - cni[CNI_BRIDGE]["median"]), ms(cpu["median"]),
+                ms(cpu["median"] - cni[f"{CNI_BRIDGE}/cpu"]["median"])]
+        report.row(cni_title, name, ms(wall["median"]), ms(wall["min"]), ms(wall["max"]),
+                   *(more if name == CNI_CHAIN else ["", more[1], ""]))
