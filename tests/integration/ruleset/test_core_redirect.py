@@ -172,7 +172,7 @@ class TestLists:
 
 def test_unchanged_sets_are_not_rewritten_on_reapply(lab: Lab) -> None:
     """The kernel lists our sets exactly as we render them, so a re-apply leaves unchanged sets alone."""
-    from netlab import call_in
+    from support.netlab import call_in
 
     args = {"service_cidr": "*", "service_exclude_cidr": "10.0.0.0/8,192.0.2.1,198.51.100.0/25,2001:db8::/40",
             "inbound_ports": "*", "local_exclude_ports": "15090,15020-15021,22", "outbound_ports": "8000-8100",

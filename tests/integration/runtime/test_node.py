@@ -159,7 +159,7 @@ def lab_intercepts(lab: Lab) -> bool:
 
 
 def test_cni_registrations_reach_the_node_agent() -> None:
-    from netlab import delete_ns, new_ns
+    from support.netlab import delete_ns, new_ns
 
     with CniNode() as node:
         agent = NodeAgent(node.state_dir)
