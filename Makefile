@@ -54,8 +54,11 @@ demo: venv
 	$(PY) tests/demo.py
 
 # The benchmarks compile their load generator (gcc); tests/bench/bench.py lists the knobs (BENCH_ONLY, ...).
+# Bytecode first: an installed interceptd has it (pip compiles), an editable venv under PYTHONDONTWRITEBYTECODE
+# would compile every module at every process start, and the apply benchmark times whole processes.
 bench: venv
 	@$(MAKE) --no-print-directory deps APT_PACKAGES="gcc libc6-dev iptables"
+	$(PY) -m compileall -q daemon/interceptd >/dev/null
 	PYTHONPATH=tests $(PY) tests/bench/bench.py
 
 # Regenerate config/interceptd.toml and README.md's reference from the option table and the CLI's parser.

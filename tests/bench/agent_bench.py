@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -22,11 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from common import Report, bench_settings, ms, percentile, summary, toml_text
-from support.netlab import INTERCEPTD, Lab
+from support.netlab import INTERCEPTD, Lab, delete_ns, enter, new_ns, sh
 
 DRIFTS = 100
 IDLE_SECONDS = 60.0
 SIZES = (10, 1000)  # excluded CIDRs
+STARTS = 5
+# Istio's init-container command line (the seed), as `interceptd run` takes it.
+SEED = ("-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*",
+        "-d", "15090,15021,15020")
 
 INJECTOR = """
 import json, sys, time, nftables
@@ -136,10 +141,46 @@ def measure(lab: Lab, n_cidrs: int, drifts: int, idle_s: float, tmp: Path) -> di
             "idle_cpu_s_per_hour": idle_cpu * 3600 / idle_wall, "idle_window_s": idle_wall, "memory_kib": memory}
 
 
+def time_to_ready(tmp: Path) -> float:
+    """Seconds from starting `interceptd run SEED` in a fresh pod namespace to its READY=1 on NOTIFY_SOCKET
+    (the rules are in place and checked then): what a pod start waits for with the agent as its init step."""
+    ns = new_ns("-agent")
+    sock_path = tmp / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1", ns=ns)
+            sh("ip", "addr", "add", "192.0.2.2/24", "dev", "eth0", ns=ns)
+            sh("ip", "link", "set", "eth0", "up", ns=ns)
+            sock_path.unlink(missing_ok=True)
+            sock.bind(str(sock_path))
+            sock.settimeout(30)
+            env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NOTIFY_SOCKET": str(sock_path)}
+            started = time.perf_counter()
+            agent = subprocess.Popen([INTERCEPTD, "run", *SEED, "--state-dir", str(tmp / "run-ready")],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                     env=env, preexec_fn=lambda: enter(ns))
+            try:
+                while b"READY=1" not in sock.recv(4096).split(b"\n"):
+                    pass
+                elapsed = time.perf_counter() - started
+            finally:
+                agent.send_signal(signal.SIGTERM)
+                agent.wait(timeout=10)
+        finally:
+            delete_ns(ns)
+    return elapsed
+
+
 def run(report: Report, drifts: int = DRIFTS, idle_s: float = IDLE_SECONDS, sizes: tuple[int, ...] = SIZES) -> None:
     section = f"agent (interceptd run, kernel events on): repair latency over {drifts} injected drifts"
     report.row(section, "ruleset", "repair median", "p99", "max", "idle CPU/hour", "RSS", "peak RSS")
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="icd-bench-") as tmp:
+        time_to_ready(Path(tmp))  # warm-up, discarded
+        ready = summary(time_to_ready(Path(tmp)) for _ in range(STARTS))
+        report.data["agent/ready"] = ready
+        report.row(f"agent start-up: interceptd run (seed flags) process start to READY=1, median of {STARTS}, "
+                   "each in a fresh namespace", "median", ms(ready["median"]), "min", ms(ready["min"]),
+                   "max", ms(ready["max"]))
         for n in sizes:
             got = measure(lab, n, drifts, idle_s, Path(tmp))
             r = got["repair"]

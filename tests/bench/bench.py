@@ -3,6 +3,7 @@
 Environment knobs (for quick runs; the defaults are the full run, about 15 minutes on 2 cores):
   BENCH_ONLY=apply,datapath,agent,reload,scrape,node   which parts to run
   BENCH_REPS=5                      interleaved repetitions of each apply measurement
+  BENCH_CNI_REPS=20                 interleaved CNI ADDs (bridge alone, bridge + interceptd-cni)
   BENCH_DP_REPS=5                   interleaved repetitions of each datapath measurement
   BENCH_DP_SECONDS=1.5                length of one datapath measurement
   BENCH_IDLE_SECONDS=60             the agent's idle CPU window
@@ -47,7 +48,7 @@ def main() -> int:
     started = time.monotonic()
     parts: dict[str, Callable[[], None]] = {
         "apply": lambda: apply_bench.run(report, sizes=(10, 1000, 10000), n_ports=1000,
-                                         reps=_int("BENCH_REPS", 5)),
+                                         reps=_int("BENCH_REPS", 5), cni_reps=_int("BENCH_CNI_REPS", 20)),
         "scrape": lambda: scrape_bench.run(report, reps=_int("BENCH_SCRAPE_REPS", 200)),
         "datapath": lambda: datapath_bench.run(report, sizes=(0, 1000, 10000), reps=_int("BENCH_DP_REPS", 5),
                                                seconds=float(os.environ.get("BENCH_DP_SECONDS", "1.5")),

@@ -56,11 +56,11 @@ def toml_text(settings: dict[str, object]) -> str:
     return "".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items())
 
 
-def interleaved(contenders: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:
+def interleaved(contenders: dict[str, Callable[[], T]], reps: int) -> dict[str, list[T]]:
     """Run A B C A B C ... `reps` times after one discarded warm-up round; each callable measures itself."""
     for fn in contenders.values():
         fn()
-    out: dict[str, list[float]] = {name: [] for name in contenders}
+    out: dict[str, list[T]] = {name: [] for name in contenders}
     for _ in range(reps):
         for name, fn in contenders.items():
             out[name].append(fn())

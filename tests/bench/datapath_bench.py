@@ -141,6 +141,20 @@ def _sweep(dp: Datapath, installers: dict[str, Callable[[], None]], reps: int) -
     return samples
 
 
+def failures(samples: dict[str, list[dict[str, float]]]) -> list[str]:
+    """Every measurement where a connection failed, reached its listener with the wrong SO_ORIGINAL_DST, or
+    where client and listener disagree on how many connections were served: a rate is only worth reporting
+    when every connection it counts was intercepted correctly."""
+    out = []
+    for key, runs in samples.items():
+        for n, r in enumerate(runs):
+            if r["mismatch"] or r["error"] or r["listener_mismatch"] or r["listener_ok"] != r["ok"]:
+                out.append(f"{key} #{n + 1}: client ok={r['ok']:.0f} mismatch={r['mismatch']:.0f} "
+                           f"error={r['error']:.0f}, listener ok={r['listener_ok']:.0f} "
+                           f"mismatch={r['listener_mismatch']:.0f}")
+    return out
+
+
 def _median_sample(runs: list[dict[str, float]]) -> dict[str, Any]:
     """Medians of the rate and of the CPU cost; CPU shares are of one core, summed over the run."""
     rates = [r["conn_per_s"] for r in runs]
@@ -165,12 +179,13 @@ def run(report: Report, sizes: tuple[int, ...], reps: int, seconds: float, threa
         installers = dp.installers(sizes)
         # One short discarded round warms caches and checks every contender works before timing.
         dp.seconds = min(seconds, 0.5)
-        _sweep(dp, installers, 1)
+        bad = failures(_sweep(dp, installers, 1))
         dp.tune()
         dp.seconds = seconds
         started = time.monotonic()
         samples = _sweep(dp, installers, reps)
         elapsed = time.monotonic() - started
+    bad += failures(samples)
     results = {key: _median_sample(runs) for key, runs in samples.items()}
     report.data["datapath"] = {"reps": reps, "seconds": seconds, "client_threads": threads,
                                "listener_threads": listener_threads, "cpus": os.cpu_count(),
@@ -199,3 +214,7 @@ def run(report: Report, sizes: tuple[int, ...], reps: int, seconds: float, threa
             cells += [ratio(ours["conn_per_s"], theirs["conn_per_s"]), "",
                       ratio(ours["conn_per_cpu_s"], theirs["conn_per_cpu_s"]), ""]
         report.row(title, f"interceptd/istio-nft {n}", *cells)
+    if bad:
+        # After the table, so the figures are kept; bench.py then exits non-zero.
+        raise RuntimeError(f"{len(bad)} datapath measurement(s) with failed or misdirected connections: "
+                           + "; ".join(bad[:5]))

@@ -1,4 +1,9 @@
-"""The subcommands: glue between config, render, the kernel and the terminal."""
+"""The subcommands: glue between config, render, the kernel and the terminal.
+
+An init container or a CNI plugin pays for every module the process imports, so this module imports only
+what the one-shot commands share; the agents' machinery (structlog, prometheus_client, asyncio, the HTTP
+server) and each command's own extras are imported inside the command that uses them.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,15 @@ import sys
 
 from interceptd.config import OPTIONS_BY_KEY, Config, load_all
 from interceptd.control import install
-from interceptd.control.validate import run as run_validation
-from interceptd.errors import ConfigError
-from interceptd.ruleset import status
+from interceptd.errors import ConfigError, KernelRefusedError
 from interceptd.ruleset.facts import HostFacts
+from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import Existing, transaction
 from interceptd.ruleset.nfttext import ruleset_text
 from interceptd.ruleset.render import render
-from interceptd.runtime import logs
-from interceptd.runtime.agent import Agent
 from interceptd.system import host, preflight
-from interceptd.system.kernel import NftKernel
-from interceptd.system.routes import Netlink
+from interceptd.system.kernel import Kernel, NftKernel
+from interceptd.system.routes import Netlink, Router
 
 IPV6_CHOICE = {"auto": None, "on": True, "off": False}
 
@@ -41,6 +43,21 @@ def cmd_render(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def apply_once(kernel: Kernel, router: Router, ruleset: Ruleset, config: Config, ipv6: bool,
+               ) -> install.Applied:
+    """Install the ruleset, and only when the kernel refuses it, find out which feature is missing.
+
+    Probing first would cost every apply a check-mode transaction (an RCU grace period in the kernel,
+    10-20 ms); a refused transaction changes nothing either, so probing afterwards names the same feature.
+    """
+    preflight.check_version(kernel)
+    try:
+        return install.apply(kernel, router, ruleset, reference=False)
+    except KernelRefusedError:
+        preflight.run(config, ipv6, kernel)
+        raise
+
+
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
     if config.cleanup_only:
         return cmd_cleanup(args, config)
@@ -53,10 +70,8 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
         return 0
     if not config.skip_rule_apply:
         facts = facts_for(config)
-        kernel = NftKernel()
-        preflight.run(config, facts.ipv6, kernel)
         ruleset = render(config, facts)
-        applied = install.apply(kernel, Netlink(), ruleset, reference=False)
+        applied = apply_once(NftKernel(), Netlink(), ruleset, config, facts.ipv6)
         rules = sum(len(c.rules) for c in ruleset.chains)
         print(f"interceptd: applied table inet {ruleset.table}: {len(ruleset.chains)} chains, {rules} rules, "
               f"{len(ruleset.sets)} sets in {applied.duration_s * 1000:.1f} ms", file=sys.stderr)
@@ -67,6 +82,8 @@ def cmd_apply(args: argparse.Namespace, config: Config) -> int:
 
 def _start_agent(config: Config, command: str) -> None:
     """The one-shot flags make no sense for an agent that keeps the rules; then set up its logging."""
+    from interceptd.runtime import logs
+
     for key in ("dry_run", "cleanup_only", "skip_rule_apply", "run_validation"):
         if getattr(config, key):
             raise ConfigError(f"{OPTIONS_BY_KEY[key].flag} cannot be used with {command}")
@@ -74,6 +91,8 @@ def _start_agent(config: Config, command: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from interceptd.runtime.agent import Agent
+
     _start_agent(config, "run")
     agent = Agent(config, lambda: load_all(args.option_flags, config_path=args.config))
     return agent.run()
@@ -112,6 +131,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
         print(explaincmd.explain_top(config, facts_for(config), listing, args.explain_top))
         return 0
+    from interceptd.ruleset import status
+
     stats = status.chain_stats(listing)
     if args.json:
         print(json.dumps(status.as_json(table, stats), indent=2))
@@ -121,6 +142,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_validate(args: argparse.Namespace, config: Config) -> int:
+    from interceptd.control.validate import run as run_validation
+
     run_validation(config, facts_for(config))
     print("interceptd: validation passed: the redirect works", file=sys.stderr)
     return 0

@@ -11,6 +11,7 @@ import argparse
 import ipaddress
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -90,18 +91,14 @@ def _owner(text: str | None, resolve: Callable[[str], int], flag: str, default: 
 
 def route(dst: IPAddress) -> tuple[str, IPAddress | None]:
     """The interface and preferred source the kernel's routing picks for `dst` in this namespace."""
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    from interceptd.system import rtnl
 
     try:
-        with IPRoute() as ipr:
-            found = ipr.route("get", dst=str(dst))[0]
-            index = found.get_attr("RTA_OIF")
-            name = ipr.get_links(index)[0].get_attr("IFLA_IFNAME")
-            src = found.get_attr("RTA_PREFSRC")
-    except (NetlinkError, OSError, IndexError) as exc:
+        index, src = rtnl.route_get(str(dst))
+        name = socket.if_indextoname(index)
+    except OSError as exc:
         raise ConfigError(f"--dst {dst}: no route in this namespace ({exc}); give --oif/--iif and --src") from None
-    return str(name), ipaddress.ip_address(src) if src else None
+    return name, ipaddress.ip_address(src) if src else None
 
 
 def connection(args: argparse.Namespace) -> Connection:

@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
 from interceptd import __version__
-from interceptd.cli import explaincmd
 from interceptd.config import OPTIONS, Config, Option, load_all
 from interceptd.errors import ConfigError, InterceptdError
 
@@ -89,7 +88,12 @@ def normalise_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     return out, bools
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; with `only`, the other subcommands get no options of their own (`only=""`: none has).
+
+    Adding ~55 options to each of 8 subcommands is most of a one-shot command's parsing time, and argparse
+    only ever looks at the subcommand being run: its help and errors, and the top level's, are the same.
+    """
     parser = _Parser(prog="interceptd", description="Transparent traffic interception for service meshes, "
                      "on nftables, compatible with istio-iptables.", epilog=NAT_NOTE)
     parser.add_argument("--version", action="version", version=f"interceptd {__version__}")
@@ -97,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
                            epilog=NAT_NOTE)
+        if only is not None and name != only:
+            continue
         add_options(p)
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -105,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--explain-top", metavar="N", nargs="?", type=int, const=10,
                            help="the N busiest rules by counter (default 10), one line each on what they mean")
         if name == "explain":
+            from interceptd.cli import explaincmd
+
             explaincmd.add_arguments(p)
         if name == "render":
             p.add_argument("--ipv6", choices=("auto", "on", "off"), default="auto",
@@ -118,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[argparse.Namespace, Config]:
     """The command line (and the environment, os.environ unless given) as arguments and a Config."""
     args_list, bools = normalise_argv(argv)
-    args = build_parser().parse_args(args_list)
+    # The top level has no option taking a value, so its first non-option argument is the subcommand.
+    command = next((arg for arg in args_list if not arg.startswith("-")), "")
+    args = build_parser(command).parse_args(args_list)
     if args.command is None:
         raise ConfigError("a command is needed: " + ", ".join(COMMANDS))
     flags = {o.key: getattr(args, o.key) for o in OPTIONS if getattr(args, o.key, None) is not None}
@@ -133,14 +143,14 @@ def _print_error(exc: InterceptdError) -> int:
 
 
 def run_command(argv: Sequence[str]) -> int:
-    from interceptd.cli import commands
-
     if argv[:1] == ["istio-iptables"]:
         # Istio's injection template runs `<image entrypoint> istio-iptables ARGS` (pilot-agent's spelling):
         # with interceptd's image as the proxy-init image, that is `interceptd istio-iptables ARGS`.
         argv = ["apply", *argv[1:]]
     try:
         args, config = parse(argv)
+        from interceptd.cli import commands  # after parsing: --help, --version and bad flags need none of it
+
         handler: Callable[[argparse.Namespace, Config], int] = getattr(commands, f"cmd_{args.command}")
         return handler(args, config)
     except InterceptdError as exc:

@@ -116,7 +116,10 @@ def merge_cidrs(nets: Iterable[IPNetwork], version: int) -> tuple[IPNetwork, ...
                     key=lambda n: (int(n.network_address), n.prefixlen))
     merged: list[tuple[int, int, IPNetwork | None]] = []  # first, last, the prefix when it is exactly one
     for n in chosen:
-        first, last = int(n.network_address), int(n.broadcast_address)
+        # Not n.broadcast_address: on a fresh network object that builds a hostmask and an address each,
+        # 20 ms at 10,000 prefixes in a new process (the cached property hides it in a warm loop).
+        first = int(n.network_address)
+        last = first | ((1 << (n.max_prefixlen - n.prefixlen)) - 1)
         if merged and first <= merged[-1][1] + 1:
             if last > merged[-1][1]:
                 merged[-1] = (merged[-1][0], last, None)

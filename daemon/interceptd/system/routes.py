@@ -13,7 +13,7 @@ import errno
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from interceptd.errors import RoutingError
 from interceptd.ruleset.model import Ruleset
@@ -107,24 +107,13 @@ def remove(router: Router) -> list[Entry]:
 
 
 class Netlink:
-    """The caller's network namespace, or the one at `netns` (a namespace file), through pyroute2."""
+    """The caller's network namespace, or the one at `netns` (a namespace file), over rtnetlink (rtnl)."""
 
     def __init__(self, addresses: Iterable[str] = ("::6",), netns: str = "") -> None:
         self._addresses = tuple(addresses)  # which addresses on lo `owned` reports
         self._netns = netns
 
-    def _ipr(self) -> Any:
-        from pyroute2 import IPRoute
-
-        if not self._netns:
-            return IPRoute()
-        from interceptd.system.netns import entered
-
-        with entered(self._netns):  # the netlink socket stays bound to the namespace it was opened in
-            return IPRoute()
-
     def owned(self) -> set[Entry]:
-        """Read with rtnl (no pyroute2: reading happens on every apply, changing only in TPROXY mode)."""
         out: set[Entry] = set()
         with self._entered():
             for version, fam in _FAMILY.items():
@@ -148,33 +137,28 @@ class Netlink:
         return entered(self._netns)
 
     def add(self, entry: Entry) -> None:
-        self._call("add", entry, errno.EEXIST)
+        self._call(True, entry, errno.EEXIST)
 
     def delete(self, entry: Entry) -> None:
-        self._call("del", entry, errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
+        self._call(False, entry, errno.ENOENT, errno.ESRCH, errno.EADDRNOTAVAIL)
 
-    def _call(self, verb: str, entry: Entry, *tolerated: int) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
+    def _call(self, add: bool, entry: Entry, *tolerated: int) -> None:
         fam = _FAMILY[entry.family]
         try:
-            with self._ipr() as ipr:
+            with self._entered():
                 if entry.kind == "rule":
-                    ipr.rule(verb, family=fam, fwmark=entry.mark, table=entry.table, priority=RULE_PRIORITY,
-                             protocol=ROUTE_PROTOCOL)
+                    rtnl.change_rule(add, fam, entry.mark, entry.table, RULE_PRIORITY, ROUTE_PROTOCOL)
                 elif entry.kind == "route":
-                    ipr.route(verb, family=fam, dst_len=0, table=entry.table, type="local", oif=_lo_index(ipr),
-                              proto=ROUTE_PROTOCOL, scope=RT_SCOPE_HOST)
+                    rtnl.change_local_route(add, fam, entry.table, _lo_index(), ROUTE_PROTOCOL, RT_SCOPE_HOST)
                 else:
-                    ipr.addr(verb, index=_lo_index(ipr), family=fam, address=entry.address, prefixlen=128)
-        except NetlinkError as exc:
-            if exc.code not in tolerated:
-                action = "add" if verb == "add" else "delete"
-                raise RoutingError(f"cannot {action} `{entry}`: {exc.args[-1]}") from None
+                    rtnl.change_address(add, _lo_index(), entry.address, 128)
+        except OSError as exc:
+            if exc.errno not in tolerated:
+                raise RoutingError(f"cannot {'add' if add else 'delete'} `{entry}`: {exc.strerror}") from None
 
 
-def _lo_index(ipr: Any) -> int:
-    found: list[int] = ipr.link_lookup(ifname="lo")
-    if not found:
-        raise RoutingError("the namespace has no loopback interface 'lo'")
-    return found[0]
+def _lo_index() -> int:
+    try:
+        return socket.if_nametoindex("lo")
+    except OSError:
+        raise RoutingError("the namespace has no loopback interface 'lo'") from None

@@ -1,12 +1,15 @@
-"""Read-only rtnetlink dumps (addresses, policy rules, routes) on a plain netlink socket.
+"""rtnetlink on a plain netlink socket: dumps of addresses, policy rules and routes, `ip route get`, and the
+few changes interceptd makes (TPROXY's fwmark rule and local route, the ::6 address on lo).
 
-The agent reads these on every start, reload and apply; pyroute2 costs about 11 MB of resident memory
-once imported, so reading stays on this small module and pyroute2 is only loaded to *change* routes
-(TPROXY mode). Each function dumps the network namespace the calling thread is in.
+The agent reads these on every start, reload and apply, and an init container or CNI ADD of an IPv6 or
+TPROXY pod changes them once: pyroute2 would cost about 11 MB of resident memory and 40 ms of imports
+(asyncio among them) for a handful of fixed-format messages. Each function works in the network namespace
+the calling thread is in.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
@@ -14,13 +17,14 @@ import struct
 from dataclasses import dataclass
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-RTM_GETADDR, RTM_NEWADDR = 22, 20
-RTM_GETROUTE, RTM_NEWROUTE = 26, 24
-RTM_GETRULE, RTM_NEWRULE = 34, 32
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 IFA_ADDRESS = 1
-RTA_TABLE = 15
-FRA_FWMARK, FRA_TABLE, FRA_PROTOCOL = 10, 15, 21
+RTA_DST, RTA_OIF, RTA_PREFSRC, RTA_TABLE = 1, 4, 7, 15
+FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_PROTOCOL = 6, 10, 15, 21
+FR_ACT_TO_TBL, RTN_LOCAL = 1, 2
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
@@ -57,13 +61,13 @@ def _attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
     return out
 
 
-def _dump(msg_type: int, header: bytes) -> list[tuple[bytes, int, int]]:
-    """(datagram, body offset, end) of every message of a dump request."""
+def _request(msg_type: int, body: bytes, flags: int = NLM_F_DUMP) -> list[tuple[bytes, int, int]]:
+    """(datagram, body offset, end) of every answer: all messages of a dump (NLM_F_DUMP), the one answer of a
+    get, none for a change (NLM_F_ACK: the kernel's acknowledgement ends it). A refusal raises OSError."""
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as sock:
         sock.bind((0, 0))
         seq = os.getpid() & 0xFFFF
-        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(header), msg_type, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
-                  + header)
+        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | flags, seq, 0) + body)
         out: list[tuple[bytes, int, int]] = []
         while True:
             data = sock.recv(1 << 16)
@@ -74,14 +78,57 @@ def _dump(msg_type: int, header: bytes) -> list[tuple[bytes, int, int]]:
                     return out
                 if kind == NLMSG_ERROR:
                     code = -struct.unpack_from("=i", data, offset + _NLMSGHDR.size)[0]
+                    if code == 0:  # the acknowledgement of a change
+                        return out
                     raise OSError(code, os.strerror(code))
                 out.append((data, offset + _NLMSGHDR.size, min(offset + length, len(data))))
                 offset += (length + 3) & ~3
+            if not flags & (NLM_F_DUMP | NLM_F_ACK):
+                return out
+
+
+def _attr(kind: int, value: bytes) -> bytes:
+    """One attribute, padded to 4 bytes as netlink wants."""
+    raw = _NLATTR.pack(_NLATTR.size + len(value), kind) + value
+    return raw + b"\0" * (-len(raw) & 3)
+
+
+def _u32(value: int) -> bytes:
+    return struct.pack("=I", value)
+
+
+def _change(add: bool, new: int, delete: int, body: bytes) -> None:
+    """Add (refused with EEXIST when already there: no duplicate rule) or delete; OSError when refused."""
+    if add:
+        _request(new, body, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL)
+    else:
+        _request(delete, body, NLM_F_ACK)
+
+
+def change_rule(add: bool, family: int, mark: int, table: int, priority: int, protocol: int) -> None:
+    """`ip rule add|del fwmark MARK lookup TABLE priority PRIORITY protocol PROTOCOL`."""
+    header = _RTMSG.pack(family, 0, 0, 0, table if table < 256 else 0, 0, 0, FR_ACT_TO_TBL, 0)
+    _change(add, RTM_NEWRULE, RTM_DELRULE, header + _attr(FRA_FWMARK, _u32(mark)) + _attr(FRA_TABLE, _u32(table))
+            + _attr(FRA_PRIORITY, _u32(priority)) + _attr(FRA_PROTOCOL, bytes([protocol])))
+
+
+def change_local_route(add: bool, family: int, table: int, oif: int, protocol: int, scope: int) -> None:
+    """`ip route add|del local default dev OIF table TABLE proto PROTOCOL scope SCOPE`."""
+    header = _RTMSG.pack(family, 0, 0, 0, table if table < 256 else 0, protocol, scope, RTN_LOCAL, 0)
+    _change(add, RTM_NEWROUTE, RTM_DELROUTE, header + _attr(RTA_TABLE, _u32(table)) + _attr(RTA_OIF, _u32(oif)))
+
+
+def change_address(add: bool, index: int, address: str, prefixlen: int) -> None:
+    """`ip address add|del ADDRESS/PREFIXLEN dev INDEX`."""
+    addr = ipaddress.ip_address(address)
+    family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+    _change(add, RTM_NEWADDR, RTM_DELADDR, _IFADDRMSG.pack(family, prefixlen, 0, 0, index)
+            + _attr(IFA_ADDRESS, addr.packed))
 
 
 def addresses(family: int = socket.AF_UNSPEC) -> list[Address]:
     out: list[Address] = []
-    for data, body, end in _dump(RTM_GETADDR, _IFADDRMSG.pack(family, 0, 0, 0, 0)):
+    for data, body, end in _request(RTM_GETADDR, _IFADDRMSG.pack(family, 0, 0, 0, 0)):
         fam, prefixlen, _flags, _scope, index = _IFADDRMSG.unpack_from(data, body)
         raw = _attrs(data, body + _IFADDRMSG.size, end).get(IFA_ADDRESS)
         if raw is not None and fam in (socket.AF_INET, socket.AF_INET6):
@@ -98,7 +145,7 @@ def _table(data: bytes, body: int, end: int, attr: int) -> tuple[int, dict[int, 
 
 def rules(family: int) -> list[RuleOrRoute]:
     out: list[RuleOrRoute] = []
-    for data, body, end in _dump(RTM_GETRULE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
+    for data, body, end in _request(RTM_GETRULE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
         table, attrs = _table(data, body, end, FRA_TABLE)
         protocol = attrs[FRA_PROTOCOL][0] if FRA_PROTOCOL in attrs else 0
         fwmark = struct.unpack("=I", attrs[FRA_FWMARK])[0] if FRA_FWMARK in attrs else 0
@@ -108,7 +155,22 @@ def rules(family: int) -> list[RuleOrRoute]:
 
 def routes(family: int) -> list[RuleOrRoute]:
     out: list[RuleOrRoute] = []
-    for data, body, end in _dump(RTM_GETROUTE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
+    for data, body, end in _request(RTM_GETROUTE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
         table, _ = _table(data, body, end, RTA_TABLE)
         out.append(RuleOrRoute(data[body], table, data[body + 5], 0))
     return out
+
+
+def route_get(dst: str) -> tuple[int, str | None]:
+    """`ip route get DST`: the index of the interface the kernel routes DST through, and the preferred source
+    address when the route names one (explain asks this for one connection: no pyroute2 for that)."""
+    addr = ipaddress.ip_address(dst)
+    family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+    packed = addr.packed
+    header = _RTMSG.pack(family, len(packed) * 8, 0, 0, 0, 0, 0, 0, 0) + _attr(RTA_DST, packed)
+    for data, body, end in _request(RTM_GETROUTE, header, flags=0):
+        attrs = _attrs(data, body + _RTMSG.size, end)
+        if RTA_OIF in attrs:
+            src = attrs.get(RTA_PREFSRC)
+            return struct.unpack("=I", attrs[RTA_OIF])[0], str(ipaddress.ip_address(src)) if src else None
+    raise OSError(errno.ENETUNREACH, f"no route to {dst}")

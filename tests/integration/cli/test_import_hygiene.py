@@ -1,0 +1,107 @@
+"""One-shot commands import only what they use: an init container and a CNI ADD pay for every module.
+
+Each command runs as users run it (the console script, in a fresh interpreter, inside a lab namespace where
+it needs the kernel) with PYTHONPROFILEIMPORTTIME=1, which makes Python list every module it imports on
+stderr. The agents' machinery must not be among them, nor pyroute2 (routes and addresses change over rtnl).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+
+import pytest
+from support.netlab import VENV_BIN, Lab, delete_ns, new_ns, sh
+from support.nodelab import CniNode
+
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+pytest.importorskip("nftables")
+
+AGENT_ONLY = ("prometheus_client", "structlog", "asyncio", "http.server", "pyroute2", "interceptd.runtime.agent",
+              "interceptd.runtime.metrics", "interceptd.runtime.logs")
+PROFILE = {"PYTHONPROFILEIMPORTTIME": "1"}
+SEED = ("-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*",
+        "-d", "15090,15021,15020")
+_IMPORTED = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", re.M)
+
+
+def imported(stderr: str) -> set[str]:
+    """The modules a run imported, from Python's -X importtime lines (top-level packages included)."""
+    names = set(_IMPORTED.findall(stderr))
+    assert "interceptd" in names, stderr[-2000:]  # the profile was really taken
+    return names | {n.split(".")[0] for n in names}
+
+
+def forbidden(names: set[str]) -> set[str]:
+    return {n for n in AGENT_ONLY if n in names}
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with Lab() as lab:
+        yield lab
+
+
+def _cli(lab: Lab, *args: str, script: str = "interceptd") -> set[str]:
+    result = sh(str(VENV_BIN / script), *args, ns=lab.pod, check=False,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **PROFILE})
+    assert result.returncode in (0, 3), result.stderr[-2000:]
+    return imported(result.stderr)
+
+
+@pytest.mark.parametrize("args", [
+    ("apply", *SEED),
+    ("render", *SEED),
+    ("apply", "--dry-run", *SEED),
+    ("status",),
+    ("status", "--json"),
+    ("explain", *SEED, "--uid", "1000", "--gid", "1000", "--dst", "198.51.100.7:80"),
+    ("validate", *SEED),
+    ("cleanup",),
+    ("--version",),
+    ("apply", "--help"),
+], ids=lambda args: " ".join(args[:2]))
+def test_one_shot_commands_import_no_agent_machinery(lab: Lab, args: tuple[str, ...]) -> None:
+    if args[0] in ("status", "validate", "explain"):
+        _cli(lab, "apply", *SEED)
+    assert forbidden(_cli(lab, *args)) == set()
+
+
+def test_the_istio_iptables_alias_imports_no_agent_machinery(lab: Lab) -> None:
+    assert forbidden(_cli(lab, *SEED, script="istio-iptables")) == set()
+
+
+def test_tproxy_and_ipv6_route_changes_import_no_agent_machinery(lab6: Lab) -> None:
+    # TPROXY adds policy rules and routes, IPv6 the ::6 address on lo; cleanup removes the rules again.
+    assert forbidden(_cli(lab6, "apply", "-m", "TPROXY", "-i", "*", "-b", "*", "--dual-stack")) == set()
+    assert "::6/128" in sh("ip", "-6", "addr", "show", "dev", "lo", ns=lab6.pod).stdout
+    assert "lookup 133" in sh("ip", "-6", "rule", ns=lab6.pod).stdout
+    assert forbidden(_cli(lab6, "cleanup")) == set()
+    assert "lookup 133" not in sh("ip", "-6", "rule", ns=lab6.pod).stdout
+
+
+def test_the_agent_imports_its_machinery(lab: Lab) -> None:
+    # `run` refuses --dry-run after loading the agent (exit 2): the same harness sees structlog and company.
+    result = sh(str(VENV_BIN / "interceptd"), "run", "--dry-run", ns=lab.pod, check=False,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **PROFILE})
+    assert result.returncode == 2
+    assert {"structlog", "prometheus_client", "interceptd.runtime.agent"} <= imported(result.stderr)
+
+
+def test_cni_add_check_del_import_no_agent_machinery() -> None:
+    pod = new_ns("-pod")
+    try:
+        with CniNode() as node:
+            plugins = node.plugins()
+            prev = None
+            for command in ("ADD", "CHECK", "DEL"):
+                bridge = node.exec(plugins[0], command, f"/run/netns/{pod}", "c-imports", prev=prev)
+                assert bridge.rc == 0, bridge.stderr
+                if command == "ADD":
+                    prev = bridge.out
+                own = node.exec(plugins[1], command, f"/run/netns/{pod}", "c-imports", prev=prev, env=PROFILE)
+                assert own.rc == 0, own.stderr[-2000:]
+                assert forbidden(imported(own.stderr)) == set(), command
+    finally:
+        delete_ns(pod)
