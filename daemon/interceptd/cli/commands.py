@@ -110,7 +110,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     if args.explain_top is not None:
         from interceptd.cli import explaincmd
 
-        print(explaincmd.explain_top(config, facts_for(config), listing, args.explain_top))
+        print(explaincmd.explain_top(config, facts_for(config), listing, args.explain_top,
+                                     explaincmd.proposing(args)))
         return 0
     stats = status.chain_stats(listing)
     if args.json:
@@ -130,3 +131,31 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
     from interceptd.cli import explaincmd
 
     return explaincmd.run(args, config, facts_for(config))
+
+
+def cmd_diff(args: argparse.Namespace, config: Config) -> int:
+    from interceptd.cli.explaincmd import installed
+    from interceptd.ruleset.tablediff import differences
+
+    found = differences(render(config, facts_for(config)), installed(config))
+    if args.json:
+        print(json.dumps({"table": config.table, "equal": not found,
+                          "differences": [{"reason": d.reason, "detail": d.detail} for d in found]}, indent=2))
+    elif found:
+        print("\n".join(d.detail for d in found))
+    else:
+        print(f"table inet {config.table} matches the configuration")
+    return 1 if found else 0
+
+
+def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
+    from interceptd.cli.explaincmd import proposing
+    from interceptd.control import doctor
+    from interceptd.ruleset.doctor import text
+
+    report = doctor.run(config, NftKernel(), proposing(args))
+    if args.json:
+        print(json.dumps({"ok": report.ok, "checks": [f.as_json() for f in report.findings]}, indent=2))
+    else:
+        print(text(report.findings))
+    return 0 if report.ok else 1

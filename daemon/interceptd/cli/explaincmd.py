@@ -17,7 +17,7 @@ from dataclasses import replace
 
 from interceptd.config import Config
 from interceptd.config.values import parse_port, resolve_gid, resolve_uid
-from interceptd.errors import ConfigError, NotInstalledError
+from interceptd.errors import ConfigError, KernelSideError, NotInstalledError
 from interceptd.ruleset.explain import Connection, Explanation, as_json, borrow_why, explain, format_text
 from interceptd.ruleset.facts import HostFacts, IPAddress
 from interceptd.ruleset.model import Ruleset
@@ -25,6 +25,7 @@ from interceptd.ruleset.nftjson import Json
 from interceptd.ruleset.nftparse import parse_listing
 from interceptd.ruleset.render import render
 from interceptd.ruleset.status import chain_stats
+from interceptd.ruleset.tablediff import differences
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--iif", help="inbound: arriving interface (default: the route back to the source)")
     g.add_argument("--oif", help="outbound: leaving interface (default: the route to the destination)")
     g.add_argument("--from-kernel", action="store_true",
-                   help="explain against the table installed in this namespace, not the configuration")
+                   help="explain the installed table even when capture flags or --config are given (without "
+                        "them it is the default)")
     g.add_argument("--kernel", action="store_true",
                    help="also make a real probe connection, trace it in the kernel and compare")
     g.add_argument("--all-steps", action="store_true", help="also show counting rules and chain exits")
@@ -137,31 +139,60 @@ def connection(args: argparse.Namespace) -> Connection:
     return Connection(direction, args.protocol, dst, dport, src, sport or 40000, uid, gid, iif, oif)
 
 
-def ruleset_for(args: argparse.Namespace, config: Config, facts: HostFacts) -> Ruleset:
-    """The configured ruleset, or (--from-kernel) the installed one with the configured rules' meanings."""
+def proposing(args: argparse.Namespace) -> bool:
+    """Capture flags or --config describe a proposed configuration; without them the installed table is the truth."""
+    return bool(args.option_flags) or args.config is not None
+
+
+def installed(config: Config) -> Ruleset | None:
+    """The table installed in this namespace, parsed back into the model (None when there is none)."""
     from interceptd.system.kernel import NftKernel
 
-    rendered = render(config, facts)
-    if not args.from_kernel:
-        return rendered
     listing = NftKernel().list_table(config.table)
-    if listing is None:
-        raise NotInstalledError(f"table inet {config.table} is not installed in this namespace")
-    return borrow_why(parse_listing(config.table, listing), rendered)
+    return None if listing is None else parse_listing(config.table, listing)
+
+
+def ruleset_for(args: argparse.Namespace, config: Config, facts: HostFacts) -> tuple[Ruleset, list[str]]:
+    """What to explain, and what to say first.
+
+    Operators ask "is my traffic captured?", which only the kernel answers: so the installed table is
+    explained unless capture flags or --config propose another configuration (or --from-kernel insists). A
+    proposal that differs from what is installed says so first, since the answer is then hypothetical.
+    """
+    rendered = render(config, facts)
+    if proposing(args) and not args.from_kernel:
+        try:
+            kernel = installed(config)
+        except KernelSideError:
+            return rendered, []  # not allowed to read the kernel (not root): the proposal alone is the question
+        if kernel is None:
+            return rendered, [f"table inet {config.table} is not installed here: this explains the given "
+                              "configuration, not what happens now (nothing is captured now)"]
+        found = differences(rendered, kernel)
+        if not found:
+            return rendered, []
+        return rendered, [f"the installed table inet {config.table} differs from the given configuration in "
+                          f"{len(found)} places (`interceptd diff` lists them): this explains the given "
+                          "configuration, not what happens now"]
+    kernel = installed(config)
+    if kernel is None:
+        raise NotInstalledError(f"table inet {config.table} is not installed in this namespace: nothing is "
+                                "captured; give capture flags or --config to explain a proposed configuration")
+    return borrow_why(kernel, rendered), []
 
 
 def run(args: argparse.Namespace, config: Config, facts: HostFacts) -> int:
     conn = connection(args)
-    ruleset = ruleset_for(args, config, facts)
+    ruleset, notes = ruleset_for(args, config, facts)
     try:
         result: Explanation = explain(ruleset, conn)
     except KeyError as exc:
         raise NotInstalledError(f"the ruleset refers to {exc} which it does not hold") from None
     if not args.kernel:
         if args.json:
-            print(json.dumps(as_json(result), indent=2))
+            print(json.dumps({**({"notes": notes} if notes else {}), **as_json(result)}, indent=2))
         else:
-            print(format_text(result, args.all_steps))
+            print("".join(f"note: {n}\n" for n in notes) + format_text(result, args.all_steps))
         return 0
     from interceptd.system.trace import compare, probe, probe_interface
 
@@ -179,9 +210,10 @@ def run(args: argparse.Namespace, config: Config, facts: HostFacts) -> int:
                   "connections like this one are not captured until the proxy listens", file=sys.stderr)
             result, report = without, compare(without, observed)
     if args.json:
-        print(json.dumps({**as_json(result), "kernel": report.as_json()}, indent=2))
+        print(json.dumps({**({"notes": notes} if notes else {}), **as_json(result), "kernel": report.as_json()},
+                         indent=2))
     else:
-        print(format_text(result, args.all_steps))
+        print("".join(f"note: {n}\n" for n in notes) + format_text(result, args.all_steps))
         print(report.text())
     if not report.agree:
         print("interceptd: MODEL AND KERNEL DISAGREE: this is a bug in interceptd; please report it with the "
@@ -190,8 +222,12 @@ def run(args: argparse.Namespace, config: Config, facts: HostFacts) -> int:
     return 0
 
 
-def explain_top(config: Config, facts: HostFacts, listing: list[Json], n: int) -> str:
-    """`status --explain-top N`: the busiest deciding rules by packet count, each with what it means."""
+def explain_top(config: Config, facts: HostFacts, listing: list[Json], n: int, proposed: bool) -> str:
+    """`status --explain-top N`: the busiest deciding rules by packet count, each with what it means.
+
+    The meanings are borrowed from the rendered configuration; an installed rule it does not hold is shown
+    as its own text, flagged only when a configuration was given on purpose (the defaults are no claim).
+    """
     known = borrow_why(parse_listing(config.table, listing), render(config, facts))
     whys = {(c.name, r.name): r.why for c in known.chains for r in c.rules}
     hooks = {c.name: c.hook.type for c in known.chains if c.hook is not None}
@@ -201,7 +237,7 @@ def explain_top(config: Config, facts: HostFacts, listing: list[Json], n: int) -
         return f"no rule of table inet {config.table} has counted anything yet"
     lines = [f"{'packets':>10}  rule: what it means"]
     for r in rules:
-        why = whys.get((r.chain, r.rule)) or f"(not in the configured ruleset) {r.text}"
+        why = whys.get((r.chain, r.rule)) or ("(not in the given configuration) " if proposed else "") + r.text
         lines.append(f"{r.packets:>10}  {r.chain}/{r.rule}: {why}")
     if any(kind == "nat" for kind in hooks.values()):
         lines.append("nat chains see only the first packet of a connection: their counts are connections.")

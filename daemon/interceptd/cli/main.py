@@ -33,6 +33,10 @@ COMMANDS = {
     "status": "show the installed chains and rules with packet and byte counters",
     "validate": "run the redirect self-test of --run-validation (exit 126 on failure)",
     "explain": "where would this connection go, and why: the path through the rules and the verdict",
+    "diff": "compare the configured ruleset with the installed table, chain by chain, rule by rule and set "
+            "element by element (exit 0 equal, 1 different)",
+    "doctor": "read-only checks of everything that decides whether traffic is captured, each with what to do "
+              "(exit 0 nothing wrong, 1 something is)",
     "node": "keep interception in every pod network namespace of the node (CNI registrations, --netns-dir)",
 }
 
@@ -106,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the N busiest rules by counter (default 10), one line each on what they mean")
         if name == "explain":
             explaincmd.add_arguments(p)
+        if name in ("diff", "doctor"):
+            p.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "render":
             p.add_argument("--ipv6", choices=("auto", "on", "off"), default="auto",
                            help="assume IPv6 on or off instead of reading the namespace's addresses")

@@ -1,7 +1,7 @@
 """The only caller of libnftables: apply one document, list interceptd's table (the fake is in system.fake).
 
-Nothing here ever lists the whole ruleset or names another table: a newer nft elsewhere can make an older
-one crash on objects it does not know, and other tables are not ours.
+Nothing here ever lists the whole ruleset: a newer nft elsewhere can make an older one crash on objects it
+does not know. Other tables are not ours: only `doctor` reads them (system.inspect), each in a forked child.
 """
 
 from __future__ import annotations
@@ -216,6 +216,14 @@ class NftKernel:
         # Not json.loads: an owned table's flags make libnftables 1.0.6 print garbage further on.
         match = re.search(r'"metainfo": \{"version": "([^"]+)"', str(out))
         return match.group(1) if match else "unknown"
+
+    def list_tables_text(self) -> str:
+        """`list tables` as text (one `table FAMILY NAME` line each): names only, no object of theirs is parsed,
+        and no JSON, which libnftables 1.0.6 garbles after an owned table's flags. For `doctor`'s reading."""
+        rc, out, err = self._text("list tables")
+        if rc != 0:
+            raise KernelRefusedError(f"cannot list tables: {_one_line(err)}")
+        return out
 
     def list_table(self, table: str, family: str = "inet") -> list[Json] | None:
         """A table with flags is listed piece by piece: libnftables 1.0.6 prints a table's flags in JSON from
