@@ -87,6 +87,9 @@ def _chain(want: Chain, have: Chain) -> list[Difference]:
     held = [_canonical_rule(r) for r in have.rules]
     if wanted == held:
         return out
+    if wanted and not held:
+        return [*out, Difference("chain flushed", f"chain {want.name}: flushed, its {len(wanted)} rules are not "
+                                                  "installed")]
     by_name = {r.name: r for r in held}
     names = {r.name for r in wanted}
     rules: list[Difference] = []
