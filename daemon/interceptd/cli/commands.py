@@ -12,7 +12,7 @@ from interceptd.control.validate import run as run_validation
 from interceptd.errors import ConfigError
 from interceptd.ruleset import status
 from interceptd.ruleset.facts import HostFacts
-from interceptd.ruleset.nftjson import Existing, transaction
+from interceptd.ruleset.nftjson import Existing, deletion, transaction
 from interceptd.ruleset.nfttext import ruleset_text
 from interceptd.ruleset.render import render
 from interceptd.runtime import logs
@@ -37,8 +37,16 @@ def rendered(config: Config, facts: HostFacts, fmt: str = "json") -> str:
 
 
 def cmd_render(args: argparse.Namespace, config: Config) -> int:
+    if config.cleanup_only:
+        print(_removal(config), end="")
+        return 0
     print(rendered(config, facts_for(config, args.ipv6), args.format), end="")
     return 0
+
+
+def _removal(config: Config) -> str:
+    """What a cleanup sends the kernel: the table's deletion (TPROXY's routes go over netlink, not in it)."""
+    return json.dumps(deletion(config.table), indent=2) + "\n"
 
 
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
@@ -80,6 +88,12 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace, config: Config) -> int:
+    if config.dry_run:
+        # dry-run promises no kernel change: show what would be sent and stop.
+        print(_removal(config), end="")
+        print(f"interceptd: dry run: table inet {config.table} and interceptd's TPROXY routes would be removed; "
+              "nothing was changed", file=sys.stderr)
+        return 0
     existed = install.remove(NftKernel(), Netlink(), config.table)
     print(f"interceptd: table inet {config.table} {'removed' if existed else 'was not installed'}",
           file=sys.stderr)
