@@ -11,13 +11,14 @@ import argparse
 import ipaddress
 import json
 import os
+import pwd
 import sys
 from collections.abc import Callable
 from dataclasses import replace
 
 from interceptd.config import Config
 from interceptd.config.values import parse_port, resolve_gid, resolve_uid
-from interceptd.errors import ConfigError, KernelSideError, NotInstalledError
+from interceptd.errors import ConfigError, HostError, KernelSideError, NotInstalledError
 from interceptd.ruleset.explain import Connection, Explanation, as_json, borrow_why, explain, format_text
 from interceptd.ruleset.facts import HostFacts, IPAddress
 from interceptd.ruleset.model import Ruleset
@@ -39,9 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dst", metavar="ADDR:PORT", help="destination ([v6]:port for IPv6)")
     g.add_argument("--dst-addr", metavar="ADDR", help="destination address (instead of --dst)")
     g.add_argument("--dst-port", metavar="PORT", help="destination port (with --dst-addr)")
-    g.add_argument("--src", metavar="ADDR[:PORT]", help="source (default: what the route picks)")
+    g.add_argument("--src", metavar="ADDR[:PORT]", help="source (default: outbound, what the route picks; "
+                   "inbound, a documentation address: any remote address decides alike)")
     g.add_argument("--uid", help="socket owner, name or number (outbound; default: yours)")
-    g.add_argument("--gid", help="socket group, name or number (outbound; default: yours)")
+    g.add_argument("--gid", help="socket group, name or number (outbound; default: the --uid user's group, "
+                   "else yours)")
     g.add_argument("--iif", help="inbound: arriving interface (default: the route back to the source)")
     g.add_argument("--oif", help="outbound: leaving interface (default: the route to the destination)")
     g.add_argument("--from-kernel", action="store_true",
@@ -102,8 +105,23 @@ def route(dst: IPAddress) -> tuple[str, IPAddress | None]:
             name = ipr.get_links(index)[0].get_attr("IFLA_IFNAME")
             src = found.get_attr("RTA_PREFSRC")
     except (NetlinkError, OSError, IndexError) as exc:
-        raise ConfigError(f"--dst {dst}: no route in this namespace ({exc}); give --oif/--iif and --src") from None
+        # Not bad input (exit 2): a fact about this namespace, said in words, not as an errno tuple.
+        code = getattr(exc, "code", None) or getattr(exc, "errno", None)
+        reason = os.strerror(code) if isinstance(code, int) else "no route"
+        raise HostError(f"{dst}: this namespace has no route to it ({reason}); give --oif/--iif and --src") from None
     return str(name), ipaddress.ip_address(src) if src else None
+
+
+REMOTE: dict[int, IPAddress] = {4: ipaddress.ip_address("198.51.100.1"), 6: ipaddress.ip_address("2001:db8:ffff::1")}
+
+
+def primary_gid(uid: int) -> int:
+    """--uid without --gid: the user's own group, as a process of that user would have (else the same number,
+    the usual container convention), not the caller's group."""
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return uid
 
 
 def connection(args: argparse.Namespace) -> Connection:
@@ -128,10 +146,10 @@ def connection(args: argparse.Namespace) -> Connection:
         routed, prefsrc = route(dst) if not (oif and src) else (oif, src)
         oif, src = oif or routed, src or prefsrc
         uid = _owner(args.uid, resolve_uid, "--uid", os.getuid())
-        gid = _owner(args.gid, resolve_gid, "--gid", os.getgid())
+        gid = _owner(args.gid, resolve_gid, "--gid", os.getgid() if args.uid is None else primary_gid(uid))
     else:
-        if src is None:
-            raise ConfigError("--inbound: --src (the remote address) is needed")
+        # Which remote address does not change where an inbound connection goes: any will do.
+        src = src or REMOTE[dst.version]
         iif = iif or route(src)[0]
         uid = gid = None
     if src is None:

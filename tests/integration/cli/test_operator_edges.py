@@ -38,3 +38,10 @@ def test_without_privilege_one_line_says_what_is_needed(lab: Lab, args: list[str
     assert result.stderr.splitlines() == ["interceptd: error: needs root or CAP_NET_ADMIN in the target network "
                                           "namespace"], result.stderr
     assert lab.nft_json() == before
+
+
+def test_explain_without_a_route_says_so_in_words(lab: Lab) -> None:
+    result = lab.interceptd("explain", "--dst", "100.64.0.1:80", "-i", "*", check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == ["interceptd: error: 100.64.0.1: this namespace has no route to it "
+                                          "(Network is unreachable); give --oif/--iif and --src"], result.stderr
