@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
@@ -14,6 +15,7 @@ from typing import NoReturn
 from interceptd import __version__
 from interceptd.cli import explaincmd
 from interceptd.config import OPTIONS, Config, Option, load_all
+from interceptd.config.options import did_you_mean
 from interceptd.errors import ConfigError, InterceptdError
 
 # pilot-agent's logging flags reach istio-iptables in injected pods; accepted and ignored.
@@ -43,6 +45,9 @@ COMMANDS = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
+        choice = re.search(r"invalid choice: '([^']*)'", message)
+        if choice and self.prog == "interceptd":
+            message += did_you_mean(choice.group(1), COMMANDS)
         # argparse quotes stray arguments verbatim: escape control characters so the error stays one line.
         raise ConfigError("".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message))
 
@@ -121,10 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unrecognized(extra: list[str], parser: argparse.ArgumentParser, command: str | None) -> ConfigError:
+    """Name the stray arguments with a hint: the closest flag for a typo, quoting for a shell-expanded `*`."""
+    message = "unrecognized arguments: " + " ".join(extra)
+    flags = [o for o in extra if o.startswith("-")]
+    if flags and command is not None:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        message += did_you_mean(flags[0].partition("=")[0], sub._option_string_actions)
+    elif all(os.path.exists(word) for word in extra):
+        message += " (these are file names: the shell expanded an unquoted *; quote it, e.g. -i '*')"
+    return ConfigError("".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message))
+
+
 def parse(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[argparse.Namespace, Config]:
     """The command line (and the environment, os.environ unless given) as arguments and a Config."""
     args_list, bools = normalise_argv(argv)
-    args = build_parser().parse_args(args_list)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(args_list)
+    if extra:
+        raise _unrecognized(extra, parser, args.command)
     if args.command is None:
         raise ConfigError("a command is needed: " + ", ".join(COMMANDS))
     flags = {o.key: getattr(args, o.key) for o in OPTIONS if getattr(args, o.key, None) is not None}

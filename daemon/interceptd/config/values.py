@@ -199,7 +199,7 @@ def parse_seconds(text: str) -> float:
     except ValueError:
         value = parse_duration(text)
     if not 0 < value <= 86400:
-        raise ValueError("must be between 0 and 86400 seconds")
+        raise ValueError("must be more than 0 and at most 86400 seconds")
     return value
 
 
