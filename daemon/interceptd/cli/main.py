@@ -9,6 +9,7 @@ import argparse
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
@@ -56,14 +57,49 @@ def _names(option: Option) -> list[str]:
     return [f"-{option.short}", option.flag] if option.short else [option.flag]
 
 
-def add_options(parser: argparse.ArgumentParser) -> None:
+# One example each, shown at the end of the command's --help.
+EXAMPLES = {
+    "render": "interceptd render -p 15001 -z 15006 -u 1337 -i '*' -b '*' --format nft",
+    "apply": "interceptd apply -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x '' -b '*' -d 15090,15021,15020",
+    "run": "interceptd run --config /etc/interceptd/interceptd.toml --metrics-address 127.0.0.1:15021",
+    "cleanup": "interceptd cleanup --dry-run",
+    "status": "interceptd status --explain-top 5",
+    "validate": "interceptd validate -p 15001 -z 15006 -u 1337",
+    "explain": "interceptd explain --outbound --dst 203.0.113.7:80 --uid 1000",
+    "diff": "interceptd diff --config /etc/interceptd/interceptd.toml",
+    "doctor": "interceptd doctor --config /etc/interceptd/interceptd.toml",
+    "node": "interceptd node --config /etc/interceptd/interceptd.toml --netns-dir /run/netns",
+}
+AGENT_COMMANDS = ("run", "node")
+# They read or remove the table: the capture flags are accepted (istio-iptables --cleanup-only passes them), not shown.
+TABLE_ONLY = ("status", "cleanup")
+SHOWN_EVERYWHERE = ("table", "resolv_conf")
+
+
+def _shown(option: Option, command: str | None) -> bool:
+    """Which flags a command's --help lists: its own first, the capture flags where rules are rendered, the
+    agent's where an agent runs. 50 flags on every page buried the few each command is about."""
+    if option.scope == "compat":
+        return False
+    if option.scope == "agent":
+        return command in AGENT_COMMANDS or command is None or option.key in SHOWN_EVERYWHERE
+    return command not in TABLE_ONLY
+
+
+def _help(option: Option) -> str:
+    env = f" [env: {', '.join(option.envs)}]" if option.envs else ""
+    # A help text that explains its own default (-u, -g) must not be followed by a contradicting `Default: ''`.
+    default = "" if "Default" in option.help else f" Default: {option.default!r}."
+    return f"{option.help}{default} TOML: {option.key}.{env}"
+
+
+def add_options(parser: argparse.ArgumentParser, command: str | None = None) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML file (below env and flags in precedence)")
     groups = {"capture": parser.add_argument_group("capture (istio-iptables flags)"),
               "compat": parser.add_argument_group("accepted for istio-iptables compatibility"),
               "agent": parser.add_argument_group("interceptd")}
     for option in OPTIONS:
-        env = f" [env: {', '.join(option.envs)}]" if option.envs else ""
-        text = f"{option.help} Default: {option.default!r}. TOML: {option.key}.{env}"
+        text = _help(option) if _shown(option, command) else argparse.SUPPRESS
         group = groups[option.scope]
         if option.kind == "bool":
             group.add_argument(*_names(option), dest=option.key, action="store_const", const="true",
@@ -74,6 +110,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
     for name in PILOT_AGENT_BOOLS:
         parser.add_argument(f"--{name}", action="store_const", const="true", help=argparse.SUPPRESS)
+
+
+def _epilog(command: str) -> str:
+    hidden = [o.flag for o in OPTIONS if not _shown(o, command)]
+    return (f"example: {EXAMPLES[command]}\n\nalso accepted (istio-iptables compatibility, or not used by "
+            f"{command}): {', '.join(hidden)}.\n\n{NAT_NOTE}")
 
 
 _BOOL_FLAGS = {o.flag: o for o in OPTIONS if o.kind == "bool"}
@@ -98,15 +140,23 @@ def normalise_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     return out, bools
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(alias: bool = False) -> argparse.ArgumentParser:
+    """`alias`: invoked as istio-iptables, whose --help and --version are apply's under that name."""
     parser = _Parser(prog="interceptd", description="Transparent traffic interception for service meshes, "
-                     "on nftables, compatible with istio-iptables.", epilog=NAT_NOTE)
+                     "on nftables, compatible with istio-iptables.",
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog=f"example: {EXAMPLES['apply']}\n\n`istio-iptables ARGS` (also `interceptd "
+                     "istio-iptables ARGS`) is `interceptd apply ARGS`: Istio's init-container command line, "
+                     f"unchanged.\n`interceptd COMMAND --help` shows each command's own flags first.\n\n{NAT_NOTE}")
     parser.add_argument("--version", action="version", version=f"interceptd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, help_text in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
-                           epilog=NAT_NOTE)
-        add_options(p)
+        p = sub.add_parser(name, help=help_text, description=textwrap.fill(help_text[0].upper() + help_text[1:] + "."),
+                           epilog=_epilog(name), usage="%(prog)s [options]",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if alias and name == "apply":
+            p.prog = "istio-iptables"
+            p.add_argument("--version", action="version", version=f"istio-iptables (interceptd {__version__})")
         if name == "status":
             p.add_argument("--json", action="store_true", help="machine-readable output")
             p.add_argument("--netns", metavar="NAME", help="show the table of a namespace the node agent keeps "
@@ -123,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--format", choices=("json", "nft"), default="json",
                            help="json: the libnftables transaction that is applied; nft: the same table as "
                            "`nft -f` text, each rule with its meaning")
+        add_options(p, name)
     return parser
 
 
@@ -138,10 +189,11 @@ def _unrecognized(extra: list[str], parser: argparse.ArgumentParser, command: st
     return ConfigError("".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message))
 
 
-def parse(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[argparse.Namespace, Config]:
+def parse(argv: Sequence[str], env: Mapping[str, str] | None = None, alias: bool = False,
+          ) -> tuple[argparse.Namespace, Config]:
     """The command line (and the environment, os.environ unless given) as arguments and a Config."""
     args_list, bools = normalise_argv(argv)
-    parser = build_parser()
+    parser = build_parser(alias)
     args, extra = parser.parse_known_args(args_list)
     if extra:
         raise _unrecognized(extra, parser, args.command)
@@ -161,12 +213,13 @@ def _print_error(exc: InterceptdError) -> int:
 def run_command(argv: Sequence[str]) -> int:
     from interceptd.cli import commands
 
-    if argv[:1] == ["istio-iptables"]:
+    alias = argv[:1] == ["istio-iptables"]
+    if alias:
         # Istio's injection template runs `<image entrypoint> istio-iptables ARGS` (pilot-agent's spelling):
         # with interceptd's image as the proxy-init image, that is `interceptd istio-iptables ARGS`.
         argv = ["apply", *argv[1:]]
     try:
-        args, config = parse(argv)
+        args, config = parse(argv, alias=alias)
         handler: Callable[[argparse.Namespace, Config], int] = getattr(commands, f"cmd_{args.command}")
         return handler(args, config)
     except InterceptdError as exc:
@@ -187,5 +240,5 @@ def istio_iptables_main() -> None:
     """`istio-iptables ARGS`: Istio's init-container command line, unchanged."""
     argv = sys.argv[1:]
     # `istio-iptables istio-iptables ...` (pilot-agent's spelling through the alias) is run_command's case.
-    sys.exit(run_command(argv if argv[:1] == ["istio-iptables"] else ["apply", *argv]))
+    sys.exit(run_command(argv if argv[:1] == ["istio-iptables"] else ["istio-iptables", *argv]))
 
