@@ -46,12 +46,3 @@ def test_explain_without_a_route_says_so_in_words(lab: Lab) -> None:
     assert result.stderr.splitlines() == ["interceptd: error: 100.64.0.1: this namespace has no route to it "
                                           "(Network is unreachable); give --oif/--iif and --src"], result.stderr
 
-
-def test_run_validation_with_the_proxy_ports_taken_says_so(lab: Lab) -> None:
-    lab.serve(lab.pod, "proxy", tcp=(15001, 15006))
-    result = lab.interceptd("apply", "-i", "*", "-b", "*", "--run-validation", "--probe-timeout", "1s", check=False)
-    assert result.returncode == 126
-    assert result.stderr.splitlines()[-1] == (
-        "interceptd: error: validation failed: cannot listen on 127.0.0.1 port 15001 (taken), 15006 (taken): "
-        "--run-validation needs the proxy ports free, so it must run before the proxy starts (in the init "
-        "container, not next to a running proxy)"), result.stderr
