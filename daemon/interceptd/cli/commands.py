@@ -83,7 +83,10 @@ def _start_agent(config: Config, command: str) -> None:
 
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
     _start_agent(config, "run")
-    agent = Agent(config, lambda: load_all(args.option_flags, config_path=args.config))
+    from interceptd.runtime.agent import doctor_checks
+
+    agent = Agent(config, lambda: load_all(args.option_flags, config_path=args.config), config_path=args.config,
+                  look_around=doctor_checks)
     return agent.run()
 
 
@@ -129,7 +132,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         return 0
     stats = status.chain_stats(listing)
     if args.json:
-        print(json.dumps(status.as_json(table, stats), indent=2))
+        print(json.dumps(status.as_json(table, stats, status.set_elements(listing)), indent=2))
     else:
         print(status.format_table(table, stats, status.set_elements(listing)))
     return 0

@@ -18,7 +18,7 @@ from interceptd.ruleset.nftparse import parse_listing
 from interceptd.ruleset.render import render
 from interceptd.ruleset.tablediff import differences
 from interceptd.system import host, inspect, preflight
-from interceptd.system.kernel import NftKernel
+from interceptd.system.kernel import Kernel
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def _facts(config: Config) -> tuple[HostFacts, Finding]:
                           f"{'captured' if facts.ipv6 else 'not captured'}")
 
 
-def _features(config: Config, facts: HostFacts, kernel: NftKernel) -> Finding:
+def _features(config: Config, facts: HostFacts, kernel: Kernel) -> Finding:
     try:
         preflight.run(config, facts.ipv6, kernel)
     except PreflightError as exc:
@@ -60,7 +60,7 @@ def _loopback() -> Finding:
                    "ip link set lo up (the CNI plugin's loopback plugin normally does it)")
 
 
-def _table(config: Config, facts: HostFacts, kernel: NftKernel, proposed: bool,
+def _table(config: Config, facts: HostFacts, kernel: Kernel, proposed: bool,
            ) -> tuple[list[Finding], Ruleset | None]:
     """The table's findings, and the installed ruleset (None when missing or unreadable)."""
     listing = kernel.list_table(config.table)
@@ -77,7 +77,7 @@ def _table(config: Config, facts: HostFacts, kernel: NftKernel, proposed: bool,
     return [doctor.table(config.table, found, True), owner], installed
 
 
-def run(config: Config, kernel: NftKernel, proposed: bool = True) -> Report:
+def run(config: Config, kernel: Kernel, proposed: bool = True) -> Report:
     """Every check, in the order a person would look; each one's failure is a finding, not an exception.
 
     `proposed`: the configuration was given on purpose (flags, --config, the agent's own): the table is

@@ -26,6 +26,8 @@ _FAMILIES = {"ip": (4,), "ip6": (6,), "inet": (4, 6)}
 # iptables-nft keeps its rules in these tables; the iptables check reports them with iptables' own words.
 XTABLES = {"filter", "nat", "mangle", "raw", "security"}
 _SHOWN = 5
+# The checks the agent repeats and exports as interceptd_conflicts{kind}; "table" is drift, the repairs' business.
+CONFLICT_KINDS = ("kernel-features", "loopback", "address", "owner", "neighbour-chains", "iptables", "listeners")
 
 
 @dataclass(frozen=True)

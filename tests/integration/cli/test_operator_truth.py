@@ -68,3 +68,10 @@ def _handle(lab: Lab, chain: str, rule: str) -> str:
     listing = json.loads(sh("nft", "-j", "-a", "list", "chain", "inet", "interceptd", chain, ns=lab.pod).stdout)
     return str(next(i["rule"]["handle"] for i in listing["nftables"]
                     if "rule" in i and i["rule"].get("comment") == rule))
+
+
+def test_status_json_holds_the_set_contents(lab: Lab) -> None:
+    lab.interceptd("apply", *SEED)
+    shown = json.loads(lab.interceptd("status", "--json").stdout)
+    assert shown["sets"]["inbound-exclude-ports"] == ["15020-15021", "15090"]
+    assert shown["sets"]["proxy-uids"] == ["1337"]
