@@ -8,10 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.request import urlopen
 
 import pytest
+from support.gaplab import CONFIG_A, AgentProc
 from support.neighbours import install_neighbour_tables
-from support.netlab import Lab, sh
+from support.netlab import Lab, call_in, sh, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -145,3 +147,28 @@ def test_a_neighbour_after_ours_or_on_an_absent_interface_is_no_finding(pod: Lab
              "-200; }; add rule ip late early oifname \"eth9\" drop; add rule ip late early accept")
     code, report = doctor(pod, *DUAL)
     assert (code, problems(report)) == (0, {})
+
+
+def test_the_agent_finds_a_neighbour_exports_it_and_logs_it_once(lab: Lab, tmp_path: Path) -> None:
+    def scrape(path: str) -> str:
+        try:
+            with urlopen(f"http://127.0.0.1:15321{path}", timeout=5) as response:
+                return str(response.read().decode())
+        except OSError as exc:
+            return str(getattr(exc, "read", lambda: b"")().decode())
+
+    proxy(lab)
+    nft(lab, "add table ip meshb; add chain ip meshb out { type filter hook output priority -200; }; "
+             "add rule ip meshb out tcp dport 80 drop")
+    agent = AgentProc(lab, tmp_path, "--log-level", "debug")  # debug: each quiet check is an event
+    agent.write_config(CONFIG_A.replace('metrics_address = ""', 'metrics_address = "127.0.0.1:15321"')
+                       + "reconcile_interval = 0.05\n")
+    agent.start()
+    try:
+        assert wait_until(lambda: 'interceptd_conflicts{kind="neighbour-chains"} 1.0'
+                          in call_in(lab.pod, scrape, "/metrics"), timeout=20), agent.log.read_text()[-2000:]
+        assert "conflict (neighbour-chains): table ip meshb chain out" in call_in(lab.pod, scrape, "/readyz")
+        assert wait_until(lambda: agent.events("check") >= 3 * 10, timeout=20)  # more looks around: no new log
+        assert agent.events("conflict") == 1
+    finally:
+        agent.close()
