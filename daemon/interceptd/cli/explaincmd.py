@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import replace
 
-from interceptd.config import Config
+from interceptd.config import OPTIONS_BY_KEY, Config
 from interceptd.config.values import parse_port, resolve_gid, resolve_uid
 from interceptd.errors import ConfigError, HostError, KernelSideError, NotInstalledError
 from interceptd.ruleset.explain import Connection, Explanation, as_json, borrow_why, explain, format_text
@@ -158,8 +158,9 @@ def connection(args: argparse.Namespace) -> Connection:
 
 
 def proposing(args: argparse.Namespace) -> bool:
-    """Capture flags or --config describe a proposed configuration; without them the installed table is the truth."""
-    return bool(args.option_flags) or args.config is not None
+    """Capture flags or --config describe a proposed configuration; without them the installed table is the truth.
+    interceptd's own settings (--table, --log-level, ...) propose nothing: they say where to look."""
+    return args.config is not None or any(OPTIONS_BY_KEY[key].scope != "agent" for key in args.option_flags)
 
 
 def installed(config: Config) -> Ruleset | None:

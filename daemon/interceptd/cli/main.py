@@ -74,6 +74,7 @@ AGENT_COMMANDS = ("run", "node")
 # They read or remove the table: the capture flags are accepted (istio-iptables --cleanup-only passes them), not shown.
 TABLE_ONLY = ("status", "cleanup")
 SHOWN_EVERYWHERE = ("table", "resolv_conf")
+SHOWN_FOR = {"cleanup": ("dry_run",)}
 
 
 def _shown(option: Option, command: str | None) -> bool:
@@ -81,6 +82,8 @@ def _shown(option: Option, command: str | None) -> bool:
     agent's where an agent runs. 50 flags on every page buried the few each command is about."""
     if option.scope == "compat":
         return False
+    if command in SHOWN_FOR:
+        return option.key in SHOWN_FOR[command] or option.key in SHOWN_EVERYWHERE
     if option.scope == "agent":
         return command in AGENT_COMMANDS or command is None or option.key in SHOWN_EVERYWHERE
     return command not in TABLE_ONLY
@@ -114,8 +117,9 @@ def add_options(parser: argparse.ArgumentParser, command: str | None = None) -> 
 
 def _epilog(command: str) -> str:
     hidden = [o.flag for o in OPTIONS if not _shown(o, command)]
-    return (f"example: {EXAMPLES[command]}\n\nalso accepted (istio-iptables compatibility, or not used by "
-            f"{command}): {', '.join(hidden)}.\n\n{NAT_NOTE}")
+    also = textwrap.fill(f"also accepted (istio-iptables compatibility, or not used by {command}): "
+                         f"{', '.join(hidden)}.", break_on_hyphens=False)
+    return f"example: {EXAMPLES[command]}\n\n{also}\n\n{textwrap.fill(NAT_NOTE)}"
 
 
 _BOOL_FLAGS = {o.flag: o for o in OPTIONS if o.kind == "bool"}

@@ -23,8 +23,10 @@ from interceptd.ruleset.status import expr_text
 _TAKES = {"drop": "drop", "reject": "reject", "queue": "queue to user space", "dnat": "dnat",
           "redirect": "redirect", "tproxy": "tproxy"}
 _FAMILIES = {"ip": (4,), "ip6": (6,), "inet": (4, 6)}
-# iptables-nft keeps its rules in these tables; the iptables check reports them with iptables' own words.
+# iptables-nft keeps its rules in these tables, in chains named like its built-ins; the iptables check reports
+# them in iptables' own words. A native nft table that happens to be called `ip nat` is judged here.
 XTABLES = {"filter", "nat", "mangle", "raw", "security"}
+XTABLES_CHAINS = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
 _SHOWN = 5
 # The checks the agent repeats and exports as interceptd_conflicts{kind}; "table" is drift, the repairs' business.
 CONFLICT_KINDS = ("kernel-features", "loopback", "address", "owner", "neighbour-chains", "iptables", "listeners")
@@ -157,12 +159,15 @@ def neighbours(ours: Ruleset, ipv6: bool, tables: dict[tuple[str, str], list[Jso
     marks = _uses_marks(ours)
     culprits: list[str] = []
     for (family, name), listing in sorted(tables.items()):
-        if not versions & set(_FAMILIES.get(family, ())) or (family in ("ip", "ip6") and name in XTABLES):
+        if not versions & set(_FAMILIES.get(family, ())):
             continue
         if isinstance(listing, str):
             culprits.append(f"table {family} {name}: could not be read ({listing})")
             continue
         t = _table(family, name, listing)
+        if family in ("ip", "ip6") and name in XTABLES and all(
+                c["name"] in XTABLES_CHAINS for c in t.chains.values() if "hook" in c):
+            continue
         for body in t.chains.values():
             hook, prio = body.get("hook"), body.get("prio")
             if hook not in hooks or not isinstance(prio, int) or prio > hooks[hook]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 
-from interceptd.cli.explaincmd import add_arguments, connection
+from interceptd.cli.explaincmd import add_arguments, connection, proposing
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -26,3 +26,13 @@ def test_uid_alone_brings_that_users_group() -> None:
     assert connection(_args(*common, "--uid", "0")).gid == 0
     assert connection(_args(*common, "--uid", "54321")).gid == 54321  # no such user: the same number
     assert connection(_args(*common, "--uid", "54321", "--gid", "7")).gid == 7
+
+
+def test_only_capture_flags_or_a_config_file_propose_a_configuration() -> None:
+    def args(flags: dict[str, str], config: str | None = None) -> argparse.Namespace:
+        return argparse.Namespace(option_flags=flags, config=config)
+
+    assert not proposing(args({}))
+    assert not proposing(args({"table": "other", "log_level": "debug"}))  # where to look, not what to install
+    assert proposing(args({"service_cidr": "*"}))
+    assert proposing(args({}, "/etc/interceptd/interceptd.toml"))

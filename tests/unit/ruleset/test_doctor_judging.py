@@ -95,7 +95,12 @@ def test_neighbour_judgement() -> None:
     assert not found.ok and "via chain deny" in found.culprits[0] and "same priority" in found.culprits[0]
     unreadable = judge({("ip", "t"): "libnftables crashed (signal 11) listing it"})
     assert not unreadable.ok and "could not be read" in unreadable.culprits[0]
-    assert judge({("ip", "nat"): "iptables-nft's: the iptables check reports it"}).ok
+    # iptables-nft's own tables are the iptables check's; a native table that is merely called `ip nat` is not.
+    assert judge(_table("ip", "nat", "output", -200, DROP) | {("ip", "nat"): [
+        {"chain": {"name": "OUTPUT", "type": "nat", "hook": "output", "prio": -100}},
+        {"rule": {"chain": "OUTPUT", "expr": [{"jump": {"target": "ISTIO_OUTPUT"}}]}},
+        {"chain": {"name": "ISTIO_OUTPUT"}}, {"rule": {"chain": "ISTIO_OUTPUT", "expr": [{"redirect": {}}]}}]}).ok
+    assert not judge(_table("ip", "nat", "output", -200, DROP)).ok
 
 
 def test_marks_matter_only_when_our_rules_use_them() -> None:
