@@ -44,7 +44,7 @@ def _facts(config: Config) -> tuple[HostFacts, Finding]:
                           f"{'captured' if facts.ipv6 else 'not captured'}")
 
 
-def _features(config: Config, facts: HostFacts, kernel: Kernel) -> Finding:
+def features(config: Config, facts: HostFacts, kernel: Kernel) -> Finding:
     try:
         preflight.run(config, facts.ipv6, kernel)
     except PreflightError as exc:
@@ -84,7 +84,7 @@ def run(config: Config, kernel: Kernel, proposed: bool = True) -> Report:
     compared with it. Otherwise the installed table is the reference for the listeners and hooks.
     """
     facts, address = _facts(config)
-    findings = [_features(config, facts, kernel), _loopback(), address]
+    findings = [features(config, facts, kernel), _loopback(), address]
     table, installed = _table(config, facts, kernel, proposed)
     findings += table
     reference = installed if installed is not None and not proposed else render(config, facts)
