@@ -88,8 +88,8 @@ def run(config: Config, kernel: Kernel, proposed: bool = True) -> Report:
     table, installed = _table(config, facts, kernel, proposed)
     findings += table
     reference = installed if installed is not None and not proposed else render(config, facts)
-    findings.append(doctor.neighbours(reference, facts.ipv6, inspect.other_tables(("inet", config.table)),
-                                      inspect.interfaces()))
+    findings.append(doctor.neighbours(reference, doctor.captures_ipv6(reference),
+                                      inspect.other_tables(("inet", config.table)), inspect.interfaces()))
     findings.append(doctor.iptables(inspect.iptables_rules()))
     wanted, uids = doctor.listener_ports(reference)
     findings.append(doctor.listeners(wanted, inspect.listening_tcp(), uids))

@@ -13,7 +13,7 @@ from typing import Any
 
 from interceptd.ruleset.explain import LISTENER_ROLE
 from interceptd.ruleset.model import CtMarkFromMark, MarkFromCtMark, Redirect, Ruleset, SetMark, TProxy
-from interceptd.ruleset.names import SET_PROXY_UIDS
+from interceptd.ruleset.names import RULE_IPV6_DISABLED_RETURN, SET_PROXY_UIDS
 from interceptd.ruleset.nftjson import Json
 from interceptd.ruleset.status import expr_text
 
@@ -144,6 +144,11 @@ def _reachable(t: _Table, start: str, interfaces: frozenset[str], marks: bool) -
             if takes:
                 yield chain, rule, takes
             todo += _targets(expr, t.maps)
+
+
+def captures_ipv6(ruleset: Ruleset) -> bool:
+    """Whether the rules capture IPv6: without it, every base chain starts by letting IPv6 through."""
+    return not any(r.name == RULE_IPV6_DISABLED_RETURN for c in ruleset.chains for r in c.rules)
 
 
 def neighbours(ours: Ruleset, ipv6: bool, tables: dict[tuple[str, str], list[Json] | str],

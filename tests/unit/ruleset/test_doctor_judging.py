@@ -103,6 +103,11 @@ def test_neighbour_judgement() -> None:
     assert not judge(_table("ip", "nat", "output", -200, DROP)).ok
 
 
+def test_ipv6_capture_is_read_from_the_rules() -> None:
+    assert doctor.captures_ipv6(RULESET)
+    assert not doctor.captures_ipv6(render(load(SEED, {}), replace(FACTS, ipv6=False)))
+
+
 def test_marks_matter_only_when_our_rules_use_them() -> None:
     mark = [{"mangle": {"key": {"meta": {"key": "mark"}}, "value": 9}}]
     tproxy = render(load({**SEED, "inbound_interception_mode": "TPROXY"}, {}), FACTS)
