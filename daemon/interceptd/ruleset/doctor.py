@@ -32,6 +32,10 @@ _SHOWN = 5
 CONFLICT_KINDS = ("kernel-features", "loopback", "address", "owner", "neighbour-chains", "iptables", "listeners")
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 @dataclass(frozen=True)
 class Finding:
     check: str  # stable: a metric label and the JSON key
@@ -185,9 +189,9 @@ def neighbours(ours: Ruleset, ipv6: bool, tables: dict[tuple[str, str], list[Jso
                                 f"{' and '.join(dict.fromkeys(takes))} our traffic")
     if not culprits:
         return Finding("neighbour-chains", True, "no other table's chain runs before ours and takes our traffic")
-    return Finding("neighbour-chains", False, f"{len(culprits)} rules of other tables can take traffic before "
-                   "interceptd sees it", "remove the table if it is a leftover (nft delete table FAMILY NAME), or "
-                   "exempt the pod's traffic in it, or give it a priority after ours",
+    return Finding("neighbour-chains", False, f"{_count(len(culprits), 'rule')} of other tables can take "
+                   "traffic before interceptd sees it", "remove the table if it is a leftover (nft delete table "
+                   "FAMILY NAME), or exempt the pod's traffic in it, or give it a priority after ours",
                    tuple(culprits[:_SHOWN]) + ((f"... and {len(culprits) - _SHOWN} more",)
                                                if len(culprits) > _SHOWN else ()))
 
@@ -201,7 +205,7 @@ def iptables(rules: dict[str, list[str]]) -> Finding:
     for flavour, lines in sorted(found.items()):
         istio = sorted({w for line in lines for w in line.split() if w.startswith("ISTIO_")})
         who = f" (a leftover istio-init: chains {', '.join(istio)})" if istio else ""
-        culprits.append(f"{flavour}: {len(lines)} rules{who}, e.g. `{lines[0]}`")
+        culprits.append(f"{flavour}: {_count(len(lines), 'rule')}{who}, e.g. `{lines[0]}`")
     return Finding("iptables", False, "iptables rules in this namespace run next to interceptd's table and can "
                    "redirect, drop or mark the same traffic", "if they are a leftover init container's or another "
                    "mesh's, flush them (e.g. iptables-nft -t nat -F; iptables-nft -t nat -X); otherwise make sure "

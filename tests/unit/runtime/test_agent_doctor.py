@@ -24,7 +24,7 @@ from interceptd.system.fake import FakeKernel, FakeRouter
 from interceptd.system.kernel import Kernel
 
 BASE = {"service_cidr": "*", "inbound_ports": "*"}
-LEFTOVER = Finding("iptables", False, "iptables rules", "flush them", ("iptables-nft: 1 rules, e.g. `-A OUTPUT`",))
+LEFTOVER = Finding("iptables", False, "iptables rules", "flush them", ("iptables-nft: 1 rule, e.g. `-A OUTPUT`",))
 
 
 class Harness:
@@ -78,7 +78,7 @@ def test_conflicts_are_looked_for_periodically_exported_and_logged_once(h: Harne
         h.timer()
     assert h.looks == 2 and len(h.events("conflict")) == 1  # the same conflict again: not logged again
     body = readyz(h).body.decode()
-    assert body.startswith("ready\n") and "conflict (iptables): iptables-nft: 1 rules" in body
+    assert body.startswith("ready\n") and "conflict (iptables): iptables-nft: 1 rule" in body
     text = generate_latest(registry(h.agent.controller.kernel, h.agent.controller.state)).decode()
     assert 'interceptd_conflicts{kind="iptables"} 1.0' in text and 'interceptd_conflicts{kind="listeners"} 0.0' in text
     h.findings = []
