@@ -105,6 +105,10 @@ FAULTS = [
         ["iptables-nft", "-t", "nat", "-N", "ISTIO_OUTPUT"],
         ["iptables-nft", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "ISTIO_OUTPUT"])] and None,
           "iptables", ("iptables-nft: 1 rule ", "leftover istio-init", "ISTIO_OUTPUT")),
+    Fault("leftover istio-init (ip6tables-nft)", lambda lab: [sh(*c, ns=lab.pod) for c in (
+        ["ip6tables-nft", "-t", "nat", "-N", "ISTIO_REDIRECT"],
+        ["ip6tables-nft", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-j", "ISTIO_REDIRECT"])] and None,
+          "iptables", ("ip6tables-nft: 1 rule", "leftover istio-init", "ISTIO_REDIRECT")),
     Fault("ip6tables-legacy rule", lambda lab: sh("ip6tables-legacy", "-A", "OUTPUT", "-p", "tcp", "--dport", "9",
                                                   "-j", "REJECT", ns=lab.pod) and None,
           "iptables", ("ip6tables-legacy: 1 rule,", "--dport 9")),
