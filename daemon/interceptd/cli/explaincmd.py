@@ -182,8 +182,9 @@ def ruleset_for(args: argparse.Namespace, config: Config, facts: HostFacts) -> t
     if proposing(args) and not args.from_kernel:
         try:
             kernel = installed(config)
-        except KernelSideError:
-            return rendered, []  # not allowed to read the kernel (not root): the proposal alone is the question
+        except KernelSideError as exc:  # e.g. not root: the proposal alone can still be answered
+            return rendered, [f"the installed table could not be read ({exc}): this explains the given "
+                              "configuration only"]
         if kernel is None:
             return rendered, [f"table inet {config.table} is not installed here: this explains the given "
                               "configuration, not what happens now (nothing is captured now)"]

@@ -46,3 +46,13 @@ def test_explain_without_a_route_says_so_in_words(lab: Lab) -> None:
     assert result.stderr.splitlines() == ["interceptd: error: 100.64.0.1: this namespace has no route to it "
                                           "(Network is unreachable); give --oif/--iif and --src"], result.stderr
 
+
+
+def test_explaining_a_proposal_needs_no_privilege(lab: Lab) -> None:
+    lab.interceptd("apply", "-i", "*")
+    result = sh(*NOBODY, INTERCEPTD, "explain", "--json", "-i", "*", "--dst", "203.0.113.7:80", "--uid", "1000",
+                ns=lab.pod)
+    answer = json.loads(result.stdout)
+    assert answer["verdict"]["action"] == "redirect"
+    assert answer["notes"] == ["the installed table could not be read (needs root or CAP_NET_ADMIN in the target "
+                               "network namespace): this explains the given configuration only"]
