@@ -152,9 +152,11 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_diff(args: argparse.Namespace, config: Config) -> int:
     from interceptd.cli.explaincmd import installed
+    from interceptd.control.reconcile import route_differences
     from interceptd.ruleset.tablediff import differences
 
-    found = differences(render(config, facts_for(config)), installed(config))
+    ruleset = render(config, facts_for(config))
+    found = differences(ruleset, installed(config)) + route_differences(ruleset, Netlink())
     if args.json:
         print(json.dumps({"table": config.table, "equal": not found,
                           "differences": [{"reason": d.reason, "detail": d.detail} for d in found]}, indent=2))

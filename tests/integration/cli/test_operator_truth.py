@@ -75,3 +75,12 @@ def test_status_json_holds_the_set_contents(lab: Lab) -> None:
     shown = json.loads(lab.interceptd("status", "--json").stdout)
     assert shown["sets"]["inbound-exclude-ports"] == ["15020-15021", "15090"]
     assert shown["sets"]["proxy-uids"] == ["1337"]
+
+
+def test_diff_names_a_missing_tproxy_route(lab: Lab) -> None:
+    tproxy = ["-m", "TPROXY", "-b", "*", "-i", "*"]
+    lab.interceptd("apply", *tproxy)
+    assert lab.interceptd("diff", *tproxy).returncode == 0
+    sh("ip", "rule", "del", "fwmark", "1337", "lookup", "133", ns=lab.pod)
+    result = lab.interceptd("diff", *tproxy, check=False)
+    assert result.returncode == 1 and "lookup 133" in result.stdout and "is missing" in result.stdout, result.stdout
