@@ -44,7 +44,7 @@ fuzz: venv
 	  tests/unit/config/test_fuzz_config.py tests/unit/cli/test_fuzz_cni.py tests/integration/ruleset/test_hardening_fuzz_nft.py \
 	  tests/integration/ruleset/test_explain_kernel.py
 
-# The full counts (about 15 minutes, not in CI): interception gap through 1,000 reloads,
+# The full counts (about 10 minutes, not in CI): interception gap through 1,000 reloads,
 # 20 restarts and 1,000 drifts; 100,000 applies and scrapes with the agent's RSS/fds/threads slopes.
 # Exits non-zero on any bypass outside drift, repairs over their goals or a growing slope (tests/soak.py).
 soak: venv

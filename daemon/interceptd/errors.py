@@ -46,6 +46,10 @@ class KernelRefusedError(KernelSideError):
     """libnftables refused a transaction; the kernel kept the previous ruleset."""
 
 
+class PermissionDeniedError(KernelSideError):
+    """The process lacks CAP_NET_ADMIN: libnftables would print its own two lines and fail every call."""
+
+
 class ResourceError(KernelSideError):
     """A process resource ran out (descriptors): the operation was not attempted, nothing was changed."""
 

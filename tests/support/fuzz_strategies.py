@@ -172,7 +172,7 @@ def culprit(flags: dict[str, str], env: dict[str, str], toml: dict[str, Any]) ->
             sources.append((option.flag, flags[option.key]))
         for name, value in sources:
             try:
-                text = options._toml_text(option, value) if name.startswith("key ") else value
+                text = options._toml_text(option, value, "fuzz.toml") if name.startswith("key ") else value
                 final[option.key] = option.parse(text)
             except (ConfigError, ValueError):
                 return name

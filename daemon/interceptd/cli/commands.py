@@ -16,7 +16,7 @@ from interceptd.control import install
 from interceptd.errors import ConfigError, KernelRefusedError
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.model import Ruleset
-from interceptd.ruleset.nftjson import Existing, transaction
+from interceptd.ruleset.nftjson import Existing, deletion, transaction
 from interceptd.ruleset.nfttext import ruleset_text
 from interceptd.ruleset.render import render
 from interceptd.system import host, preflight
@@ -39,6 +39,9 @@ def rendered(config: Config, facts: HostFacts, fmt: str = "json") -> str:
 
 
 def cmd_render(args: argparse.Namespace, config: Config) -> int:
+    if config.cleanup_only:
+        print(_removal(config), end="")
+        return 0
     print(rendered(config, facts_for(config, args.ipv6), args.format), end="")
     return 0
 
@@ -56,6 +59,11 @@ def apply_once(kernel: Kernel, router: Router, ruleset: Ruleset, config: Config,
     except KernelRefusedError:
         preflight.run(config, ipv6, kernel)
         raise
+
+
+def _removal(config: Config) -> str:
+    """What a cleanup sends the kernel: the table's deletion (TPROXY's routes go over netlink, not in it)."""
+    return json.dumps(deletion(config.table), indent=2) + "\n"
 
 
 def cmd_apply(args: argparse.Namespace, config: Config) -> int:
@@ -94,11 +102,20 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     from interceptd.runtime.agent import Agent
 
     _start_agent(config, "run")
-    agent = Agent(config, lambda: load_all(args.option_flags, config_path=args.config))
+    from interceptd.runtime.agent import doctor_checks
+
+    agent = Agent(config, lambda: load_all(args.option_flags, config_path=args.config), config_path=args.config,
+                  look_around=doctor_checks)
     return agent.run()
 
 
 def cmd_cleanup(args: argparse.Namespace, config: Config) -> int:
+    if config.dry_run:
+        # dry-run promises no kernel change: show what would be sent and stop.
+        print(_removal(config), end="")
+        print(f"interceptd: dry run: table inet {config.table} and interceptd's TPROXY routes would be removed; "
+              "nothing was changed", file=sys.stderr)
+        return 0
     existed = install.remove(NftKernel(), Netlink(), config.table)
     print(f"interceptd: table inet {config.table} {'removed' if existed else 'was not installed'}",
           file=sys.stderr)
@@ -129,13 +146,14 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     if args.explain_top is not None:
         from interceptd.cli import explaincmd
 
-        print(explaincmd.explain_top(config, facts_for(config), listing, args.explain_top))
+        print(explaincmd.explain_top(config, facts_for(config), listing, args.explain_top,
+                                     explaincmd.proposing(args)))
         return 0
     from interceptd.ruleset import status
 
     stats = status.chain_stats(listing)
     if args.json:
-        print(json.dumps(status.as_json(table, stats), indent=2))
+        print(json.dumps(status.as_json(table, stats, status.set_elements(listing)), indent=2))
     else:
         print(status.format_table(table, stats, status.set_elements(listing)))
     return 0
@@ -153,3 +171,33 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
     from interceptd.cli import explaincmd
 
     return explaincmd.run(args, config, facts_for(config))
+
+
+def cmd_diff(args: argparse.Namespace, config: Config) -> int:
+    from interceptd.cli.explaincmd import installed
+    from interceptd.control.reconcile import route_differences
+    from interceptd.ruleset.tablediff import differences
+
+    ruleset = render(config, facts_for(config))
+    found = differences(ruleset, installed(config)) + route_differences(ruleset, Netlink())
+    if args.json:
+        print(json.dumps({"table": config.table, "equal": not found,
+                          "differences": [{"reason": d.reason, "detail": d.detail} for d in found]}, indent=2))
+    elif found:
+        print("\n".join(d.detail for d in found))
+    else:
+        print(f"table inet {config.table} matches the configuration")
+    return 1 if found else 0
+
+
+def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
+    from interceptd.cli.explaincmd import proposing
+    from interceptd.control import doctor
+    from interceptd.ruleset.doctor import text
+
+    report = doctor.run(config, NftKernel(), proposing(args))
+    if args.json:
+        print(json.dumps({"ok": report.ok, "checks": [f.as_json() for f in report.findings]}, indent=2))
+    else:
+        print(text(report.findings))
+    return 0 if report.ok else 1

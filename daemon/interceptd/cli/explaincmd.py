@@ -11,14 +11,15 @@ import argparse
 import ipaddress
 import json
 import os
+import pwd
 import socket
 import sys
 from collections.abc import Callable
 from dataclasses import replace
 
-from interceptd.config import Config
+from interceptd.config import OPTIONS_BY_KEY, Config
 from interceptd.config.values import parse_port, resolve_gid, resolve_uid
-from interceptd.errors import ConfigError, NotInstalledError
+from interceptd.errors import ConfigError, HostError, KernelSideError, NotInstalledError
 from interceptd.ruleset.explain import Connection, Explanation, as_json, borrow_why, explain, format_text
 from interceptd.ruleset.facts import HostFacts, IPAddress
 from interceptd.ruleset.model import Ruleset
@@ -26,6 +27,7 @@ from interceptd.ruleset.nftjson import Json
 from interceptd.ruleset.nftparse import parse_listing
 from interceptd.ruleset.render import render
 from interceptd.ruleset.status import chain_stats
+from interceptd.ruleset.tablediff import differences
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,13 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dst", metavar="ADDR:PORT", help="destination ([v6]:port for IPv6)")
     g.add_argument("--dst-addr", metavar="ADDR", help="destination address (instead of --dst)")
     g.add_argument("--dst-port", metavar="PORT", help="destination port (with --dst-addr)")
-    g.add_argument("--src", metavar="ADDR[:PORT]", help="source (default: what the route picks)")
+    g.add_argument("--src", metavar="ADDR[:PORT]", help="source (default: outbound, what the route picks; "
+                   "inbound, a documentation address: any remote address decides alike)")
     g.add_argument("--uid", help="socket owner, name or number (outbound; default: yours)")
-    g.add_argument("--gid", help="socket group, name or number (outbound; default: yours)")
+    g.add_argument("--gid", help="socket group, name or number (outbound; default: the --uid user's group, "
+                   "else yours)")
     g.add_argument("--iif", help="inbound: arriving interface (default: the route back to the source)")
     g.add_argument("--oif", help="outbound: leaving interface (default: the route to the destination)")
     g.add_argument("--from-kernel", action="store_true",
-                   help="explain against the table installed in this namespace, not the configuration")
+                   help="explain the installed table even when capture flags or --config are given (without "
+                        "them it is the default)")
     g.add_argument("--kernel", action="store_true",
                    help="also make a real probe connection, trace it in the kernel and compare")
     g.add_argument("--all-steps", action="store_true", help="also show counting rules and chain exits")
@@ -97,8 +102,22 @@ def route(dst: IPAddress) -> tuple[str, IPAddress | None]:
         index, src = rtnl.route_get(str(dst))
         name = socket.if_indextoname(index)
     except OSError as exc:
-        raise ConfigError(f"--dst {dst}: no route in this namespace ({exc}); give --oif/--iif and --src") from None
+        # Not bad input (exit 2): a fact about this namespace, said in words, not as an errno tuple.
+        reason = os.strerror(exc.errno) if exc.errno else "no route"
+        raise HostError(f"{dst}: this namespace has no route to it ({reason}); give --oif/--iif and --src") from None
     return name, ipaddress.ip_address(src) if src else None
+
+
+REMOTE: dict[int, IPAddress] = {4: ipaddress.ip_address("198.51.100.1"), 6: ipaddress.ip_address("2001:db8:ffff::1")}
+
+
+def primary_gid(uid: int) -> int:
+    """--uid without --gid: the user's own group, as a process of that user would have (else the same number,
+    the usual container convention), not the caller's group."""
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return uid
 
 
 def connection(args: argparse.Namespace) -> Connection:
@@ -123,10 +142,10 @@ def connection(args: argparse.Namespace) -> Connection:
         routed, prefsrc = route(dst) if not (oif and src) else (oif, src)
         oif, src = oif or routed, src or prefsrc
         uid = _owner(args.uid, resolve_uid, "--uid", os.getuid())
-        gid = _owner(args.gid, resolve_gid, "--gid", os.getgid())
+        gid = _owner(args.gid, resolve_gid, "--gid", os.getgid() if args.uid is None else primary_gid(uid))
     else:
-        if src is None:
-            raise ConfigError("--inbound: --src (the remote address) is needed")
+        # Which remote address does not change where an inbound connection goes: any will do.
+        src = src or REMOTE[dst.version]
         iif = iif or route(src)[0]
         uid = gid = None
     if src is None:
@@ -134,31 +153,62 @@ def connection(args: argparse.Namespace) -> Connection:
     return Connection(direction, args.protocol, dst, dport, src, sport or 40000, uid, gid, iif, oif)
 
 
-def ruleset_for(args: argparse.Namespace, config: Config, facts: HostFacts) -> Ruleset:
-    """The configured ruleset, or (--from-kernel) the installed one with the configured rules' meanings."""
+def proposing(args: argparse.Namespace) -> bool:
+    """Capture flags or --config describe a proposed configuration; without them the installed table is the truth.
+    interceptd's own settings (--table, --log-level, ...) propose nothing: they say where to look."""
+    return args.config is not None or any(OPTIONS_BY_KEY[key].scope != "agent" for key in args.option_flags)
+
+
+def installed(config: Config) -> Ruleset | None:
+    """The table installed in this namespace, parsed back into the model (None when there is none)."""
     from interceptd.system.kernel import NftKernel
 
-    rendered = render(config, facts)
-    if not args.from_kernel:
-        return rendered
     listing = NftKernel().list_table(config.table)
-    if listing is None:
-        raise NotInstalledError(f"table inet {config.table} is not installed in this namespace")
-    return borrow_why(parse_listing(config.table, listing), rendered)
+    return None if listing is None else parse_listing(config.table, listing)
+
+
+def ruleset_for(args: argparse.Namespace, config: Config, facts: HostFacts) -> tuple[Ruleset, list[str]]:
+    """What to explain, and what to say first.
+
+    Operators ask "is my traffic captured?", which only the kernel answers: so the installed table is
+    explained unless capture flags or --config propose another configuration (or --from-kernel insists). A
+    proposal that differs from what is installed says so first, since the answer is then hypothetical.
+    """
+    rendered = render(config, facts)
+    if proposing(args) and not args.from_kernel:
+        try:
+            kernel = installed(config)
+        except KernelSideError as exc:  # e.g. not root: the proposal alone can still be answered
+            return rendered, [f"the installed table could not be read ({exc}): this explains the given "
+                              "configuration only"]
+        if kernel is None:
+            return rendered, [f"table inet {config.table} is not installed here: this explains the given "
+                              "configuration, not what happens now (nothing is captured now)"]
+        found = differences(rendered, kernel)
+        if not found:
+            return rendered, []
+        return rendered, [f"the installed table inet {config.table} differs from the given configuration in "
+                          f"{len(found)} places (`interceptd diff` lists them): this explains the given "
+                          "configuration, not what happens now"]
+    kernel = installed(config)
+    if kernel is None:
+        raise NotInstalledError(f"table inet {config.table} is not installed in this namespace: nothing is "
+                                "captured; give capture flags or --config to explain a proposed configuration")
+    return borrow_why(kernel, rendered), []
 
 
 def run(args: argparse.Namespace, config: Config, facts: HostFacts) -> int:
     conn = connection(args)
-    ruleset = ruleset_for(args, config, facts)
+    ruleset, notes = ruleset_for(args, config, facts)
     try:
         result: Explanation = explain(ruleset, conn)
     except KeyError as exc:
         raise NotInstalledError(f"the ruleset refers to {exc} which it does not hold") from None
     if not args.kernel:
         if args.json:
-            print(json.dumps(as_json(result), indent=2))
+            print(json.dumps({**({"notes": notes} if notes else {}), **as_json(result)}, indent=2))
         else:
-            print(format_text(result, args.all_steps))
+            print("".join(f"note: {n}\n" for n in notes) + format_text(result, args.all_steps))
         return 0
     from interceptd.system.trace import compare, probe, probe_interface
 
@@ -176,9 +226,10 @@ def run(args: argparse.Namespace, config: Config, facts: HostFacts) -> int:
                   "connections like this one are not captured until the proxy listens", file=sys.stderr)
             result, report = without, compare(without, observed)
     if args.json:
-        print(json.dumps({**as_json(result), "kernel": report.as_json()}, indent=2))
+        print(json.dumps({**({"notes": notes} if notes else {}), **as_json(result), "kernel": report.as_json()},
+                         indent=2))
     else:
-        print(format_text(result, args.all_steps))
+        print("".join(f"note: {n}\n" for n in notes) + format_text(result, args.all_steps))
         print(report.text())
     if not report.agree:
         print("interceptd: MODEL AND KERNEL DISAGREE: this is a bug in interceptd; please report it with the "
@@ -187,8 +238,12 @@ def run(args: argparse.Namespace, config: Config, facts: HostFacts) -> int:
     return 0
 
 
-def explain_top(config: Config, facts: HostFacts, listing: list[Json], n: int) -> str:
-    """`status --explain-top N`: the busiest deciding rules by packet count, each with what it means."""
+def explain_top(config: Config, facts: HostFacts, listing: list[Json], n: int, proposed: bool) -> str:
+    """`status --explain-top N`: the busiest deciding rules by packet count, each with what it means.
+
+    The meanings are borrowed from the rendered configuration; an installed rule it does not hold is shown
+    as its own text, flagged only when a configuration was given on purpose (the defaults are no claim).
+    """
     known = borrow_why(parse_listing(config.table, listing), render(config, facts))
     whys = {(c.name, r.name): r.why for c in known.chains for r in c.rules}
     hooks = {c.name: c.hook.type for c in known.chains if c.hook is not None}
@@ -198,7 +253,7 @@ def explain_top(config: Config, facts: HostFacts, listing: list[Json], n: int) -
         return f"no rule of table inet {config.table} has counted anything yet"
     lines = [f"{'packets':>10}  rule: what it means"]
     for r in rules:
-        why = whys.get((r.chain, r.rule)) or f"(not in the configured ruleset) {r.text}"
+        why = whys.get((r.chain, r.rule)) or ("(not in the given configuration) " if proposed else "") + r.text
         lines.append(f"{r.packets:>10}  {r.chain}/{r.rule}: {why}")
     if any(kind == "nat" for kind in hooks.values()):
         lines.append("nat chains see only the first packet of a connection: their counts are connections.")

@@ -7,10 +7,12 @@ it, so a setting cannot exist in one place and be missing in another.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import pwd
-from collections.abc import Callable, Mapping
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -224,9 +226,9 @@ class Config:
         return self.inbound_interception_mode == "TPROXY"
 
 
-def _toml_text(option: Option, value: object) -> str:
+def _toml_text(option: Option, value: object, path: str) -> str:
     """Turn a TOML value into the option's text form, refusing the wrong TOML type."""
-    where = f"key {option.key!r}"
+    where = f"--config {path!r} key {option.key!r}"
     if option.kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -240,6 +242,8 @@ def _toml_text(option: Option, value: object) -> str:
             if isinstance(item, bool) or not isinstance(item, int | str):
                 raise ConfigError(f"{where}: list items must be numbers or strings, got {item!r}")
         return ",".join(str(item) for item in value)
+    if option.kind == "list" and isinstance(value, int):
+        return str(value)  # `proxy_uid = 1337`: one id is as natural as a list of one
     if option.kind in ("int", "float") and isinstance(value, int | float):
         return str(value)
     if isinstance(value, str) and option.kind in ("str", "list", "int", "float"):
@@ -252,7 +256,6 @@ _KIND_WORD = {"bool": "true or false", "int": "a number", "list": "a list or a c
 
 
 def read_toml(path: str) -> dict[str, object]:
-    import tomllib  # 5 ms of imports (datetime among them) that Istio's command line, all flags, never needs
 
     try:
         with open(path, "rb") as fh:
@@ -273,8 +276,14 @@ def read_toml(path: str) -> dict[str, object]:
         raise ConfigError(f"--config {path!r}: cannot read: {exc.strerror}") from None
     for key in data:
         if key not in OPTIONS_BY_KEY:
-            raise ConfigError(f"--config {path!r}: unknown key {key!r}")
+            raise ConfigError(f"--config {path!r}: unknown key {key!r}{did_you_mean(key, OPTIONS_BY_KEY)}")
     return data
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """` (did you mean 'x'?)` for the closest known spelling, or nothing: a typo should not cost a manual."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _parse(option: Option, text: str, where: str) -> Any:
@@ -296,7 +305,7 @@ def load(flags: Mapping[str, str], env: Mapping[str, str], toml: Mapping[str, ob
     for option in OPTIONS:
         value = _parse(option, option.default, f"default of {option.flag}")
         if toml is not None and option.key in toml:
-            text = _toml_text(option, toml[option.key])
+            text = _toml_text(option, toml[option.key], toml_path)
             value = _parse(option, text, f"--config {toml_path!r} key {option.key!r}")
             given.add(option.key)
         for name in option.envs:

@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from interceptd.config import OPTIONS_BY_KEY, Config
+from interceptd.config import OPTIONS, OPTIONS_BY_KEY, Config
 from interceptd.control import install, reconcile
 from interceptd.control.install import Applied
 from interceptd.control.state import AgentState
@@ -33,6 +33,7 @@ from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import Json, normalise
 from interceptd.ruleset.render import render
+from interceptd.ruleset.tablediff import differences
 from interceptd.system.kernel import Kernel
 from interceptd.system.routes import Router
 
@@ -122,12 +123,15 @@ class TableController:
             self.state.last_apply_success_ts = time.time()
         return applied
 
-    def apply_desired(self, trigger: str, drift: list[Difference] | None = None, seen_by: str = "") -> bool:
-        """Install the desired ruleset (start, repair, retry); on failure report not ready and schedule a retry."""
+    def apply_desired(self, trigger: str, drift: list[Difference] | None = None, seen_by: str = "",
+                      context: dict[str, str] | None = None) -> bool:
+        """Install the desired ruleset (start, repair, retry); on failure report not ready and schedule a retry.
+        `context`: more fields for its log event (the start's: mode, config file, metrics address)."""
         started = time.monotonic()
         details = summary(drift or [])
         first = self.applied is None
-        extra = {"seen_by": seen_by} if seen_by else {}  # what noticed the drift: event or timer
+        extra: dict[str, Any] = {"seen_by": seen_by} if seen_by else {}  # what noticed the drift: event or timer
+        extra.update(context or {})
         try:
             self._install(self.ruleset, trigger)
         except KernelSideError as exc:
@@ -209,6 +213,7 @@ class TableController:
                     raise ConfigError(f"{OPTIONS_BY_KEY[key].flag} (key {key!r}) cannot change on reload: "
                                       f"restart the agent")
             ruleset = render(config, self._facts(config))
+            previous = self.ruleset
             if self.applied is None or ruleset != self.applied.ruleset:
                 self._install(ruleset, "reload")
             else:
@@ -222,13 +227,16 @@ class TableController:
             return None
         self.retry_at = None
         self.backoff.reset()
-        self.config = config
         with self.state.lock:
             self.state.reloads["success"] += 1
             self.state.last_reload_successful = True
             self.state.last_reload_success_ts = time.time()
             self.state.mode = config.inbound_interception_mode
-        self.event("info", "reload", started, [])
+        # What changed, so a reload is not a mystery: the settings by flag, the rules by name.
+        changed = [o.flag for o in OPTIONS if getattr(config, o.key) != getattr(self.config, o.key)]
+        self.event("info", "reload", started, [], changed=changed,
+                   rules=summary(differences(previous, ruleset)) or ["unchanged"])
+        self.config = config
         return config
 
     def adopt(self, listing: list[Json], ruleset_digest: str, digest: Callable[[Ruleset], str]) -> bool:
@@ -266,6 +274,8 @@ class TableController:
                 drift = reconcile.check(self.kernel, self.router, self.applied)
         except KernelSideError:
             return False
+        with self.state.lock:
+            self.state.drift_seen = summary(drift)[:3]  # /readyz says what differs, not only that
         if drift:
             self._on_drift()
         return not drift

@@ -66,6 +66,8 @@ class AgentState:
     last_reload_success_ts: float = 0.0  # time.time() of the last good reload (or of the start)
     last_apply_success_ts: float = 0.0
     kernel_events: bool = False  # whether netlink events are being listened to
+    drift_seen: list[str] = field(default_factory=list)  # what /readyz's last look found different, in words
+    conflicts: dict[str, list[str]] = field(default_factory=dict)  # doctor's last look: check -> culprits
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     # Set by the agent: compares the kernel with the applied ruleset now (for /readyz); None before start.
     probe: Callable[[], bool] | None = field(default=None, repr=False, compare=False)

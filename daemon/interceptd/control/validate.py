@@ -10,6 +10,7 @@ first proxy uid/gid for the probe, which is what the check is meant to exercise.
 
 from __future__ import annotations
 
+import errno
 import os
 import selectors
 import socket
@@ -31,21 +32,24 @@ class Attempt:
     client: str = ""
 
 
-def _listeners(family: int, host: str, ports: tuple[int, ...]) -> dict[socket.socket, int]:
+def _listeners(family: int, host: str, ports: tuple[int, ...]) -> tuple[dict[socket.socket, int], dict[int, str]]:
+    """The probe's listeners, and for each port that could not be bound, why."""
     out: dict[socket.socket, int] = {}
+    failed: dict[int, str] = {}
     for port in ports:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((host, port))
-        except OSError:
+        except OSError as exc:
             sock.close()
+            failed[port] = "taken" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
             continue
         sock.listen(16)
         sock.setblocking(False)
         out[sock] = port
-    return out
+    return out, failed
 
 
 def _start_probe(family: int, local: str, target: tuple[str, int], uid: int, gid: int, timeout: float,
@@ -126,11 +130,15 @@ def run(config: Config, facts: HostFacts) -> None:
     v6 = facts.host_ip is not None and facts.host_ip.version == 6
     family = socket.AF_INET6 if v6 else socket.AF_INET
     loop, passthrough = ("::1", "::6") if v6 else ("127.0.0.1", "127.0.0.6")
-    listeners = _listeners(family, loop, (config.envoy_port, config.inbound_capture_port))
-    if not listeners:
+    listeners, failed = _listeners(family, loop, (config.envoy_port, config.inbound_capture_port))
+    if failed:
+        # A probe answered by another listener (the proxy itself) proves nothing: say so instead of guessing.
+        for sock in listeners:
+            sock.close()
+        taken = ", ".join(f"{port} ({why})" for port, why in failed.items())
         raise ValidationFailedError(
-            f"validation failed: no listener available on {loop} ports {config.envoy_port} and "
-            f"{config.inbound_capture_port}")
+            f"validation failed: cannot listen on {loop} port {taken}: --run-validation needs the proxy ports "
+            "free, so it must run before the proxy starts (in the init container, not next to a running proxy)")
     target = (passthrough, config.iptables_probe_port)
     deadline = time.monotonic() + config.probe_timeout
     seen = Attempt()

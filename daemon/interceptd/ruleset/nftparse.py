@@ -1,6 +1,6 @@
 """The inverse of nftjson: rebuild a Ruleset from the kernel's JSON listing of interceptd's table.
 
-Why: `explain --from-kernel` and `status --explain-top` must reason about what is really installed, with
+Why: `explain`, `diff`, `doctor` and `status --explain-top` must reason about what is really installed, with
 the same evaluator as the rendered model. The listing differs from what nftjson sends in ways that do not
 change decisions (nft hides a `meta l4proto tcp` that only guards a `tcp dport`, prints /32 prefixes as
 plain addresses, single ports as numbers); anything interceptd never emits is refused, not guessed.

@@ -129,8 +129,9 @@ def set_elements(listing: list[Json]) -> dict[str, list[str]]:
     return {s["set"]["name"]: [_value_text(e) for e in s["set"].get("elem", [])] for s in listing if "set" in s}
 
 
-def as_json(table: str, stats: list[ChainStat]) -> Json:
-    return {"table": table, "chains": [
+def as_json(table: str, stats: list[ChainStat], sets: dict[str, list[str]]) -> Json:
+    """What `status` prints, as data: the set contents too (they decide as much as the rules do)."""
+    return {"table": table, "sets": sets, "chains": [
         {"name": c.name, "hook": c.hook, "packets": c.packets, "bytes": c.bytes,
          "rules": [{"name": r.rule, "packets": r.packets, "bytes": r.bytes, "match": r.text} for r in c.rules]}
         for c in stats]}

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 from interceptd.config import Config
 from interceptd.control.controller import TableController
-from interceptd.errors import KernelSideError, ListenError
+from interceptd.errors import InterceptdError, KernelSideError, ListenError
+from interceptd.ruleset.doctor import CONFLICT_KINDS, Finding
 from interceptd.ruleset.facts import HostFacts
 from interceptd.runtime import logs
 from interceptd.runtime.lockfile import Lock
@@ -26,6 +27,7 @@ from interceptd.system.fds import raise_nofile_limit
 from interceptd.system.kernel import Kernel, NftKernel
 from interceptd.system.routes import Netlink, Router
 
+DOCTOR_EVERY = 10  # periodic checks between two runs of doctor's checks (a look around, never during a repair)
 NO_PERSIST = ("libnftables or the kernel cannot set the persist flag: the owned table goes away when this agent "
               "exits (stop, crash or restart), and traffic is not captured until the next start")
 
@@ -33,8 +35,11 @@ NO_PERSIST = ("libnftables or the kernel cannot set the persist flag: the owned 
 class Agent:
     def __init__(self, config: Config, load: Callable[[], Config], kernel: Kernel | None = None,
                  facts: Callable[[Config], HostFacts] | None = None, notifier: Notifier | None = None,
-                 router: Router | None = None) -> None:
-        """`load` re-reads the configuration (file and environment) for SIGHUP; `facts` reads the host."""
+                 router: Router | None = None, config_path: str | None = None,
+                 look_around: Callable[[Config, Kernel], list[Finding]] | None = None) -> None:
+        """`load` re-reads the configuration (file and environment) for SIGHUP; `facts` reads the host;
+        `look_around` runs doctor's checks periodically (`interceptd run` gives `doctor_checks`; they read the
+        real namespace, so an agent built without it, as in unit tests, does not look)."""
         self.notifier = notifier or Notifier()
         self.loop = EventLoop(self.notifier)
         self.controller = TableController(
@@ -45,6 +50,10 @@ class Agent:
         self._check_requested = False
         self._next_check = 0.0
         self._started = False
+        self._config_path = config_path
+        self._look_around = look_around
+        self._doctor_in = 1  # timer checks until the next look around: the first one looks
+        self._conflicts_logged: set[tuple[str, str]] = set()
 
     @property
     def config(self) -> Config:
@@ -88,7 +97,9 @@ class Agent:
         worked = True
         if not self._started:
             self._started = True
-            self.apply("start")
+            address = self.config.metrics_address
+            self.apply("start", {"mode": self.config.inbound_interception_mode, "config": self._config_path or "",
+                                 "metrics_address": f"{address[0]}:{address[1]}" if address else ""})
             self._next_check = time.monotonic() + self.config.reconcile_interval
         elif c.retry_at is not None:
             if c.retry_due(now):
@@ -101,6 +112,11 @@ class Agent:
             self._event_seen = self._check_requested = False
             if c.check(trigger) or not c.ready():  # systemd hears of repairs and failures, not of quiet checks
                 self.notifier.status(c.status_line())
+            elif trigger == "timer" and self._look_around is not None:
+                self._doctor_in -= 1
+                if self._doctor_in <= 0:
+                    self._doctor_in = DOCTOR_EVERY
+                    self.look_around()
             self._next_check = time.monotonic() + self.config.reconcile_interval
         else:
             worked = False
@@ -108,15 +124,33 @@ class Agent:
             trim_heap()
         return self._next_check if c.retry_at is None else c.retry_at
 
-    def apply(self, trigger: str) -> bool:
+    def apply(self, trigger: str, context: dict[str, str] | None = None) -> bool:
         """Install the desired ruleset; the first success tells systemd READY=1."""
         first = self.controller.applied is None
-        ok = self.controller.apply_desired(trigger)
+        ok = self.controller.apply_desired(trigger, context=context)
         if ok and first:
             self.notifier.ready(self.controller.status_line())
         else:
             self.notifier.status(self.controller.status_line())
         return ok
+
+    def look_around(self) -> None:
+        """doctor's checks, after a quiet timer check: export what they find, log each new conflict once."""
+        if self._look_around is None:
+            return
+        try:
+            findings = self._look_around(self.config, self.controller.kernel)
+        except InterceptdError as exc:
+            self.controller.log.warning("doctor-failed", error=str(exc))
+            return
+        found = {f.check: list(f.culprits or (f.verdict,)) for f in findings
+                 if not f.ok and f.check in CONFLICT_KINDS}
+        seen = {(kind, culprit) for kind, culprits in found.items() for culprit in culprits}
+        for kind, culprit in sorted(seen - self._conflicts_logged):
+            self.controller.log.warning("conflict", kind=kind, culprit=culprit)
+        self._conflicts_logged = seen  # one that goes and comes back is news again
+        with self.controller.state.lock:
+            self.controller.state.conflicts = found
 
     def reload(self) -> bool:
         """SIGHUP: the controller renders and swaps in the new configuration, or keeps the running one."""
@@ -174,3 +208,10 @@ class Agent:
         """/readyz (another thread) saw drift: check and repair now."""
         self._check_requested = True
         self.loop.wake()
+
+
+def doctor_checks(config: Config, kernel: Kernel) -> list[Finding]:
+    """`interceptd doctor`'s checks against the agent's own configuration (imported only when they run)."""
+    from interceptd.control import doctor
+
+    return list(doctor.run(config, kernel).findings)

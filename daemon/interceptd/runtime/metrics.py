@@ -28,6 +28,7 @@ from prometheus_client.metrics_core import (
 from interceptd import __version__
 from interceptd.control.state import CHECK_RESULTS, CHECK_TRIGGERS, TRIGGERS, AgentState
 from interceptd.errors import InterceptdError
+from interceptd.ruleset.doctor import CONFLICT_KINDS
 from interceptd.ruleset.drift import REASONS
 from interceptd.ruleset.names import ENTRY, split_counter_name
 from interceptd.ruleset.nftjson import Json
@@ -163,6 +164,11 @@ def agent_families(state: AgentState) -> list[Metric]:
                                "each new ruleset (start, reload).", labels=["table", "mode", "generation"])
     ruleset.add_metric([state.table, state.mode, str(state.generation)], {})
     build = InfoMetricFamily("interceptd_build", "interceptd's version.", value={"version": __version__})
+    conflicts = GaugeMetricFamily("interceptd_conflicts", "What the agent's periodic doctor found, by check: "
+                                  "other tables' chains, iptables rules, missing listeners, ... (0 = none).",
+                                  labels=["kind"])
+    for kind in CONFLICT_KINDS:
+        conflicts.add_metric([kind], len(state.conflicts.get(kind, [])))
     return [
         applies, checks, repairs, reloads, durations, ruleset, build,
         GaugeMetricFamily("interceptd_config_last_reload_successful",
@@ -173,6 +179,7 @@ def agent_families(state: AgentState) -> list[Metric]:
                           value=state.last_reload_success_ts),
         GaugeMetricFamily("interceptd_ready", "1 when the ruleset is applied and matched the kernel at the last "
                           "check (what /readyz reports), else 0.", value=int(state.ready)),
+        conflicts,
     ]
 
 
@@ -207,11 +214,16 @@ class MetricsServer:
         if request.path == "/healthz":
             return Response(200, b"ok\n")
         if request.path == "/readyz":
-            if self.state.kernel_matches():
-                return Response(200, b"ready\n")
+            matches = self.state.kernel_matches()
             with self.state.lock:
-                why = self.state.last_error or "the ruleset is not applied or does not match the kernel"
-            return Response(503, f"not ready: {why}\n".encode())
+                notes = "".join(f"conflict ({kind}): {c}\n" for kind, found in sorted(self.state.conflicts.items())
+                                for c in found)
+                drift = "; ".join(self.state.drift_seen)
+                why = self.state.last_error or (f"the kernel differs from the applied ruleset: {drift}" if drift else
+                                                "the ruleset is not applied or does not match the kernel")
+            if matches:
+                return Response(200, f"ready\n{notes}".encode())
+            return Response(503, f"not ready: {why}\n{notes}".encode())
         return Response(404, b"not found: try /metrics, /healthz or /readyz\n")
 
     def start(self) -> MetricsServer:

@@ -1,7 +1,7 @@
 """The only caller of libnftables: apply one document, list interceptd's table (the fake is in system.fake).
 
-Nothing here ever lists the whole ruleset or names another table: a newer nft elsewhere can make an older
-one crash on objects it does not know, and other tables are not ours.
+Nothing here ever lists the whole ruleset: a newer nft elsewhere can make an older one crash on objects it
+does not know. Other tables are not ours: only `doctor` reads them (system.inspect), each in a forked child.
 """
 
 from __future__ import annotations
@@ -14,13 +14,29 @@ import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from interceptd.errors import BindingMissingError, KernelRefusedError
+from interceptd.errors import BindingMissingError, KernelRefusedError, PermissionDeniedError
 from interceptd.ruleset.nftjson import Json
 from interceptd.system.fds import low_descriptor_free
 
 BINDING_HINT = ("the libnftables Python binding is missing: install Debian's python3-nftables "
                 "(apt-get install python3-nftables) and use a Python that sees it (a venv with "
                 "--system-site-packages on /usr/bin/python3)")
+
+
+PERMISSION_HINT = "needs root or CAP_NET_ADMIN in the target network namespace"
+CAP_NET_ADMIN = 12
+
+
+def has_net_admin(status: str = "/proc/self/status") -> bool:
+    """Whether this process holds CAP_NET_ADMIN (effective). Asked before libnftables is: without it,
+    libnftables prints "Operation not permitted (you must be root)" and "cache initialization failed" to
+    stderr itself, and the command's own error would be a third, less clear line."""
+    try:
+        with open(status, encoding="ascii") as fh:
+            caps = next(line.split()[1] for line in fh if line.startswith("CapEff:"))
+    except (OSError, StopIteration, IndexError):
+        return True  # no /proc to ask: let libnftables answer
+    return bool(int(caps, 16) >> CAP_NET_ADMIN & 1)
 
 
 class Kernel(Protocol):
@@ -72,6 +88,8 @@ class NftKernel:
             import nftables
         except ImportError:
             raise BindingMissingError(BINDING_HINT) from None
+        if not has_net_admin():
+            raise PermissionDeniedError(PERMISSION_HINT)
         self._module = nftables
         self.netns = netns  # routes.router_for puts the TPROXY routes in the same namespace
         self._kept = self._new() if keep_context else None
@@ -231,6 +249,14 @@ class NftKernel:
         # Not json.loads: an owned table's flags make libnftables 1.0.6 print garbage further on.
         match = re.search(r'"metainfo": \{"version": "([^"]+)"', str(out))
         return match.group(1) if match else "unknown"
+
+    def list_tables_text(self) -> str:
+        """`list tables` as text (one `table FAMILY NAME` line each): names only, no object of theirs is parsed,
+        and no JSON, which libnftables 1.0.6 garbles after an owned table's flags. For `doctor`'s reading."""
+        rc, out, err = self._text("list tables")
+        if rc != 0:
+            raise KernelRefusedError(f"cannot list tables: {_one_line(err)}")
+        return out
 
     def list_table(self, table: str, family: str = "inet") -> list[Json] | None:
         """A table with flags is listed piece by piece: libnftables 1.0.6 prints a table's flags in JSON from

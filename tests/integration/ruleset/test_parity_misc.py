@@ -80,7 +80,11 @@ def test_validation_fails_without_listener(lab: Lab) -> None:
     lab.interceptd("apply", "-i", "*", "-b", "*")
     lab.serve(lab.pod, "squatter", tcp=[15001, 15006])  # no SO_REUSEPORT: validation cannot bind
     result = lab.interceptd("validate", "--probe-timeout", "1s", check=False)
-    assert result.returncode == 126 and "no listener available" in result.stderr
+    assert result.returncode == 126
+    assert result.stderr.splitlines() == [
+        "interceptd: error: validation failed: cannot listen on 127.0.0.1 port 15001 (taken), 15006 (taken): "
+        "--run-validation needs the proxy ports free, so it must run before the proxy starts (in the init "
+        "container, not next to a running proxy)"], result.stderr
 
 
 def test_dry_run_never_touches_the_kernel(lab6: Lab) -> None:

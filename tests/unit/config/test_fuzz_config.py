@@ -47,7 +47,9 @@ def assert_names_the_bad_argument(exc: ConfigError, argv: list[str]) -> None:
     shown = sorted({"".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in a)
                     for a in argv}, key=len, reverse=True)
     if message.startswith("unrecognized arguments: "):
-        rest = message.removeprefix("unrecognized arguments: ")
+        # After the tokens, at most one hint: the closest flag, or that the shell expanded an unquoted *.
+        rest = re.sub(r" \((did you mean '[^']*'\?|these are file names: [^)]*)\)$", "",
+                      message.removeprefix("unrecognized arguments: "))
         for token in shown:
             rest = rest.replace(token, "") if token else rest
         assert rest.strip(" ") == "", (message, argv)
