@@ -19,6 +19,7 @@ from interceptd.ruleset.model import Accept, MarkFromCtMark, PolicyRoute, SetCtM
 from interceptd.ruleset.nftjson import Existing, transaction
 from interceptd.ruleset.nftparse import parse_listing
 from interceptd.ruleset.render import render
+from interceptd.ruleset.status import expr_text
 from interceptd.runtime.nodestate import settings_config
 
 IP = ipaddress.ip_address
@@ -205,3 +206,13 @@ def test_cni_network_config_can_make_every_pod_ambient_and_bad_annotations_name_
     assert settings is not None and settings_config(settings, "test").ambient
     with pytest.raises(ConfigError, match="ambient.istio.io/dns-capture"):
         cni.pod_settings({}, {cni.DATAPLANE_MODE_LABEL: "ambient", "ambient.istio.io/dns-capture": "maybe"})
+
+
+def test_status_prints_masked_marks_as_nft_does() -> None:
+    rs = render(cfg(), V4)
+    rules = {item["rule"]["comment"]: item["rule"]["expr"] for cmd in transaction(rs, Existing.empty())["nftables"]
+             for verb, item in cmd.items() if verb == "add" and "rule" in item and item["rule"]["chain"] in
+             (N.MANGLE_PREROUTING, N.ISTIO_INBOUND)}
+    assert expr_text(rules[N.RULE_PROXY_MARK_RETURN]) == "meta mark & 0xfff == 0x539 return"
+    assert expr_text(rules[N.RULE_SAVE_MARK]) == \
+        "meta mark & 0xfff == 0x539 ct mark set ct mark & 0xfffff000 | 0x111"
