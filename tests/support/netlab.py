@@ -150,6 +150,21 @@ def udp_request(host: str, port: int, timeout: float = 2.0) -> str:
             return "timeout"
 
 
+def udp_query(host: str, port: int, mark: int = 0) -> str:
+    """A connected UDP query: the answer is only accepted from the address asked (so a redirect must have been
+    undone on the way back); returns the answering server's label or 'timeout'."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2.0)
+        if mark:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        s.connect((host, port))
+        s.send(b"query")
+        try:
+            return s.recv(256).decode().split()[0]
+        except (TimeoutError, ConnectionRefusedError):
+            return "timeout"
+
+
 def _serve(label: str, tcp_ports: Iterable[int], udp_ports: Iterable[int], ready_fd: int,
            transparent: bool, v6: bool, uid: int | None = None, mark: int | None = None) -> None:
     sel = selectors.DefaultSelector()

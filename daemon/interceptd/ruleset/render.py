@@ -203,13 +203,17 @@ class _Builder:
                                     [ipaddress.ip_network(a) for a in servers[version]])
                 for version in self.families if servers[version]}
 
+    def kube_virt(self) -> Match:
+        """Arrived on one of the -k interfaces (a VM's or container's, whose traffic is outbound)."""
+        names = sorted(self.c.kube_virt_interfaces)
+        return interface("iifname", self.named(N.SET_KUBE_VIRT_INTERFACES, "ifname", names))
+
     # -- nat ---------------------------------------------------------------------------------------
     def nat_prerouting(self) -> Chain:
         rules = self.base_head()
         c = self.c
         if c.kube_virt_interfaces:
-            virt = interface("iifname", self.named(N.SET_KUBE_VIRT_INTERFACES, "ifname",
-                                                   sorted(c.kube_virt_interfaces)))
+            virt = self.kube_virt()
             if c.service_cidr is None:
                 rules.append(rule(N.RULE_KUBE_VIRT_REDIRECT, "TCP arriving on a kube-virt interface (-k) is outbound",
                                   virt, Jump(N.ISTIO_REDIRECT)))
@@ -505,8 +509,7 @@ class _AmbientBuilder(_Builder):
         rules = self.base_head()
         c = self.c
         if c.kube_virt_interfaces:
-            virt = interface("iifname", self.named(N.SET_KUBE_VIRT_INTERFACES, "ifname",
-                                                   sorted(c.kube_virt_interfaces)))
+            virt = self.kube_virt()
             rules.append(rule(N.RULE_KUBE_VIRT_REDIRECT, "TCP arriving on a virtual interface (-k) is outbound",
                               TCP, virt, Jump(N.ISTIO_REDIRECT)))
             rules.append(rule(N.RULE_KUBE_VIRT_RETURN, "nothing else is done with TCP from a virtual interface",

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from support.netlab import Lab, call_in, sh
+from support.netlab import Lab, call_in, sh, udp_query
 
 from interceptd.cli import cni
 from interceptd.config import Config
@@ -45,20 +45,6 @@ def marked_tcp(host: str, port: int, mark: int, source: str | None = None, trans
         except ConnectionRefusedError:
             return "refused"
         except (TimeoutError, ConnectionResetError):
-            return "timeout"
-
-
-def udp_query(host: str, port: int, mark: int = 0) -> str:
-    """A connected UDP query: the answer is only accepted from the address asked (the redirect was undone)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(2.0)
-        if mark:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-        s.connect((host, port))
-        s.send(b"query")
-        try:
-            return s.recv(256).decode().split()[0]
-        except (TimeoutError, ConnectionRefusedError):
             return "timeout"
 
 
