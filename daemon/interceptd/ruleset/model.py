@@ -220,4 +220,5 @@ class PolicyRoute:
     family: int  # 4 or 6
     mark: int
     table: int
+    mask: int = MARK_BITS  # the mark bits the rule compares (ambient: 0xfff)
 

@@ -124,7 +124,8 @@ def route_comments(ruleset: m.Ruleset) -> list[str]:
 
 def _route_lines(route: m.PolicyRoute) -> list[str]:
     default = "0.0.0.0/0" if route.family == 4 else "::/0"
-    return [f"# ip -{route.family} rule add fwmark {route.mark} lookup {route.table}",
+    mask = "" if route.mask == m.MARK_BITS else f"/{route.mask:#x}"
+    return [f"# ip -{route.family} rule add fwmark {route.mark}{mask} lookup {route.table}",
             f"# ip -{route.family} route add local {default} dev lo table {route.table}"]
 
 

@@ -604,7 +604,8 @@ class _AmbientBuilder(_Builder):
         if self.dns_active:
             chains += [self.istio_output_dns(), self.raw_prerouting(), self.raw_output()]
         chains += [self.mangle_prerouting(), self.mangle_output()]
-        routes = tuple(PolicyRoute(v, c.ambient_connmark, c.ambient_route_table) for v in self.families)
+        routes = tuple(PolicyRoute(v, c.ambient_connmark, c.ambient_route_table, c.ambient_mark_mask)
+                       for v in self.families)
         return Ruleset(c.table, tuple(chains), tuple(sorted(self.sets.values(), key=lambda s: s.name)),
                        routes=routes)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from interceptd.errors import RoutingError
-from interceptd.ruleset.model import Ruleset
+from interceptd.ruleset.model import MARK_BITS, Ruleset
 from interceptd.system import rtnl
 
 ROUTE_PROTOCOL = 245  # "proto 245" in `ip rule` / `ip route`: unassigned in iproute2's rt_protos
@@ -34,11 +34,13 @@ class Entry:
     table: int = 0  # rule, route
     mark: int = 0  # rule
     address: str = ""  # address
+    mask: int = MARK_BITS  # rule: the mark bits compared (ambient's fwmark 0x111/0xfff)
 
     def __str__(self) -> str:
         ip = "ip" if self.family == 4 else "ip -6"
         if self.kind == "rule":
-            return f"{ip} rule fwmark {self.mark} lookup {self.table}"
+            mask = "" if self.mask == MARK_BITS else f"/{self.mask:#x}"
+            return f"{ip} rule fwmark {self.mark}{mask} lookup {self.table}"
         if self.kind == "route":
             return f"{ip} route local default dev lo table {self.table}"
         return f"{ip} address {self.address} dev lo"
@@ -58,7 +60,7 @@ class Router(Protocol):
 def wanted(ruleset: Ruleset) -> set[Entry]:
     out: set[Entry] = {Entry("address", 6, address=a) for a in ruleset.lo_addresses}
     for pr in ruleset.routes:
-        out.add(Entry("rule", pr.family, pr.table, pr.mark))
+        out.add(Entry("rule", pr.family, pr.table, pr.mark, mask=pr.mask))
         out.add(Entry("route", pr.family, pr.table))
     return out
 
@@ -120,7 +122,7 @@ class Netlink:
             for version, fam in _FAMILY.items():
                 for r in rtnl.rules(fam):
                     if r.protocol == ROUTE_PROTOCOL:
-                        out.add(Entry("rule", version, r.table, r.fwmark))
+                        out.add(Entry("rule", version, r.table, r.fwmark, mask=r.fwmask))
                 for r in rtnl.routes(fam):
                     if r.protocol == ROUTE_PROTOCOL:
                         out.add(Entry("route", version, r.table))
@@ -150,8 +152,8 @@ class Netlink:
         try:
             with self._ipr() as ipr:
                 if entry.kind == "rule":
-                    ipr.rule(verb, family=fam, fwmark=entry.mark, table=entry.table, priority=RULE_PRIORITY,
-                             protocol=ROUTE_PROTOCOL)
+                    ipr.rule(verb, family=fam, fwmark=entry.mark, fwmask=entry.mask, table=entry.table,
+                             priority=RULE_PRIORITY, protocol=ROUTE_PROTOCOL)
                 elif entry.kind == "route":
                     ipr.route(verb, family=fam, dst_len=0, table=entry.table, type="local", oif=_lo_index(ipr),
                               proto=ROUTE_PROTOCOL, scope=RT_SCOPE_HOST)

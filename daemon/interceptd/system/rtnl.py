@@ -20,7 +20,7 @@ RTM_GETROUTE, RTM_NEWROUTE = 26, 24
 RTM_GETRULE, RTM_NEWRULE = 34, 32
 IFA_ADDRESS = 1
 RTA_TABLE = 15
-FRA_FWMARK, FRA_TABLE, FRA_PROTOCOL = 10, 15, 21
+FRA_FWMARK, FRA_TABLE, FRA_FWMASK, FRA_PROTOCOL = 10, 15, 16, 21
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
@@ -44,6 +44,7 @@ class RuleOrRoute:
     table: int
     protocol: int
     fwmark: int  # rules only
+    fwmask: int = 0xFFFFFFFF  # rules only: the kernel's default for a mark given without a mask
 
 
 def _attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
@@ -102,7 +103,8 @@ def rules(family: int) -> list[RuleOrRoute]:
         table, attrs = _table(data, body, end, FRA_TABLE)
         protocol = attrs[FRA_PROTOCOL][0] if FRA_PROTOCOL in attrs else 0
         fwmark = struct.unpack("=I", attrs[FRA_FWMARK])[0] if FRA_FWMARK in attrs else 0
-        out.append(RuleOrRoute(data[body], table, protocol, fwmark))
+        fwmask = struct.unpack("=I", attrs[FRA_FWMASK])[0] if FRA_FWMASK in attrs else 0xFFFFFFFF
+        out.append(RuleOrRoute(data[body], table, protocol, fwmark, fwmask))
     return out
 
 

@@ -9,6 +9,7 @@ the IPv6 probe address) come from. Each variant's settings come from the CNI plu
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from collections.abc import Iterator
@@ -46,6 +47,18 @@ def marked_tcp(host: str, port: int, mark: int, source: str | None = None, trans
             return "refused"
         except (TimeoutError, ConnectionResetError):
             return "timeout"
+
+
+def routes_missing(flags: list[str]) -> list[str]:
+    """Inside the pod: what the rendered policy routes need and the kernel lacks (drift's view of them)."""
+    from interceptd.cli import main as cli
+    from interceptd.ruleset.facts import HostFacts
+    from interceptd.ruleset.render import render
+    from interceptd.system import routes
+
+    _args, config = cli.parse(["render", *flags], env={})
+    facts = HostFacts(ipv6=False, host_ip=ipaddress.ip_address("192.0.2.2"))
+    return routes.missing(render(config, facts), routes.Netlink(addresses=()))
 
 
 @dataclass(frozen=True)
@@ -187,8 +200,12 @@ def test_replies_need_the_connmark_route_and_explain_agrees_with_the_kernel(lab:
     lab.serve(lab.pod, "app", tcp=[8080])
     lab.interceptd("apply", "--capture-mode", "ambient")
     assert str(call_in(lab.pod, marked_tcp, lab.pod_ip, 8080, MARK, lab.peer_ip, True)).split()[0] == "app"
-    sh("ip", "rule", "del", "fwmark", "0x111", "lookup", "100", ns=lab.pod)
+    assert "fwmark 0x111/0xfff lookup 100" in sh("ip", "rule", ns=lab.pod).stdout  # as istio-cni's rule
+    assert call_in(lab.pod, routes_missing, ["--capture-mode", "ambient"]) == []  # read back as rendered
+    sh("ip", "rule", "del", "fwmark", "0x111/0xfff", "lookup", "100", ns=lab.pod)
     assert call_in(lab.pod, marked_tcp, lab.pod_ip, 8080, MARK, lab.peer_ip, True) in ("timeout", "refused")
+    assert call_in(lab.pod, routes_missing, ["--capture-mode", "ambient"]) == \
+        ["ip rule fwmark 273/0xfff lookup 100"]
 
     explain = ["explain", "--capture-mode", "ambient", "--from-kernel", "--outbound", "--dst", "203.0.113.1:80",
                "--uid", "1000", "--gid", "1000"]

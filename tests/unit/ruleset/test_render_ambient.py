@@ -86,7 +86,7 @@ def test_default_layout_follows_istios_order() -> None:
     rs = render(c, V4)
     assert rs.chain(N.MANGLE_PREROUTING).rules[-1].actions == (SetCtMarkBits(0x111, 0xFFF),)
     assert rs.chain(N.MANGLE_OUTPUT).rules[-1].actions == (MarkFromCtMark(),)
-    assert rs.routes == (PolicyRoute(4, 0x111, 100),)
+    assert rs.routes == (PolicyRoute(4, 0x111, 100, 0xFFF),)
     assert rs.lo_addresses == ()  # no ::6: ambient has no passthrough source
 
 
@@ -122,7 +122,7 @@ def test_every_port_mark_and_address_is_configurable() -> None:
     text = repr(rs)
     for value in ("16001", "16006", "16008", "16053", str(0x7A1), str(0x222), str(0xFF0FFF), "169.254.7.128"):
         assert value in text
-    assert rs.routes == (PolicyRoute(4, 0x222, 101),)
+    assert rs.routes == (PolicyRoute(4, 0x222, 101, 0xFF0FFF),)
 
 
 def conn_out(dst: str, port: int, proto: str = "tcp", mark: int = 0, oif: str = "eth0") -> Connection:
