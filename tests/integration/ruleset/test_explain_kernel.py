@@ -228,13 +228,18 @@ SPEC_ROWS = [
 ]
 
 
-def test_explain_kernel_agrees_on_the_spec_table(lab: Lab) -> None:
-    lab.interceptd("apply", *SPEC)
-    for args, verdict in SPEC_ROWS:
-        result = lab.interceptd("explain", "--kernel", *SPEC, *args, check=False)
+def _kernel_agrees(lab: Lab, flags: list[str], rows: list[tuple[list[str], str]]) -> None:
+    """Apply `flags`, then `explain --kernel` each row: the trace must agree and the verdict say the text."""
+    lab.interceptd("apply", *flags)
+    for args, verdict in rows:
+        result = lab.interceptd("explain", "--kernel", *flags, *args, check=False)
         assert result.returncode == 0, (args, result.stdout, result.stderr)
         assert "kernel agrees with the model" in result.stdout, (args, result.stdout)
         assert verdict in result.stdout.split("verdict: ")[1].splitlines()[0], (args, result.stdout)
+
+
+def test_explain_kernel_agrees_on_the_spec_table(lab: Lab) -> None:
+    _kernel_agrees(lab, SPEC, SPEC_ROWS)
     # Nothing of the probes is left behind: only interceptd's table, no probe interface.
     tables = sh("nft", "list", "tables", ns=lab.pod).stdout.split()
     assert tables == ["table", "inet", "interceptd"]
@@ -270,9 +275,4 @@ AMBIENT_ROWS = [
 
 
 def test_explain_kernel_agrees_on_ambient_decisions(lab: Lab) -> None:
-    lab.interceptd("apply", *AMBIENT)
-    for args, verdict in AMBIENT_ROWS:
-        result = lab.interceptd("explain", "--kernel", *AMBIENT, *args, check=False)
-        assert result.returncode == 0, (args, result.stdout, result.stderr)
-        assert "kernel agrees with the model" in result.stdout, (args, result.stdout)
-        assert verdict in result.stdout.split("verdict: ")[1].splitlines()[0], (args, result.stdout)
+    _kernel_agrees(lab, AMBIENT, AMBIENT_ROWS)
