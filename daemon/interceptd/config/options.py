@@ -94,7 +94,8 @@ OPTIONS: tuple[Option, ...] = (
     _opt("run_validation", "run-validation", None, ("RUN_VALIDATION",), v.parse_bool, "false", "bool",
          "After applying, check that the redirect works; exit 126 if not."),
     _opt("redirect_dns", "redirect-dns", None, ("REDIRECT_DNS", "ISTIO_META_DNS_CAPTURE"), v.parse_bool,
-         "false", "bool", "Capture DNS (port 53) to the agent's DNS proxy on 15053."),
+         "false", "bool", "Capture DNS (port 53) to the agent's DNS proxy on 15053 (ambient: the node proxy's, "
+         "--ambient-dns-port)."),
     _opt("capture_all_dns", "capture-all-dns", None, ("CAPTURE_ALL_DNS",), v.parse_bool, "false", "bool",
          "With --redirect-dns: capture DNS to any server, not only resolv.conf's."),
     _opt("drop_invalid", "drop-invalid", None, ("DROP_INVALID", "INVALID_DROP"), v.parse_bool, "false",

@@ -54,7 +54,7 @@ from interceptd.ruleset.nfttext import action_text
 
 # What a redirect into each of interceptd's chains means (the chain names are part of the model).
 LISTENER_ROLE = {ISTIO_REDIRECT: "the proxy's outbound listener", ISTIO_IN_REDIRECT: "the proxy's inbound listener",
-                 ISTIO_OUTPUT_DNS: "the agent's DNS proxy", ISTIO_TPROXY: "the proxy's inbound listener"}
+                 ISTIO_OUTPUT_DNS: "the DNS proxy", ISTIO_TPROXY: "the proxy's inbound listener"}
 _SHOWN_ELEMENTS = 8
 _FAMILY_WORD = {"ipv4": "IPv4", "ipv6": "IPv6"}
 _KEY_WORD = {"skuid": "uid", "skgid": "gid", "l4proto": "protocol", "nfproto": "family", "mark": "packet mark"}
