@@ -353,6 +353,9 @@ def _check_ambient(raw: Mapping[str, Any]) -> None:
     if raw["inbound_interception_mode"] == "TPROXY":
         raise ConfigError("--capture-mode ambient: invalid value with --istio-inbound-interception-mode TPROXY "
                           "(the node proxy's inbound capture is REDIRECT)")
+    if raw["run_validation"]:
+        raise ConfigError("--run-validation: invalid value true with --capture-mode ambient (the self-test checks "
+                          "the sidecar proxy's uid-based in-redirect, which ambient mode has not)")
     mask = raw["ambient_mark_mask"]
     for key in ("ambient_mark", "ambient_connmark"):
         if raw[key] & ~mask:

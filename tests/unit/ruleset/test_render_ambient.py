@@ -54,6 +54,7 @@ def test_defaults_are_istios() -> None:
 @pytest.mark.parametrize(("flags", "words"), [
     ({"capture_mode": "ztunnel"}, "--capture-mode"),
     ({"inbound_interception_mode": "TPROXY"}, "--istio-inbound-interception-mode TPROXY"),
+    ({"run_validation": "true"}, "--run-validation"),
     ({"ambient_mark": "0x1539"}, "--ambient-mark"),
     ({"ambient_connmark": "0x539"}, "--ambient-connmark"),
     ({"ambient_mark": "0xzz"}, "--ambient-mark"),
