@@ -72,6 +72,7 @@ NO_INTERCEPTION = "NONE"  # sidecar.istio.io/interceptionMode=NONE: Istio leaves
 # A pod labelled istio.io/dataplane-mode=ambient (when the runtime passes the label in CNI_ARGS) gets the ambient
 # in-pod rules, and Istio's ambient annotations instead of the sidecar ones.
 DATAPLANE_MODE_LABEL, AMBIENT = "istio.io/dataplane-mode", "ambient"
+NO_DATAPLANE = "none"  # istio.io/dataplane-mode=none: Istio leaves the pod out of ambient
 AMBIENT_ANNOTATIONS: dict[str, str] = {
     "ambient.istio.io/dns-capture": "redirect_dns",
     "ambient.istio.io/bypass-inbound-capture": "ambient_ingress",
@@ -170,6 +171,8 @@ def pod_settings(conf: Mapping[str, Any], args: Mapping[str, str]) -> dict[str, 
     if args.get(DATAPLANE_MODE_LABEL) == AMBIENT:
         settings["capture_mode"] = AMBIENT
     ambient = settings.get("capture_mode") == AMBIENT
+    if ambient and args.get(DATAPLANE_MODE_LABEL) == NO_DATAPLANE:
+        return None
     for annotation, key in (AMBIENT_ANNOTATIONS if ambient else ANNOTATIONS).items():
         if annotation in args:
             if key == "inbound_interception_mode" and args[annotation] == NO_INTERCEPTION:

@@ -205,6 +205,7 @@ def test_cni_label_selects_ambient_and_its_annotations() -> None:
 def test_cni_network_config_can_make_every_pod_ambient_and_bad_annotations_name_themselves() -> None:
     settings = cni.pod_settings({"interceptd": {"capture_mode": "ambient"}}, {})
     assert settings is not None and settings_config(settings, "test").ambient
+    assert cni.pod_settings({"interceptd": {"capture_mode": "ambient"}}, {cni.DATAPLANE_MODE_LABEL: "none"}) is None
     with pytest.raises(ConfigError, match="ambient.istio.io/dns-capture"):
         cni.pod_settings({}, {cni.DATAPLANE_MODE_LABEL: "ambient", "ambient.istio.io/dns-capture": "maybe"})
 
