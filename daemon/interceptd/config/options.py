@@ -110,13 +110,13 @@ OPTIONS: tuple[Option, ...] = (
                  "ambient.istio.io/bypass-inbound-capture)."),
     _opt("ambient_dns_port", "ambient-dns-port", None, ("INTERCEPTD_AMBIENT_DNS_PORT",), v.parse_port, "15053",
          "int", "ambient: port of the node proxy's DNS proxy (with --redirect-dns)."),
-    _opt("ambient_mark", "ambient-mark", None, ("INTERCEPTD_AMBIENT_MARK",), v.parse_mark, "0x539", "str",
+    _opt("ambient_mark", "ambient-mark", None, ("INTERCEPTD_AMBIENT_MARK",), v.parse_mark, "0x539", "int",
          "ambient: the mark the node proxy puts on its own sockets (under --ambient-mark-mask); never captured."),
     _opt("ambient_connmark", "ambient-connmark", None, ("INTERCEPTD_AMBIENT_CONNMARK",), v.parse_mark, "0x111",
-         "str", "ambient: conntrack mark of the proxy's connections into the pod; their replies are routed back "
+         "int", "ambient: conntrack mark of the proxy's connections into the pod; their replies are routed back "
                 "to the proxy (policy route to --ambient-route-table)."),
     _opt("ambient_mark_mask", "ambient-mark-mask", None, ("INTERCEPTD_AMBIENT_MARK_MASK",), v.parse_mark,
-         "0xfff", "str", "ambient: the bits of the packet and conntrack marks interceptd owns."),
+         "0xfff", "int", "ambient: the bits of the packet and conntrack marks interceptd owns."),
     _opt("ambient_route_table", "ambient-route-table", None, ("INTERCEPTD_AMBIENT_ROUTE_TABLE",),
          v.parse_route_table, "100", "int",
          "ambient: policy routing table whose local default route returns replies to the proxy."),
