@@ -150,8 +150,23 @@ def udp_request(host: str, port: int, timeout: float = 2.0) -> str:
             return "timeout"
 
 
+def udp_query(host: str, port: int, mark: int = 0) -> str:
+    """A connected UDP query: the answer is only accepted from the address asked (so a redirect must have been
+    undone on the way back); returns the answering server's label or 'timeout'."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2.0)
+        if mark:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        s.connect((host, port))
+        s.send(b"query")
+        try:
+            return s.recv(256).decode().split()[0]
+        except (TimeoutError, ConnectionRefusedError):
+            return "timeout"
+
+
 def _serve(label: str, tcp_ports: Iterable[int], udp_ports: Iterable[int], ready_fd: int,
-           transparent: bool, v6: bool, uid: int | None = None) -> None:
+           transparent: bool, v6: bool, uid: int | None = None, mark: int | None = None) -> None:
     sel = selectors.DefaultSelector()
     if uid is not None:  # before the sockets exist: nft's skuid/skgid is the uid/gid that created the socket
         os.setgroups([])
@@ -167,6 +182,8 @@ def _serve(label: str, tcp_ports: Iterable[int], udp_ports: Iterable[int], ready
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             if transparent:
                 s.setsockopt(socket.SOL_IP, 19, 1)  # IP_TRANSPARENT
+            if mark is not None:  # accepted connections inherit it (ambient's node proxy marks its sockets)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             s.bind((any_addr, port))
             s.listen(128)
             sel.register(s, selectors.EVENT_READ, "tcp")
@@ -177,6 +194,8 @@ def _serve(label: str, tcp_ports: Iterable[int], udp_ports: Iterable[int], ready
                 u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
             else:
                 u.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            if mark is not None:
+                u.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
             u.bind((any_addr, port))
             sel.register(u, selectors.EVENT_READ, "udp")
     os.write(ready_fd, b"1")
@@ -229,6 +248,7 @@ class Server:
     v6: bool = False
     pid: int = 0
     uid: int | None = None  # run as this uid and gid (ports above 1023 only)
+    mark: int | None = None  # SO_MARK on every socket
 
     def start(self) -> Server:
         rfd, wfd = os.pipe()
@@ -237,7 +257,8 @@ class Server:
             os.close(rfd)
             try:
                 enter(self.ns)
-                _serve(self.label, self.tcp_ports, self.udp_ports, wfd, self.transparent, self.v6, self.uid)
+                _serve(self.label, self.tcp_ports, self.udp_ports, wfd, self.transparent, self.v6, self.uid,
+                       self.mark)
             finally:
                 os._exit(1)
         os.close(wfd)
@@ -313,8 +334,8 @@ class Lab:
         return ns
 
     def serve(self, ns: str, label: str, tcp: Iterable[int] = (), udp: Iterable[int] = (),
-              transparent: bool = False, uid: int | None = None) -> Server:
-        server = Server(ns, label, tuple(tcp), tuple(udp), transparent, self.v6, uid=uid).start()
+              transparent: bool = False, uid: int | None = None, mark: int | None = None) -> Server:
+        server = Server(ns, label, tuple(tcp), tuple(udp), transparent, self.v6, uid=uid, mark=mark).start()
         self.servers.append(server)
         return server
 

@@ -70,6 +70,15 @@ ANNOTATIONS: dict[str, str] = {
     "sidecar.istio.io/interceptionMode": "inbound_interception_mode",
 }
 NO_INTERCEPTION = "NONE"  # sidecar.istio.io/interceptionMode=NONE: Istio leaves such a pod alone
+# A pod labelled istio.io/dataplane-mode=ambient (when the runtime passes the label in CNI_ARGS) gets the ambient
+# in-pod rules, and Istio's ambient annotations instead of the sidecar ones.
+DATAPLANE_MODE_LABEL, AMBIENT = "istio.io/dataplane-mode", "ambient"
+NO_DATAPLANE = "none"  # istio.io/dataplane-mode=none: Istio leaves the pod out of ambient
+AMBIENT_ANNOTATIONS: dict[str, str] = {
+    "ambient.istio.io/dns-capture": "redirect_dns",
+    "ambient.istio.io/bypass-inbound-capture": "ambient_ingress",
+    "istio.io/reroute-virtual-interfaces": "kube_virt_interfaces",
+}
 
 
 class CniError(Exception):
@@ -168,11 +177,21 @@ def pod_settings(conf: Mapping[str, Any], args: Mapping[str, str]) -> dict[str, 
     if args.get("K8S_POD_NAMESPACE") in excluded:
         return None
     settings: dict[str, Any] = {**ISTIO_CNI_DEFAULTS, **own}
-    for annotation, key in ANNOTATIONS.items():
+    if args.get(DATAPLANE_MODE_LABEL) == AMBIENT:
+        settings["capture_mode"] = AMBIENT
+    ambient = settings.get("capture_mode") == AMBIENT
+    if ambient and args.get(DATAPLANE_MODE_LABEL) == NO_DATAPLANE:
+        return None
+    for annotation, key in (AMBIENT_ANNOTATIONS if ambient else ANNOTATIONS).items():
         if annotation in args:
             if key == "inbound_interception_mode" and args[annotation] == NO_INTERCEPTION:
                 return None
-            settings[key] = _text(key, args[annotation], f"CNI_ARGS {annotation}")
+            value = args[annotation]
+            if annotation in AMBIENT_ANNOTATIONS and key == "kube_virt_interfaces":
+                value = ",".join(name.strip() for name in value.split(","))  # Istio trims each name
+            text = _text(key, value, f"CNI_ARGS {annotation}")
+            option = OPTIONS_BY_KEY[key]  # the settings are TOML keys: a bool annotation becomes a TOML bool
+            settings[key] = option.parse(text) if option.kind == "bool" else text
     if settings.get("redirect_dns") is True:
         settings.setdefault("capture_all_dns", True)  # Istio CNI too: the pod's resolv.conf is not the node's
     excluded_in = settings["local_exclude_ports"]

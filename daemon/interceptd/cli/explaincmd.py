@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from interceptd.config import OPTIONS_BY_KEY, Config
-from interceptd.config.values import parse_port, resolve_gid, resolve_uid
+from interceptd.config.values import parse_mark, parse_port, resolve_gid, resolve_uid
 from interceptd.errors import ConfigError, HostError, KernelSideError, NotInstalledError
 from interceptd.ruleset.explain import Connection, Explanation, as_json, borrow_why, explain, format_text
 from interceptd.ruleset.facts import HostFacts, IPAddress
@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--uid", help="socket owner, name or number (outbound; default: yours)")
     g.add_argument("--gid", help="socket group, name or number (outbound; default: the --uid user's group, "
                    "else yours)")
+    g.add_argument("--mark", help="outbound: the socket's SO_MARK, decimal or 0x-hex (ambient's node proxy: 0x539)")
     g.add_argument("--iif", help="inbound: arriving interface (default: the route back to the source)")
     g.add_argument("--oif", help="outbound: leaving interface (default: the route to the destination)")
     g.add_argument("--from-kernel", action="store_true",
@@ -150,7 +151,17 @@ def connection(args: argparse.Namespace) -> Connection:
         uid = gid = None
     if src is None:
         raise ConfigError(f"--dst {dst}: the route names no source address; give --src")
-    return Connection(direction, args.protocol, dst, dport, src, sport or 40000, uid, gid, iif, oif)
+    return Connection(direction, args.protocol, dst, dport, src, sport or 40000, uid, gid, iif, oif,
+                      _mark(args.mark))
+
+
+def _mark(text: str | None) -> int:
+    if text is None:
+        return 0
+    try:
+        return parse_mark(text)
+    except ValueError as exc:
+        raise ConfigError(f"--mark: invalid value {text!r}: {exc}") from None
 
 
 def proposing(args: argparse.Namespace) -> bool:

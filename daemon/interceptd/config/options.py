@@ -96,13 +96,38 @@ OPTIONS: tuple[Option, ...] = (
     _opt("run_validation", "run-validation", None, ("RUN_VALIDATION",), v.parse_bool, "false", "bool",
          "After applying, check that the redirect works; exit 126 if not."),
     _opt("redirect_dns", "redirect-dns", None, ("REDIRECT_DNS", "ISTIO_META_DNS_CAPTURE"), v.parse_bool,
-         "false", "bool", "Capture DNS (port 53) to the agent's DNS proxy on 15053."),
+         "false", "bool", "Capture DNS (port 53) to the agent's DNS proxy on 15053 (ambient: the node proxy's, "
+         "--ambient-dns-port)."),
     _opt("capture_all_dns", "capture-all-dns", None, ("CAPTURE_ALL_DNS",), v.parse_bool, "false", "bool",
          "With --redirect-dns: capture DNS to any server, not only resolv.conf's."),
     _opt("drop_invalid", "drop-invalid", None, ("DROP_INVALID", "INVALID_DROP"), v.parse_bool, "false",
          "bool", "Drop inbound TCP packets conntrack marks invalid."),
     _opt("dual_stack", "dual-stack", None, ("DUAL_STACK", "ISTIO_DUAL_STACK"), v.parse_bool, "false", "bool",
          "Enable IPv6 capture when any global IPv6 address exists (else the first address decides)."),
+    _opt("capture_mode", "capture-mode", None, ("INTERCEPTD_CAPTURE_MODE",), v.parse_capture_mode, "sidecar",
+         "str", "sidecar (istio-iptables' rules for a pod's own proxy) or ambient (istio-cni's in-pod rules that "
+         "send the pod's TCP to a node proxy listening in the pod: -p, -z and -e are its ports; docs/ambient.md)."),
+    _opt("ambient_ingress", "ambient-ingress", None, ("INTERCEPTD_AMBIENT_INGRESS",), v.parse_bool, "false",
+         "bool", "ambient: no inbound capture and no probe exemption (Istio's ingress mode, "
+                 "ambient.istio.io/bypass-inbound-capture)."),
+    _opt("ambient_dns_port", "ambient-dns-port", None, ("INTERCEPTD_AMBIENT_DNS_PORT",), v.parse_port, "15053",
+         "int", "ambient: port of the node proxy's DNS proxy (with --redirect-dns)."),
+    _opt("ambient_mark", "ambient-mark", None, ("INTERCEPTD_AMBIENT_MARK",), v.parse_mark, "0x539", "int",
+         "ambient: the mark the node proxy puts on its own sockets (under --ambient-mark-mask); never captured."),
+    _opt("ambient_connmark", "ambient-connmark", None, ("INTERCEPTD_AMBIENT_CONNMARK",), v.parse_mark, "0x111",
+         "int", "ambient: conntrack mark of the proxy's connections into the pod; their replies are routed back "
+                "to the proxy (policy route to --ambient-route-table)."),
+    _opt("ambient_mark_mask", "ambient-mark-mask", None, ("INTERCEPTD_AMBIENT_MARK_MASK",), v.parse_mark,
+         "0xfff", "int", "ambient: the bits of the packet and conntrack marks interceptd owns."),
+    _opt("ambient_route_table", "ambient-route-table", None, ("INTERCEPTD_AMBIENT_ROUTE_TABLE",),
+         v.parse_route_table, "100", "int",
+         "ambient: policy routing table whose local default route returns replies to the proxy."),
+    _opt("ambient_probe_address", "ambient-probe-address", None, ("HOST_PROBE_SNAT_IP",),
+         v.parse_ipv4_host, "169.254.7.127", "str",
+         "ambient: the node's health probes arrive from this address (SNAT on the node); never captured."),
+    _opt("ambient_probe_address_v6", "ambient-probe-address-v6", None, ("HOST_PROBE_SNAT_IPV6",),
+         v.parse_ipv6_host, "fd16:9254:7127:1337:ffff:ffff:ffff:ffff", "str",
+         "ambient: the IPv6 address the node's health probes arrive from."),
     _opt("network_namespace", "network-namespace", None, ("NETWORK_NAMESPACE",), v.parse_text, "", "str",
          "Accepted for compatibility; ignored (run interceptd inside the namespace).", "compat"),
     _opt("cni_mode", "cni-mode", None, ("CNI_MODE",), v.parse_bool, "false", "bool",
@@ -197,6 +222,15 @@ class Config:
     capture_all_dns: bool
     drop_invalid: bool
     dual_stack: bool
+    capture_mode: str
+    ambient_ingress: bool
+    ambient_dns_port: int
+    ambient_mark: int
+    ambient_connmark: int
+    ambient_mark_mask: int
+    ambient_route_table: int
+    ambient_probe_address: ipaddress.IPv4Address
+    ambient_probe_address_v6: ipaddress.IPv6Address
     network_namespace: str
     cni_mode: bool
     reconcile: bool
@@ -224,6 +258,10 @@ class Config:
     @property
     def tproxy(self) -> bool:
         return self.inbound_interception_mode == "TPROXY"
+
+    @property
+    def ambient(self) -> bool:
+        return self.capture_mode == "ambient"
 
 
 def _toml_text(option: Option, value: object, path: str) -> str:
@@ -330,7 +368,28 @@ def load(flags: Mapping[str, str], env: Mapping[str, str], toml: Mapping[str, ob
     raw["outbound_owner_groups_exclude"] = _resolve(raw["outbound_owner_groups_exclude"], v.resolve_gid,
                                                     "outbound_owner_groups_exclude",
                                                     "--outbound-owner-groups-exclude")
+    _check_ambient(raw)
     return Config(**raw)
+
+
+def _check_ambient(raw: Mapping[str, Any]) -> None:
+    """Ambient settings that would install rules which never match, or fight each other, are refused."""
+    if raw["capture_mode"] != "ambient":
+        return
+    if raw["inbound_interception_mode"] == "TPROXY":
+        raise ConfigError("--capture-mode ambient: invalid value with --istio-inbound-interception-mode TPROXY "
+                          "(the node proxy's inbound capture is REDIRECT)")
+    if raw["run_validation"]:
+        raise ConfigError("--run-validation: invalid value true with --capture-mode ambient (the self-test checks "
+                          "the sidecar proxy's uid-based in-redirect, which ambient mode has not)")
+    mask = raw["ambient_mark_mask"]
+    for key in ("ambient_mark", "ambient_connmark"):
+        if raw[key] & ~mask:
+            raise ConfigError(f"--{key.replace('_', '-')} (key {key!r}): invalid value {raw[key]:#x}: bits outside "
+                              f"--ambient-mark-mask {mask:#x}")
+    if raw["ambient_mark"] == raw["ambient_connmark"]:
+        raise ConfigError(f"--ambient-connmark (key 'ambient_connmark'): invalid value {raw['ambient_connmark']:#x}: "
+                          "equal to --ambient-mark")
 
 
 def _default_uid(user: str) -> str:

@@ -286,3 +286,40 @@ def parse_optional_path(text: str) -> str:
 
 def parse_text(text: str) -> str:
     return text
+
+
+CAPTURE_MODES = ("sidecar", "ambient")
+
+
+def parse_capture_mode(text: str) -> str:
+    """sidecar: istio-iptables' rules for a pod with its own proxy; ambient: istio-cni's in-pod rules that send
+    the pod's traffic to a node proxy listening inside the pod's namespace."""
+    if text not in CAPTURE_MODES:
+        raise ValueError("unknown capture mode (use sidecar or ambient)")
+    return text
+
+
+def parse_mark(text: str) -> int:
+    """A packet or conntrack mark, decimal or 0x-hex (Istio writes its ambient marks in hex: 0x539, 0xfff)."""
+    hexa = text[:2] in ("0x", "0X")
+    body = text[2:] if hexa else text
+    if not re.fullmatch(r"[0-9a-fA-F]+" if hexa else r"[0-9]+", body):
+        raise ValueError("not a number (decimal or 0x-hex)")
+    value = int(body, 16 if hexa else 10)
+    if not 1 <= value <= 0xFFFFFFFF:
+        raise ValueError("out of range 1-0xffffffff")
+    return value
+
+
+def parse_ipv4_host(text: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise ValueError("not an IPv4 address") from None
+
+
+def parse_ipv6_host(text: str) -> ipaddress.IPv6Address:
+    try:
+        return ipaddress.IPv6Address(text)
+    except ValueError:
+        raise ValueError("not an IPv6 address") from None

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from interceptd.config.values import PortRange
 from interceptd.ruleset.facts import IPAddress
 from interceptd.ruleset.model import (
+    MARK_BITS,
     Accept,
     Chain,
     CtMarkFromMark,
@@ -35,6 +36,7 @@ from interceptd.ruleset.model import (
     Rule,
     Ruleset,
     Scalar,
+    SetCtMarkBits,
     SetCtZone,
     SetMark,
     SetRef,
@@ -52,7 +54,7 @@ from interceptd.ruleset.nfttext import action_text
 
 # What a redirect into each of interceptd's chains means (the chain names are part of the model).
 LISTENER_ROLE = {ISTIO_REDIRECT: "the proxy's outbound listener", ISTIO_IN_REDIRECT: "the proxy's inbound listener",
-                 ISTIO_OUTPUT_DNS: "the agent's DNS proxy", ISTIO_TPROXY: "the proxy's inbound listener"}
+                 ISTIO_OUTPUT_DNS: "the DNS proxy", ISTIO_TPROXY: "the proxy's inbound listener"}
 _SHOWN_ELEMENTS = 8
 _FAMILY_WORD = {"ipv4": "IPv4", "ipv6": "IPv6"}
 _KEY_WORD = {"skuid": "uid", "skgid": "gid", "l4proto": "protocol", "nfproto": "family", "mark": "packet mark"}
@@ -72,6 +74,7 @@ class Connection:
     gid: int | None = None
     iif: str = ""  # inbound: the interface it arrives on
     oif: str = ""  # outbound: the interface the route picks ("lo" for local destinations)
+    mark: int = 0  # outbound: the socket's SO_MARK (ambient's node proxy marks its own sockets)
 
     @property
     def family(self) -> int:
@@ -79,6 +82,7 @@ class Connection:
 
     def describe(self) -> str:
         owner = f" uid {self.uid} gid {self.gid}" if self.direction == "outbound" else ""
+        owner += f" mark {self.mark:#x}" if self.mark else ""
         dev = f" oif {self.oif}" if self.direction == "outbound" else f" iif {self.iif}"
         return (f"{self.direction} {self.protocol} {_hostport(self.src, self.sport)} -> "
                 f"{_hostport(self.dst, self.dport)}{owner}{dev}")
@@ -197,6 +201,10 @@ class _Evaluator:
         if actual is None:
             return False, missing
         word = _KEY_WORD.get(match.key, match.key)
+        if match.mask is not None and isinstance(actual, int):
+            same = (actual & match.mask) == match.value
+            return same != match.negate, \
+                f"{word} {actual:#x} & {match.mask:#x} is {'' if same else 'not '}{match.value:#x}"
         shown = actual if actual != "" else '""'
         value = match.value
         if isinstance(value, SetRef | tuple):
@@ -277,6 +285,8 @@ class _Evaluator:
                     pkt.ctmark = pkt.mark
                 case SetCtZone(zone):
                     pkt.zone = zone if pkt.zone is None else pkt.zone  # the first zone set wins
+                case SetCtMarkBits(bits, mask):
+                    pkt.ctmark = (pkt.ctmark & MARK_BITS & ~mask) | bits
                 case TProxy(_family, port) if not self.tproxy_listening:
                     return f"no transparent listener on :{port} (the tproxy statement does not match)", "break"
                 case TProxy(_family, port):
@@ -323,7 +333,7 @@ def explain(ruleset: Ruleset, conn: Connection, tproxy_listening: bool = True) -
     outbound = conn.direction == "outbound"
     pkt = _Packet("ipv4" if conn.family == 4 else "ipv6", conn.protocol, conn.src, conn.dst, conn.sport,
                   conn.dport, "" if outbound else conn.iif, conn.oif if outbound else "",
-                  conn.uid if outbound else None, conn.gid if outbound else None)
+                  conn.uid if outbound else None, conn.gid if outbound else None, conn.mark if outbound else 0)
     steps: list[Step] = []
     outcomes: list[_Outcome] = []
     phases = [("output", False)] if outbound else [("prerouting", False)]
@@ -401,7 +411,7 @@ def as_json(explanation: Explanation) -> dict[str, object]:
     return {
         "connection": {"direction": c.direction, "protocol": c.protocol, "src": str(c.src), "sport": c.sport,
                        "dst": str(c.dst), "dport": c.dport, "uid": c.uid, "gid": c.gid, "iif": c.iif,
-                       "oif": c.oif},
+                       "oif": c.oif, "mark": c.mark},
         "path": [{k: val for k, val in vars(s).items() if val not in ("", None)} for s in explanation.steps],
         "verdict": {"action": v.action, "address": v.address, "port": v.port, "rule": v.rule, "text": v.text},
         "matched": explanation.matched(),

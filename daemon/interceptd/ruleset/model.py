@@ -43,6 +43,7 @@ class Match:
     key: str
     value: Value
     negate: bool = False
+    mask: int | None = None  # `meta mark & mask == value`: only these bits are compared
 
 
 def protocol(*names: str) -> Match:
@@ -72,12 +73,12 @@ def address(version: int, fld: AddressField, value: IPNetwork | SetRef, negate: 
     return Match(f"{'ip' if version == 4 else 'ip6'} {fld}", value, negate)
 
 
-def mark(value: int, negate: bool = False) -> Match:
-    return Match("mark", value, negate)
+def mark(value: int, negate: bool = False, mask: int | None = None) -> Match:
+    return Match("mark", value, negate, mask)
 
 
-def ct_mark(value: int) -> Match:
-    return Match("ct mark", value)
+def ct_mark(value: int, mask: int | None = None) -> Match:
+    return Match("ct mark", value, mask=mask)
 
 
 def ct_state(*states: str) -> Match:
@@ -136,7 +137,20 @@ class SetCtZone:
     zone: int
 
 
-Action = Jump | Return | Accept | Drop | Redirect | TProxy | SetMark | MarkFromCtMark | CtMarkFromMark | SetCtZone
+MARK_BITS = 0xFFFFFFFF  # packet and conntrack marks are 32 bits: `& ~mask` is `& (MARK_BITS & ~mask)`
+
+
+@dataclass(frozen=True)
+class SetCtMarkBits:
+    """`ct mark set ct mark & ~mask | bits`: only the masked bits of the conntrack mark change, so marks other
+    software keeps in the remaining bits survive (ambient's connmark)."""
+
+    bits: int
+    mask: int
+
+
+Action = (Jump | Return | Accept | Drop | Redirect | TProxy | SetMark | MarkFromCtMark | CtMarkFromMark | SetCtZone
+          | SetCtMarkBits)
 VERDICTS = (Jump, Return, Accept, Drop, Redirect, TProxy)
 
 
@@ -206,4 +220,5 @@ class PolicyRoute:
     family: int  # 4 or 6
     mark: int
     table: int
+    mask: int = MARK_BITS  # the mark bits the rule compares (ambient: 0xfff)
 

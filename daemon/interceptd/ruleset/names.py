@@ -132,6 +132,18 @@ RULE_RESTORE_MARK = "restore-mark"
 RULE_APP_DNS_ZONE = "app-dns-zone"  # per family without --capture-all-dns
 RULE_DNS_REPLY_ZONE = "dns-reply-zone"  # per family without --capture-all-dns
 
+# ambient (--capture-mode ambient) reuses the chains and rule names above where a rule plays the same role
+# (inbound-jump, tunnel-port-return, loopback-return, redirect-*-all, dns-jump, save-mark, restore-mark,
+# dns-reply-zone, kube-virt-*); these are its own.
+RULE_PROBE_ACCEPT = "probe-accept"  # per family; nat prerouting
+RULE_PROBE_REPLY_ACCEPT = "probe-reply-accept"  # per family; istio-output
+RULE_PROXY_MARK_RETURN = "proxy-mark-return"  # istio-inbound, istio-output
+RULE_PROXIED_ACCEPT = "proxied-accept"  # istio-output
+RULE_POD_SELF_ACCEPT = "pod-self-accept"  # per family; istio-output
+RULE_DNS_REDIRECT_UDP = "dns-redirect-udp"  # istio-output-dns
+RULE_DNS_REDIRECT_TCP = "dns-redirect-tcp"  # per family; istio-output-dns
+RULE_PROXY_DNS_ZONE = "proxy-dns-upstream-zone"  # raw output
+
 
 @dataclass(frozen=True)
 class OwnerRules:

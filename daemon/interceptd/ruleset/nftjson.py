@@ -16,6 +16,7 @@ from typing import Any
 from interceptd.config.values import PortRange
 from interceptd.ruleset.model import (
     CT_KEYS,
+    MARK_BITS,
     META_KEYS,
     Accept,
     Action,
@@ -31,6 +32,7 @@ from interceptd.ruleset.model import (
     Rule,
     Ruleset,
     Scalar,
+    SetCtMarkBits,
     SetCtZone,
     SetMark,
     SetRef,
@@ -72,7 +74,8 @@ def match_json(match: Match) -> Json:
     if match.key == "ct state":
         # conntrack state is a bit mask: "ct state established,related" tests for any of the bits.
         return {"match": {"op": "!=" if match.negate else "in", "left": _left(match.key), "right": right}}
-    return {"match": {"op": "!=" if match.negate else "==", "left": _left(match.key), "right": right}}
+    left = _left(match.key) if match.mask is None else {"&": [_left(match.key), match.mask]}
+    return {"match": {"op": "!=" if match.negate else "==", "left": left, "right": right}}
 
 
 def action_json(action: Action) -> Json:
@@ -99,6 +102,8 @@ def action_json(action: Action) -> Json:
             return {"mangle": {"key": ctmark, "value": mark}}
         case SetCtZone(zone):
             return {"mangle": {"key": {"ct": {"key": "zone"}}, "value": zone}}
+        case SetCtMarkBits(bits, mask):
+            return {"mangle": {"key": ctmark, "value": {"|": [{"&": [ctmark, MARK_BITS & ~mask]}, bits]}}}
     raise TypeError(action)
 
 

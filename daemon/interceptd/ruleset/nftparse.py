@@ -16,6 +16,7 @@ from interceptd.config.values import PortRange
 from interceptd.errors import UnexplainableError
 from interceptd.ruleset.model import (
     CT_KEYS,
+    MARK_BITS,
     META_KEYS,
     PAYLOAD_KEYS,
     Accept,
@@ -33,6 +34,7 @@ from interceptd.ruleset.model import (
     Rule,
     Ruleset,
     Scalar,
+    SetCtMarkBits,
     SetCtZone,
     SetMark,
     SetRef,
@@ -79,7 +81,13 @@ def _scalar(raw: Any, address: bool, where: str) -> Scalar:
 
 
 def _match(body: Json, where: str) -> Match:
-    key = _key(body["left"], where)
+    left, mask = body["left"], None
+    if isinstance(left, dict) and "&" in left:  # `meta mark & 0xfff == 0x539`
+        left, raw_mask = left["&"]
+        if isinstance(raw_mask, bool) or not isinstance(raw_mask, int):
+            raise UnexplainableError(f"{where}: cannot evaluate the mask {raw_mask!r}")
+        mask = raw_mask
+    key = _key(left, where)
     address = key.split()[-1] in ("saddr", "daddr")
     right = body["right"]
     op = body["op"]
@@ -94,7 +102,7 @@ def _match(body: Json, where: str) -> Match:
         value = _scalar(right, address, where)
     if op not in ("==", "!=", "in"):
         raise UnexplainableError(f"{where}: cannot evaluate the operator {op!r}")
-    return Match(key, value, op == "!=")
+    return Match(key, value, op == "!=", mask)
 
 
 def _mangle(body: Json, where: str) -> Action:
@@ -105,6 +113,12 @@ def _mangle(body: Json, where: str) -> Action:
         return CtMarkFromMark()
     if key == {"ct": {"key": "zone"}}:
         return SetCtZone(int(value))
+    if key == {"ct": {"key": "mark"}} and isinstance(value, dict) and "|" in value:
+        kept, bits = value["|"]
+        if isinstance(kept, dict) and kept.get("&", [None])[0] == key:  # ct mark & keep | bits
+            # The kernel lists `& 0xfffff000 | 0x111` as `& 0xfffff111 | 0x111` (same result): the changed
+            # bits are those not kept, plus those set.
+            return SetCtMarkBits(int(bits), (MARK_BITS & ~int(kept["&"][1])) | int(bits))
     raise UnexplainableError(f"{where}: cannot evaluate the statement {body}")
 
 

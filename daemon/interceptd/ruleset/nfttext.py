@@ -47,6 +47,8 @@ def match_text(match: m.Match) -> str:
             right = "{ " + ", ".join(_string_text(v, quoted) for v in value) + " }"
     else:
         right = _string_text(value, quoted)
+    if match.mask is not None:  # marks under a mask read best in hex, as Istio writes them
+        return f"{left} & {match.mask:#x} {'!=' if match.negate else '=='} {value:#x}"
     return f"{left} {'!= ' if match.negate else ''}{right}"
 
 
@@ -72,6 +74,8 @@ def action_text(action: m.Action) -> str:
             return "ct mark set meta mark"
         case m.SetCtZone(zone):
             return f"ct zone set {zone}"
+        case m.SetCtMarkBits(bits, mask):
+            return f"ct mark set ct mark & {m.MARK_BITS & ~mask:#010x} | {bits:#x}"
     raise TypeError(action)
 
 
@@ -120,7 +124,8 @@ def route_comments(ruleset: m.Ruleset) -> list[str]:
 
 def _route_lines(route: m.PolicyRoute) -> list[str]:
     default = "0.0.0.0/0" if route.family == 4 else "::/0"
-    return [f"# ip -{route.family} rule add fwmark {route.mark} lookup {route.table}",
+    mask = "" if route.mask == m.MARK_BITS else f"/{route.mask:#x}"
+    return [f"# ip -{route.family} rule add fwmark {route.mark}{mask} lookup {route.table}",
             f"# ip -{route.family} route add local {default} dev lo table {route.table}"]
 
 

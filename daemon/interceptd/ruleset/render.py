@@ -35,6 +35,7 @@ from interceptd.ruleset.model import (
     Rule,
     Ruleset,
     Scalar,
+    SetCtMarkBits,
     SetCtZone,
     SetMark,
     SetRef,
@@ -225,13 +226,17 @@ class _Builder:
                                     [ipaddress.ip_network(a) for a in servers[version]])
                 for version in self.families if servers[version]}
 
+    def kube_virt(self) -> Match:
+        """Arrived on one of the -k interfaces (a VM's or container's, whose traffic is outbound)."""
+        names = sorted(self.c.kube_virt_interfaces)
+        return interface("iifname", self.named(N.SET_KUBE_VIRT_INTERFACES, "ifname", names))
+
     # -- nat ---------------------------------------------------------------------------------------
     def nat_prerouting(self) -> Chain:
         rules = self.base_head()
         c = self.c
         if c.kube_virt_interfaces:
-            virt = interface("iifname", self.named(N.SET_KUBE_VIRT_INTERFACES, "ifname",
-                                                   sorted(c.kube_virt_interfaces)))
+            virt = self.kube_virt()
             if c.service_cidr is None:
                 rules.append(rule(N.RULE_KUBE_VIRT_REDIRECT, "TCP arriving on a kube-virt interface (-k) is outbound",
                                   virt, Jump(N.ISTIO_REDIRECT)))
@@ -461,17 +466,23 @@ class _Builder:
                                   sport, address(version, "saddr", ref), SetCtZone(1)))
         return base_chain(N.RAW_PREROUTING, rules)
 
+    def istio_redirect(self) -> Chain:
+        port = self.c.envoy_port
+        return Chain(N.ISTIO_REDIRECT, (ENTRY, rule(
+            N.RULE_REDIRECT_OUTBOUND, f"captured to the proxy's outbound listener :{port}, original destination "
+            "kept", TCP, Redirect(port))))
+
+    def istio_in_redirect(self) -> Chain:
+        port = self.c.inbound_capture_port
+        return Chain(N.ISTIO_IN_REDIRECT, (ENTRY, rule(
+            N.RULE_REDIRECT_INBOUND, f"captured to the proxy's inbound listener :{port}, original destination "
+            "kept", TCP, Redirect(port))))
+
     def build(self) -> Ruleset:
         c = self.c
         chains = [
-            self.nat_prerouting(), self.nat_output(), self.istio_inbound(),
-            Chain(N.ISTIO_REDIRECT, (ENTRY, rule(
-                N.RULE_REDIRECT_OUTBOUND, f"captured to the proxy's outbound listener :{c.envoy_port}, original "
-                "destination kept", TCP, Redirect(c.envoy_port)))),
-            Chain(N.ISTIO_IN_REDIRECT, (ENTRY, rule(
-                N.RULE_REDIRECT_INBOUND, f"captured to the proxy's inbound listener :{c.inbound_capture_port}, "
-                "original destination kept", TCP, Redirect(c.inbound_capture_port)))),
-            self.istio_output(),
+            self.nat_prerouting(), self.nat_output(), self.istio_inbound(), self.istio_redirect(),
+            self.istio_in_redirect(), self.istio_output(),
         ]
         if self.dns_active:
             chains += [self.istio_output_dns(), self.raw_prerouting(), self.raw_output()]
@@ -492,5 +503,136 @@ class _Builder:
 _OWNER_KEY: dict[str, OwnerKey] = {N.UID.kind: "skuid", N.GID.kind: "skgid"}
 
 
+LOOPBACK_V4 = ipaddress.ip_network("127.0.0.1/32")
+
+
+class _AmbientBuilder(_Builder):
+    """istio-cni's in-pod rules for ambient mode (docs/ambient.md): the pod's TCP goes to a node proxy that listens
+    inside the pod's namespace. The proxy is not a local user, so its sockets are told apart by a packet mark
+    (`ambient_mark` under `ambient_mark_mask`) instead of an owner; the connections it makes into the pod get a
+    conntrack mark so the app's replies are routed back to it (the policy route to `ambient_route_table`)."""
+
+    def proxy_mark(self, negate: bool = False) -> Match:
+        return mark(self.c.ambient_mark, negate, self.c.ambient_mark_mask)
+
+    def loopback_dst(self, version: int) -> IPNetwork:
+        """Istio's ambient rules exempt 127.0.0.1 and ::1 only (--outbound-ipv4-loopback-cidr is istio-iptables')."""
+        return LOOPBACK_V4 if version == 4 else LOOPBACK_V6
+
+    def probe(self, version: int) -> IPNetwork:
+        c = self.c
+        return ipaddress.ip_network(c.ambient_probe_address if version == 4 else c.ambient_probe_address_v6)
+
+    @property
+    def dns_active(self) -> bool:
+        """Ambient captures DNS to any server (as Istio's in-pod rules do): resolv.conf is not read."""
+        return self.c.redirect_dns
+
+    def nat_prerouting(self) -> Chain:
+        rules = self.base_head()
+        c = self.c
+        if c.kube_virt_interfaces:
+            virt = self.kube_virt()
+            rules.append(rule(N.RULE_KUBE_VIRT_REDIRECT, "TCP arriving on a virtual interface (-k) is outbound",
+                              TCP, virt, Jump(N.ISTIO_REDIRECT)))
+            rules.append(rule(N.RULE_KUBE_VIRT_RETURN, "nothing else is done with TCP from a virtual interface",
+                              TCP, virt, Return()))
+        if not c.ambient_ingress:
+            for version in self.families:
+                probe = self.probe(version)
+                rules.append(rule(N.per_family(N.RULE_PROBE_ACCEPT, version),
+                                  f"the node's health probes (SNATed to {probe.network_address}) are not captured",
+                                  TCP, address(version, "saddr", probe), Accept()))
+            rules.append(rule(N.RULE_INBOUND_JUMP, "inbound TCP is checked for capture", TCP, Jump(N.ISTIO_INBOUND)))
+        return base_chain(N.PREROUTING, rules)
+
+    def istio_inbound(self) -> Chain:
+        rules = [ENTRY, *self.inbound_exempt_ports()]
+        for version in self.families:
+            rules.append(rule(N.per_family(N.RULE_LOOPBACK_RETURN, version), "loopback destinations are not captured",
+                              address(version, "daddr", self.loopback_dst(version)), Return()))
+        rules.append(rule(N.RULE_PROXY_MARK_RETURN, f"the node proxy's own connections (mark "
+                          f"{self.c.ambient_mark:#x}) are not captured", self.proxy_mark(), Return()))
+        rules.append(rule(N.RULE_REDIRECT_INBOUND_ALL, "every other inbound TCP is captured", TCP,
+                          Jump(N.ISTIO_IN_REDIRECT)))
+        return Chain(N.ISTIO_INBOUND, tuple(rules))
+
+    def istio_output(self) -> Chain:
+        c = self.c
+        rules = [ENTRY]
+        for version in self.families:
+            probe = self.probe(version)
+            rules.append(rule(N.per_family(N.RULE_PROBE_REPLY_ACCEPT, version),
+                              f"the pod's answers to the node's health probes ({probe.network_address}) go direct",
+                              TCP, address(version, "daddr", probe), Accept()))
+        rules.append(rule(N.RULE_PROXY_MARK_RETURN, f"the node proxy's own connections (mark {c.ambient_mark:#x}) "
+                          "go direct", self.proxy_mark(), Return()))
+        if self.dns_active:
+            rules.append(rule(N.RULE_DNS_JUMP, "DNS is checked for capture to the node proxy's DNS proxy",
+                              Jump(N.ISTIO_OUTPUT_DNS)))
+        rules.append(rule(N.RULE_PROXIED_ACCEPT, f"TCP carrying the proxied-connection mark {c.ambient_connmark:#x} "
+                          "goes direct", TCP, mark(c.ambient_connmark, mask=c.ambient_mark_mask), Accept()))
+        for version in self.families:
+            rules.append(rule(N.per_family(N.RULE_POD_SELF_ACCEPT, version),
+                              "the app calling its own pod over lo stays local",
+                              LO_OUT, address(version, "daddr", self.loopback_dst(version), True), Accept()))
+        for version in self.families:
+            rules.append(rule(N.per_family(N.RULE_LOOPBACK_RETURN, version), "loopback destinations are not captured",
+                              address(version, "daddr", self.loopback_dst(version)), Return()))
+        rules.append(rule(N.RULE_REDIRECT_OUTBOUND_ALL, "every other outbound TCP is captured", TCP,
+                          Jump(N.ISTIO_REDIRECT)))
+        return Chain(N.ISTIO_OUTPUT, tuple(rules))
+
+    def istio_output_dns(self) -> Chain:
+        port_ = self.c.ambient_dns_port
+        redirect = Redirect(port_)
+        rules = [ENTRY, rule(N.RULE_DNS_REDIRECT_UDP, f"UDP DNS not sent over lo goes to the DNS proxy :{port_}",
+                             interface("oifname", "lo", True), port("udp dport", DNS_PORT), redirect)]
+        for version in self.families:
+            rules.append(rule(N.per_family(N.RULE_DNS_REDIRECT_TCP, version),
+                              f"TCP DNS to a non-loopback server goes to the DNS proxy :{port_}",
+                              address(version, "daddr", self.loopback_dst(version), True), port("tcp dport", DNS_PORT),
+                              redirect))
+        return Chain(N.ISTIO_OUTPUT_DNS, tuple(rules))
+
+    def mangle_prerouting(self) -> Chain:
+        c = self.c
+        return base_chain(N.MANGLE_PREROUTING, [*self.base_head(), rule(
+            N.RULE_SAVE_MARK, f"the node proxy's connections into the pod get conntrack mark {c.ambient_connmark:#x}",
+            self.proxy_mark(), SetCtMarkBits(c.ambient_connmark, c.ambient_mark_mask))])
+
+    def mangle_output(self) -> Chain:
+        c = self.c
+        return base_chain(N.MANGLE_OUTPUT, [*self.base_head(), rule(
+            N.RULE_RESTORE_MARK, f"replies on the proxy's connections carry mark {c.ambient_connmark:#x}, which routes "
+            f"them back to the proxy (table {c.ambient_route_table})",
+            ct_mark(c.ambient_connmark, c.ambient_mark_mask), MarkFromCtMark())])
+
+    def raw_output(self) -> Chain:
+        return base_chain(N.RAW_OUTPUT, [*self.base_head(), rule(
+            N.RULE_PROXY_DNS_ZONE, "the node proxy's queries to resolvers use zone 1", port("udp dport", DNS_PORT),
+            self.proxy_mark(), SetCtZone(1))])
+
+    def raw_prerouting(self) -> Chain:
+        return base_chain(N.RAW_PREROUTING, [*self.base_head(), rule(
+            N.RULE_DNS_REPLY_ZONE, "resolver replies not carrying the proxy's mark use zone 1",
+            port("udp sport", DNS_PORT), self.proxy_mark(True), SetCtZone(1))])
+
+    def build(self) -> Ruleset:
+        c = self.c
+        chains = [self.nat_prerouting(), self.nat_output()]
+        if not c.ambient_ingress:
+            chains += [self.istio_inbound(), self.istio_in_redirect()]
+        chains += [self.istio_redirect(), self.istio_output()]
+        if self.dns_active:
+            chains += [self.istio_output_dns(), self.raw_prerouting(), self.raw_output()]
+        chains += [self.mangle_prerouting(), self.mangle_output()]
+        routes = tuple(PolicyRoute(v, c.ambient_connmark, c.ambient_route_table, c.ambient_mark_mask)
+                       for v in self.families)
+        return Ruleset(c.table, tuple(chains), tuple(sorted(self.sets.values(), key=lambda s: s.name)),
+                       routes=routes)
+
+
 def render(config: Config, facts: HostFacts) -> Ruleset:
-    return _Builder(config, facts).build()
+    builder = _AmbientBuilder if config.ambient else _Builder
+    return builder(config, facts).build()

@@ -69,6 +69,10 @@ def _value_text(value: object) -> str:
             return f"meta {value['meta']['key']}"
         if "ct" in value:
             return f"ct {value['ct']['key']}"
+        for op in ("&", "|"):  # ambient's masked marks: `mark & 0xfff`, `ct mark & 0xfffff000 | 0x111`
+            if op in value:
+                inner, bits = value[op]
+                return f"{_value_text(inner)} {op} {bits:#x}"
     if isinstance(value, list):
         return ",".join(_value_text(v) for v in value)
     return str(value)
@@ -90,6 +94,9 @@ def expr_text(expr: list[Json]) -> str:
     for e in expr:
         if "match" in e:
             m = e["match"]
+            if isinstance(m["left"], dict) and "&" in m["left"]:
+                words.append(f"{_value_text(m['left'])} {m['op']} {m['right']:#x}")
+                continue
             op = "" if m["op"] in ("==", "in") else f"{m['op']} "
             words.append(f"{_left_text(m['left'])} {op}{_value_text(m['right'])}")
         elif "jump" in e:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from interceptd.errors import RoutingError
-from interceptd.ruleset.model import Ruleset
+from interceptd.ruleset.model import MARK_BITS, Ruleset
 from interceptd.system import rtnl
 
 ROUTE_PROTOCOL = 245  # "proto 245" in `ip rule` / `ip route`: unassigned in iproute2's rt_protos
@@ -34,11 +34,13 @@ class Entry:
     table: int = 0  # rule, route
     mark: int = 0  # rule
     address: str = ""  # address
+    mask: int = MARK_BITS  # rule: the mark bits compared (ambient's fwmark 0x111/0xfff)
 
     def __str__(self) -> str:
         ip = "ip" if self.family == 4 else "ip -6"
         if self.kind == "rule":
-            return f"{ip} rule fwmark {self.mark} lookup {self.table}"
+            mask = "" if self.mask == MARK_BITS else f"/{self.mask:#x}"
+            return f"{ip} rule fwmark {self.mark}{mask} lookup {self.table}"
         if self.kind == "route":
             return f"{ip} route local default dev lo table {self.table}"
         return f"{ip} address {self.address} dev lo"
@@ -58,7 +60,7 @@ class Router(Protocol):
 def wanted(ruleset: Ruleset) -> set[Entry]:
     out: set[Entry] = {Entry("address", 6, address=a) for a in ruleset.lo_addresses}
     for pr in ruleset.routes:
-        out.add(Entry("rule", pr.family, pr.table, pr.mark))
+        out.add(Entry("rule", pr.family, pr.table, pr.mark, mask=pr.mask))
         out.add(Entry("route", pr.family, pr.table))
     return out
 
@@ -114,12 +116,18 @@ class Netlink:
         self._netns = netns
 
     def owned(self) -> set[Entry]:
+        try:
+            return self._owned()
+        except OSError as exc:  # a kernel-side failure like any other: the controller retries it
+            raise RoutingError(f"cannot read the namespace's rules, routes and addresses: {exc.strerror}") from None
+
+    def _owned(self) -> set[Entry]:
         out: set[Entry] = set()
         with self._entered():
             for version, fam in _FAMILY.items():
                 for r in rtnl.rules(fam):
                     if r.protocol == ROUTE_PROTOCOL:
-                        out.add(Entry("rule", version, r.table, r.fwmark))
+                        out.add(Entry("rule", version, r.table, r.fwmark, mask=r.fwmask))
                 for r in rtnl.routes(fam):
                     if r.protocol == ROUTE_PROTOCOL:
                         out.add(Entry("route", version, r.table))
@@ -147,7 +155,7 @@ class Netlink:
         try:
             with self._entered():
                 if entry.kind == "rule":
-                    rtnl.change_rule(add, fam, entry.mark, entry.table, RULE_PRIORITY, ROUTE_PROTOCOL)
+                    rtnl.change_rule(add, fam, entry.mark, entry.table, RULE_PRIORITY, ROUTE_PROTOCOL, entry.mask)
                 elif entry.kind == "route":
                     rtnl.change_local_route(add, fam, entry.table, _lo_index(), ROUTE_PROTOCOL, RT_SCOPE_HOST)
                 else:

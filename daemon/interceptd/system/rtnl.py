@@ -23,7 +23,7 @@ RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWRULE, RTM_DELRULE, RTM_GETRULE = 32, 33, 34
 IFA_ADDRESS = 1
 RTA_DST, RTA_OIF, RTA_PREFSRC, RTA_TABLE = 1, 4, 7, 15
-FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_PROTOCOL = 6, 10, 15, 21
+FRA_PRIORITY, FRA_FWMARK, FRA_TABLE, FRA_FWMASK, FRA_PROTOCOL = 6, 10, 15, 16, 21
 FR_ACT_TO_TBL, RTN_LOCAL = 1, 2
 
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -48,6 +48,7 @@ class RuleOrRoute:
     table: int
     protocol: int
     fwmark: int  # rules only
+    fwmask: int = 0xFFFFFFFF  # rules only: the kernel's default for a mark given without a mask
 
 
 def _attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
@@ -105,11 +106,13 @@ def _change(add: bool, new: int, delete: int, body: bytes) -> None:
         _request(delete, body, NLM_F_ACK)
 
 
-def change_rule(add: bool, family: int, mark: int, table: int, priority: int, protocol: int) -> None:
-    """`ip rule add|del fwmark MARK lookup TABLE priority PRIORITY protocol PROTOCOL`."""
+def change_rule(add: bool, family: int, mark: int, table: int, priority: int, protocol: int,
+                mask: int = 0xFFFFFFFF) -> None:
+    """`ip rule add|del fwmark MARK/MASK lookup TABLE priority PRIORITY protocol PROTOCOL`."""
     header = _RTMSG.pack(family, 0, 0, 0, table if table < 256 else 0, 0, 0, FR_ACT_TO_TBL, 0)
-    _change(add, RTM_NEWRULE, RTM_DELRULE, header + _attr(FRA_FWMARK, _u32(mark)) + _attr(FRA_TABLE, _u32(table))
-            + _attr(FRA_PRIORITY, _u32(priority)) + _attr(FRA_PROTOCOL, bytes([protocol])))
+    _change(add, RTM_NEWRULE, RTM_DELRULE, header + _attr(FRA_FWMARK, _u32(mark)) + _attr(FRA_FWMASK, _u32(mask))
+            + _attr(FRA_TABLE, _u32(table)) + _attr(FRA_PRIORITY, _u32(priority))
+            + _attr(FRA_PROTOCOL, bytes([protocol])))
 
 
 def change_local_route(add: bool, family: int, table: int, oif: int, protocol: int, scope: int) -> None:
@@ -149,7 +152,8 @@ def rules(family: int) -> list[RuleOrRoute]:
         table, attrs = _table(data, body, end, FRA_TABLE)
         protocol = attrs[FRA_PROTOCOL][0] if FRA_PROTOCOL in attrs else 0
         fwmark = struct.unpack("=I", attrs[FRA_FWMARK])[0] if FRA_FWMARK in attrs else 0
-        out.append(RuleOrRoute(data[body], table, protocol, fwmark))
+        fwmask = struct.unpack("=I", attrs[FRA_FWMASK])[0] if FRA_FWMASK in attrs else 0xFFFFFFFF
+        out.append(RuleOrRoute(data[body], table, protocol, fwmark, fwmask))
     return out
 
 

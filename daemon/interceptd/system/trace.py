@@ -213,6 +213,8 @@ def _connect_as(conn: Connection, sport: int, wait_s: float) -> None:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.setsockopt(socket.IPPROTO_IP if family == socket.AF_INET else socket.IPPROTO_IPV6,
                              15 if family == socket.AF_INET else 78, 1)  # IP(V6)_FREEBIND
+                if conn.mark:  # ambient's node proxy: needs CAP_NET_ADMIN, so an unprivileged uid cannot
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, conn.mark)
                 s.bind((str(conn.src), sport))
                 if kind == socket.SOCK_STREAM:
                     s.setblocking(False)

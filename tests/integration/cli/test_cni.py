@@ -202,3 +202,38 @@ def cni_e_io() -> int:
     from interceptd.cli import cni
 
     return cni.E_IO
+
+
+def _marked_request(host: str, port: int) -> str:
+    """The node proxy's own connection (SO_MARK 0x539, docs/ambient.md)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(2.0)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x539)
+        s.connect((host, port))
+        return s.recv(256).decode().strip()
+
+
+def test_an_ambient_labelled_pod_gets_the_ambient_rules(node: CniNode, pod: str) -> None:
+    """The label istio.io/dataplane-mode=ambient in CNI_ARGS selects the in-pod rules for a node proxy, with the
+    pod's own DNS setting; CHECK agrees, DEL removes the table and the reply route."""
+    args = "K8S_POD_NAMESPACE=demo;istio.io/dataplane-mode=ambient;ambient.istio.io/dns-capture=true"
+    added = node.chain("ADD", pod, "c-amb", args=args)
+    assert [r.rc for r in added] == [0, 0], added[-1].stderr
+    with open(os.path.join(node.state_dir, "netns", f"{pod}.json"), encoding="utf-8") as fh:
+        settings = json.load(fh)["settings"]
+    assert settings["capture_mode"] == "ambient" and settings["redirect_dns"] is True
+    assert "fwmark 0x111/0xfff lookup 100" in sh("ip", "rule", ns=pod).stdout
+    servers = [_serve(pod, "ztunnel", 15001, 15006), _serve(node.node, "node", 8080)]
+    try:
+        assert call_in(pod, tcp_request, NODE_IP, 8080).startswith("ztunnel 15001 192.0.2.1:8080")
+        assert call_in(pod, _marked_request, NODE_IP, 8080).startswith("node 8080 -")
+        pod_ip = _pod_ip(pod)
+        assert call_in(node.node, tcp_request, pod_ip, 8080).startswith(f"ztunnel 15006 {pod_ip}:8080")
+    finally:
+        for server in servers:
+            server.stop()
+    assert [r.rc for r in node.chain("CHECK", pod, "c-amb", args=args, cached=added[-1].out)] == [0, 0]
+    assert [r.rc for r in node.chain("DEL", pod, "c-amb", cached=added[-1].out)] == [0, 0]
+    assert table_listing(pod) is None and "lookup 100" not in sh("ip", "rule", ns=pod).stdout

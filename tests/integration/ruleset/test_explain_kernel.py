@@ -89,6 +89,9 @@ def configs(draw: st.DrawFn, v6: bool) -> dict[str, str]:
     }
     if draw(st.integers(0, 9)) == 0:
         flags["exclude_interfaces"] = "eth0"
+    if draw(st.integers(0, 3)) == 0:  # ambient (docs/ambient.md): the sidecar-only flags above change nothing
+        flags.update(capture_mode="ambient", inbound_interception_mode="REDIRECT",
+                     ambient_ingress=draw(st.sampled_from(["true", "false"])))
     if draw(st.booleans()):
         flags["proxy_gid"] = ",".join(map(str, draw(st.lists(st.sampled_from(PROXY_IDS), min_size=1, unique=True))))
     return flags
@@ -225,13 +228,18 @@ SPEC_ROWS = [
 ]
 
 
-def test_explain_kernel_agrees_on_the_spec_table(lab: Lab) -> None:
-    lab.interceptd("apply", *SPEC)
-    for args, verdict in SPEC_ROWS:
-        result = lab.interceptd("explain", "--kernel", *SPEC, *args, check=False)
+def _kernel_agrees(lab: Lab, flags: list[str], rows: list[tuple[list[str], str]]) -> None:
+    """Apply `flags`, then `explain --kernel` each row: the trace must agree and the verdict say the text."""
+    lab.interceptd("apply", *flags)
+    for args, verdict in rows:
+        result = lab.interceptd("explain", "--kernel", *flags, *args, check=False)
         assert result.returncode == 0, (args, result.stdout, result.stderr)
         assert "kernel agrees with the model" in result.stdout, (args, result.stdout)
         assert verdict in result.stdout.split("verdict: ")[1].splitlines()[0], (args, result.stdout)
+
+
+def test_explain_kernel_agrees_on_the_spec_table(lab: Lab) -> None:
+    _kernel_agrees(lab, SPEC, SPEC_ROWS)
     # Nothing of the probes is left behind: only interceptd's table, no probe interface.
     tables = sh("nft", "list", "tables", ns=lab.pod).stdout.split()
     assert tables == ["table", "inet", "interceptd"]
@@ -249,3 +257,22 @@ def test_explain_kernel_says_so_when_the_kernel_decides_otherwise(lab: Lab) -> N
     ok = lab.interceptd("explain", "--kernel", "--from-kernel", "--uid", "1000", "--gid", "1000",
                         "--dst", "192.0.2.1:9999")
     assert "not intercepted" in ok.stdout and "kernel agrees" in ok.stdout
+
+
+AMBIENT = ["--capture-mode", "ambient", "--redirect-dns"]
+# Istio's ambient in-pod decisions (docs/ambient.md): (explain arguments, what the verdict says).
+AMBIENT_ROWS = [
+    (["--uid", "1000", "--gid", "1000", "--dst", "203.0.113.1:80"], "outbound listener :15001"),
+    (["--mark", "0x539", "--dst", "203.0.113.1:80"], "not intercepted"),
+    (["--uid", "1000", "--gid", "1000", "--protocol", "udp", "--dst", "203.0.113.1:53"], ":15053"),
+    (["--uid", "1000", "--gid", "1000", "--dst", "203.0.113.1:53"], ":15053"),
+    (["--mark", "0x539", "--protocol", "udp", "--dst", "203.0.113.1:53"], "not intercepted"),
+    (["--uid", "1000", "--gid", "1000", "--dst", "192.0.2.2:8080"], "not intercepted"),
+    (["--inbound", "--src", "192.0.2.1", "--dst", "192.0.2.2:8080"], "inbound listener :15006"),
+    (["--inbound", "--src", "192.0.2.1", "--dst", "192.0.2.2:15008"], "not intercepted"),
+    (["--inbound", "--src", "169.254.7.127", "--iif", "eth0", "--dst", "192.0.2.2:8080"], "not intercepted"),
+]
+
+
+def test_explain_kernel_agrees_on_ambient_decisions(lab: Lab) -> None:
+    _kernel_agrees(lab, AMBIENT, AMBIENT_ROWS)

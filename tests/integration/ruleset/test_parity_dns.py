@@ -8,26 +8,13 @@ which needs the conntrack zones).
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
-from support.netlab import Lab, call_in
+from support.netlab import Lab, call_in, udp_query
 
 APP = {"uid": 1000, "gid": 1000}
 PROXY = {"uid": 1337, "gid": 1337}
-
-
-def udp_query(host: str, port: int) -> str:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.settimeout(2.0)
-        s.connect((host, port))
-        s.send(b"query")
-        try:
-            return s.recv(256).decode().split()[0]
-        except (TimeoutError, ConnectionRefusedError):
-            return "timeout"
 
 
 def udp(lab: Lab, host: str, who: dict[str, int]) -> str:

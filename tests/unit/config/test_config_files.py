@@ -101,6 +101,13 @@ def test_istio_examples_match_istio_init() -> None:
     assert ("tproxy", 15006) in targets(ruleset) and ruleset.routes
 
 
+def test_ambient_example_matches_istio_cni() -> None:
+    ambient = load_file(ROOT / "config/examples/istio-ambient.toml")
+    ruleset = render(ambient, FACTS)
+    assert ambient.ambient and targets(ruleset) == {("redirect", 15001), ("redirect", 15006), ("redirect", 15053)}
+    assert [(r.mark, r.mask, r.table) for r in ruleset.routes] == [(0x111, 0xFFF, 100)] * 2  # dual-stack facts
+
+
 def test_linkerd_example_matches_proxy_init() -> None:
     linkerd = load_file(ROOT / "config/examples/linkerd.toml")
     ruleset = render(linkerd, FACTS)
