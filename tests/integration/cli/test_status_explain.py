@@ -73,7 +73,6 @@ def test_explain_all_steps_adds_the_counting_rules_and_chain_exits(lab: Lab) -> 
     (["node", "--run-validation"], "--run-validation cannot be used with node"),
     (["status", "--netns", "x", "--explain-top"], "--explain-top cannot be used with --netns"),
     (["explain", "--dst", "203.0.113.9"], "--dst: a destination port is needed"),
-    (["explain", "--inbound", "--dst", "192.0.2.2:80"], "--inbound: --src (the remote address) is needed"),
     (["explain", "--dst", "192.0.2.1:80", "--uid", "no-such-user-xyz"], "--uid: invalid value 'no-such-user-xyz'"),
     (["explain", "--from-kernel", "--dst", "192.0.2.1:80"], "table inet interceptd is not installed"),
 ])

@@ -166,7 +166,7 @@ def test_the_agent_finds_a_neighbour_exports_it_and_logs_it_once(lab: Lab, tmp_p
              "add rule ip meshb out tcp dport 80 drop")
     agent = AgentProc(lab, tmp_path, "--log-level", "debug")  # debug: each quiet check is an event
     agent.write_config(CONFIG_A.replace('metrics_address = ""', 'metrics_address = "127.0.0.1:15321"')
-                       + "reconcile_interval = 0.05\n")
+                       + "reconcile_interval = 0.1\n")  # the smallest accepted: doctor looks every 10th
     agent.start()
     try:
         assert wait_until(lambda: 'interceptd_conflicts{kind="neighbour-chains"} 1.0'
