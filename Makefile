@@ -3,8 +3,9 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian's python3 sees python3-nftables (the libnftables binding, not on PyPI): the venv inherits it.
+# procps: sysctl for the tests, and /bin/kill, which the systemd unit's ExecReload runs (a minbase Debian lacks it).
 SYSPY := /usr/bin/python3
-APT_PACKAGES := nftables python3-nftables python3-venv iproute2 iptables util-linux prometheus containernetworking-plugins systemd libcap2-bin
+APT_PACKAGES := nftables python3-nftables python3-venv iproute2 iptables util-linux prometheus containernetworking-plugins systemd libcap2-bin procps
 STAMP := $(VENV)/.installed
 
 .PHONY: all deps venv test unit integration lint demo bench clean docs golden image-test fuzz soak
