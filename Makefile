@@ -3,8 +3,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian's python3 sees python3-nftables (the libnftables binding, not on PyPI): the venv inherits it.
-# procps: sysctl for the tests, and /bin/kill, which the systemd unit's ExecReload runs (a minbase Debian lacks it).
 SYSPY := /usr/bin/python3
+# procps: sysctl for the tests, and /bin/kill, which the systemd unit's ExecReload runs (a minbase Debian lacks it).
 APT_PACKAGES := nftables python3-nftables python3-venv iproute2 iptables util-linux prometheus containernetworking-plugins systemd libcap2-bin procps
 STAMP := $(VENV)/.installed
 
