@@ -67,8 +67,9 @@ def _cleanup_all() -> None:
 
 
 def enter(name: str) -> None:
-    """setns(2) this process (a forked child) into the named network namespace."""
-    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    """setns(2) this process (a forked child) into the named network namespace, or the one a path names (a
+    container's /proc/PID/ns/net, which needs no file in /run/netns)."""
+    fd = os.open(name if name.startswith("/") else f"/run/netns/{name}", os.O_RDONLY)
     try:
         if _libc.setns(fd, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
