@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 # Debian's python3 sees python3-nftables (the libnftables binding, not on PyPI): the venv inherits it.
 SYSPY := /usr/bin/python3
 # procps: sysctl for the tests, and /bin/kill, which the systemd unit's ExecReload runs (a minbase Debian lacks it).
+# podman and busybox-static: the tests run containers (a busybox rootfs, no registry) on the shipped CNI conflist.
 APT_PACKAGES := nftables python3-nftables python3-venv iproute2 iptables util-linux prometheus containernetworking-plugins systemd libcap2-bin procps podman busybox-static
 STAMP := $(VENV)/.installed
 

@@ -164,9 +164,15 @@ class PodmanNode:
     def run(self, name: str, *command: str, env: dict[str, str] | None = None) -> Container:
         """`podman run -d` on the rootfs (default command: sleep); `env` is podman's own environment (where
         podman takes extra CNI_ARGS from), not the container's."""
-        self.podman("run", "-d", "--name", name, "--network", self.network, *RUN_FLAGS, "--rootfs", self.rootfs,
-                    *(command or ("sleep", "600")), env=env)
+        self.podman("run", "-d", "--name", name, *self._on_network(), *(command or ("sleep", "600")), env=env)
         return self.container(name)
+
+    def run_rm(self, *command: str) -> str:
+        """`podman run --rm` in the foreground: the command's output, once the container is gone again."""
+        return self.podman("run", "--rm", *self._on_network(), *command).stdout
+
+    def _on_network(self) -> tuple[str, ...]:
+        return ("--network", self.network, *RUN_FLAGS, "--rootfs", self.rootfs)
 
     def container(self, name: str) -> Container:
         """A running container as `podman inspect` shows it now (its pid changes with every start)."""

@@ -117,6 +117,17 @@ def test_stop_and_rm_call_del(node: PodmanNode) -> None:
     assert os.listdir(os.path.join(node.state_dir, "netns")) == []
 
 
+def test_a_run_rm_containers_first_connection_is_captured_and_rm_calls_del(node: PodmanNode,
+                                                                          servers: list[Server]) -> None:
+    # ADD has installed the table before the container's first process runs: its very first connection is
+    # redirected to the proxy port (nothing listens there yet: refused), it never reaches the node's server.
+    sh("ip", "addr", "add", f"{NODE_ADDRESS}/32", "dev", "lo", ns=node.node)
+    servers.append(Server(node.node, "node", (80,)).start())
+    out = node.run_rm("sh", "-c", f"nc -w 2 {NODE_ADDRESS} 80 </dev/null 2>&1; true")
+    assert "Connection refused" in out and "node 80" not in out, out
+    assert os.listdir(os.path.join(node.state_dir, "netns")) == []
+
+
 def test_a_second_container_on_the_network_is_captured_too(node: PodmanNode, servers: list[Server]) -> None:
     first, second = node.run("one"), node.run("two")
     assert first.ip != second.ip and first.sandbox != second.sandbox
