@@ -47,6 +47,12 @@ def _proxy(servers: list[Server], container: Container) -> None:
     servers.append(Server(container.netns, "proxy", (15001, 15006)).start())
 
 
+def _node_server(node: PodmanNode, servers: list[Server]) -> None:
+    """A server on the node itself (NODE_ADDRESS:80): what a connection reaches when it is not captured."""
+    sh("ip", "addr", "add", f"{NODE_ADDRESS}/32", "dev", "lo", ns=node.node)
+    servers.append(Server(node.node, "node", (80,)).start())
+
+
 def _nc(node: PodmanNode, container: Container, host: str, port: int) -> str:
     return node.exec(container, f"nc -w 2 {host} {port} </dev/null")
 
@@ -79,8 +85,7 @@ def test_add_with_podmans_cni_args_captures_outbound_and_inbound(node: PodmanNod
     assert record["path"] == f"/run/netns/{pod.sandbox}"
     assert isinstance(record["settings"], dict) and record["settings"]["service_exclude_cidr"] == "198.51.100.0/24"
     _proxy(servers, pod)
-    sh("ip", "addr", "add", f"{NODE_ADDRESS}/32", "dev", "lo", ns=node.node)
-    servers.append(Server(node.node, "node", (80,)).start())
+    _node_server(node, servers)
     # The container's own connection lands on its proxy with the original destination (SO_ORIGINAL_DST) ...
     assert _nc(node, pod, "192.0.2.7", 80).startswith("proxy 15001 192.0.2.7:80")
     assert _nc(node, pod, GATEWAY, 8080).startswith(f"proxy 15001 {GATEWAY}:8080")
@@ -121,8 +126,7 @@ def test_a_run_rm_containers_first_connection_is_captured_and_rm_calls_del(node:
                                                                           servers: list[Server]) -> None:
     # ADD has installed the table before the container's first process runs: its very first connection is
     # redirected to the proxy port (nothing listens there yet: refused), it never reaches the node's server.
-    sh("ip", "addr", "add", f"{NODE_ADDRESS}/32", "dev", "lo", ns=node.node)
-    servers.append(Server(node.node, "node", (80,)).start())
+    _node_server(node, servers)
     out = node.run_rm("sh", "-c", f"nc -w 2 {NODE_ADDRESS} 80 </dev/null 2>&1; true")
     assert "Connection refused" in out and "node 80" not in out, out
     assert os.listdir(os.path.join(node.state_dir, "netns")) == []
