@@ -17,8 +17,8 @@ The node is a network namespace the test made plus one mount namespace, held ope
   CONTAINERS_CONF selects the CNI backend, the plugin directories (Debian's /usr/lib/cni and the venv's bin,
   where interceptd-cni is) and the conflist directory. Nothing reads or writes the host's podman state.
 - The conflist is the shipped config/cni/87-interceptd.conflist with only the subnet and the paths
-  substituted. Its plugins run inside the node network namespace: the bridge, its gateway address and its
-  ipMasq rules exist only there.
+  substituted. Its plugins run inside the node network namespace: the bridge, its gateway address, its
+  ipMasq rules and portmap's rules exist only there.
 
 The test process reaches a container's network namespace as /proc/PID/ns/net (PID from `podman inspect`),
 which needs no mount. Teardown, also on failure: `podman rm -f --all`, then any container process or conmon
@@ -116,7 +116,7 @@ class PodmanNode:
                 os.symlink("busybox", self._path("rootfs", "bin", applet))
         conf = json.loads(CONFLIST.read_text())
         self.network = conf["name"]
-        bridge, plugin = conf["plugins"]
+        bridge, plugin = conf["plugins"][0], conf["plugins"][-1]
         bridge["ipam"]["ranges"] = [[{"subnet": SUBNET, "gateway": GATEWAY}]]
         bridge["ipam"]["dataDir"] = self._path("ipam")
         plugin["interceptd"]["state_dir"] = self.state_dir
@@ -161,10 +161,12 @@ class PodmanNode:
             raise AssertionError(f"podman {' '.join(args)} failed ({result.returncode}): {result.stderr}")
         return result
 
-    def run(self, name: str, *command: str, env: dict[str, str] | None = None) -> Container:
-        """`podman run -d` on the rootfs (default command: sleep); `env` is podman's own environment (where
-        podman takes extra CNI_ARGS from), not the container's."""
-        self.podman("run", "-d", "--name", name, *self._on_network(), *(command or ("sleep", "600")), env=env)
+    def run(self, name: str, *command: str, env: dict[str, str] | None = None, flags: tuple[str, ...] = (),
+            ) -> Container:
+        """`podman run -d [flags]` on the rootfs (default command: sleep); `env` is podman's own environment
+        (where podman takes extra CNI_ARGS from), not the container's."""
+        self.podman("run", "-d", "--name", name, *flags, *self._on_network(), *(command or ("sleep", "600")),
+                    env=env)
         return self.container(name)
 
     def run_rm(self, *command: str) -> str:

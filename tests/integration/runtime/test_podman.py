@@ -146,6 +146,14 @@ def test_a_second_container_on_the_network_is_captured_too(node: PodmanNode, ser
     assert call_in(node.node, tcp_request, first.ip, 9090).startswith(f"proxy 15006 {first.ip}:9090")
 
 
+def test_a_published_port_reaches_the_inbound_capture(node: PodmanNode, servers: list[Server]) -> None:
+    # `-p`: the portmap plugin's DNAT (in the node namespace) sends the node's port to the container's port 80,
+    # where the container's own rules capture it for the inbound listener, with the port it was mapped to.
+    pod = node.run("published", flags=("-p", "8080:80"))
+    _proxy(servers, pod)
+    assert call_in(node.node, tcp_request, GATEWAY, 8080).startswith(f"proxy 15006 {pod.ip}:80")
+
+
 def test_the_node_agent_adopts_podmans_namespaces_and_repairs_drift(node: PodmanNode) -> None:
     pods = [node.run("a"), node.run("b")]
     reference = {pod.name: _listing(pod.netns) for pod in pods}
@@ -195,6 +203,6 @@ def test_the_shipped_conflist_is_the_one_in_use(node: PodmanNode) -> None:
     for conf in (shipped, used):
         conf["plugins"][0]["ipam"].pop("ranges")
         conf["plugins"][0]["ipam"].pop("dataDir", None)
-        conf["plugins"][1]["interceptd"].pop("state_dir")
+        conf["plugins"][-1]["interceptd"].pop("state_dir")
     assert used == shipped
     assert [p["type"] for p in shipped["plugins"]][-1] == "interceptd-cni"
