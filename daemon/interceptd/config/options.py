@@ -7,22 +7,20 @@ it, so a setting cannot exist in one place and be missing in another.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 import pwd
-import tomllib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from interceptd.config import values as v
 from interceptd.errors import ConfigError
+from interceptd.records import record
 
 Kind = Literal["bool", "int", "list", "str", "float"]
 
 
-@dataclass(frozen=True)
+@record
 class Option:
     key: str  # TOML key and Config attribute
     long: str  # long flag without the leading dashes
@@ -193,7 +191,7 @@ OPTIONS: tuple[Option, ...] = (
 OPTIONS_BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}
 
 
-@dataclass(frozen=True)
+@record
 class Config:
     """The validated, typed configuration; built only by `load`."""
 
@@ -294,6 +292,9 @@ _KIND_WORD = {"bool": "true or false", "int": "a number", "list": "a list or a c
 
 
 def read_toml(path: str) -> dict[str, object]:
+    """The TOML file's settings, keys checked. tomllib is imported here: its import compiles a dozen regular
+    expressions (about 5 ms), which `istio-iptables` with flags only should not pay."""
+    import tomllib
 
     try:
         with open(path, "rb") as fh:
@@ -319,7 +320,10 @@ def read_toml(path: str) -> dict[str, object]:
 
 
 def did_you_mean(word: str, known: Iterable[str]) -> str:
-    """` (did you mean 'x'?)` for the closest known spelling, or nothing: a typo should not cost a manual."""
+    """` (did you mean 'x'?)` for the closest known spelling, or nothing: a typo should not cost a manual.
+    difflib is imported only when there is a typo to answer."""
+    import difflib
+
     close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

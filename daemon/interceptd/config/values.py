@@ -10,7 +10,8 @@ import grp
 import ipaddress
 import pwd
 import re
-from dataclasses import dataclass
+
+from interceptd.records import record
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -37,7 +38,7 @@ _DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also takes other sc
 _DURATION_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-@dataclass(frozen=True, order=True)
+@record(order=True)
 class PortRange:
     """A port or an inclusive range of ports ("8000-9000" is accepted, as nft accepts it in Istio)."""
 

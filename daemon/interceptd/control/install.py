@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 from interceptd.errors import KernelRefusedError
+from interceptd.records import record
 from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import Existing, Json, deletion, elements_json, normalise, same_elements, transaction
 from interceptd.system import routes
@@ -18,7 +18,7 @@ from interceptd.system.kernel import Kernel
 from interceptd.system.routes import Router
 
 
-@dataclass(frozen=True)
+@record
 class Applied:
     """What the kernel held right after our apply: the reference for drift detection."""
 

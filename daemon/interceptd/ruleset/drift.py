@@ -7,8 +7,8 @@ depends on how libnftables happens to spell an expression. Deciding to repair is
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
+from interceptd.records import record
 from interceptd.ruleset.nftjson import Json
 
 # Reasons, most severe first: a repair is counted under the first reason of its differences.
@@ -18,7 +18,7 @@ REASONS = ("table missing", "routes missing", "chain deleted", "chain flushed", 
 MAX_DETAILS = 12
 
 
-@dataclass(frozen=True)
+@record
 class Difference:
     reason: str  # one of REASONS: low cardinality, a metric label
     detail: str  # for the log: names the chain, rule or set

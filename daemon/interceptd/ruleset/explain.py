@@ -20,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field, replace
 
+from interceptd import records
 from interceptd.config.values import PortRange
 from interceptd.ruleset.facts import IPAddress
 from interceptd.ruleset.model import (
@@ -428,8 +429,8 @@ def borrow_why(parsed: Ruleset, reference: Ruleset) -> Ruleset:
         except KeyError:
             chains.append(chain)
             continue
-        rules = tuple(replace(r, why=ref[r.name].why) if r.name in ref and ref[r.name].actions == r.actions
+        rules = tuple(records.replace(r, why=ref[r.name].why) if r.name in ref and ref[r.name].actions == r.actions
                       else r for r in chain.rules)
-        chains.append(replace(chain, rules=rules))
-    return replace(parsed, chains=tuple(chains))
+        chains.append(records.replace(chain, rules=rules))
+    return records.replace(parsed, chains=tuple(chains))
 

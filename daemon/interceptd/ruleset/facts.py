@@ -6,12 +6,13 @@ Defined here, in the pure layer, so that `render` takes them as a value; `system
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+
+from interceptd.records import record
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-@dataclass(frozen=True)
+@record
 class HostFacts:
     ipv6: bool  # capture IPv6 too
     host_ip: IPAddress | None

@@ -7,10 +7,10 @@ actions only counts: each chain starts with one, named "entry", which is the cha
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from interceptd.config.values import IPNetwork, PortRange
+from interceptd.records import record
 from interceptd.ruleset.names import counter_name
 
 # Fields a match can test, spelled as nft spells them.
@@ -25,7 +25,7 @@ CT_KEYS = ("ct mark", "ct state")
 Scalar = int | str | IPNetwork | PortRange
 
 
-@dataclass(frozen=True)
+@record
 class SetRef:
     """A lookup in one of the table's named sets."""
 
@@ -35,7 +35,7 @@ class SetRef:
 Value = Scalar | SetRef | tuple[Scalar, ...]  # a tuple is an anonymous set
 
 
-@dataclass(frozen=True)
+@record
 class Match:
     """One test of a packet field. Build matches with the typed constructors below, which tie each key to the
     values it can take: mypy then checks every match the renderer writes."""
@@ -86,53 +86,53 @@ def ct_state(*states: str) -> Match:
     return Match("ct state", states[0] if len(states) == 1 else states)
 
 
-@dataclass(frozen=True)
+@record
 class Jump:
     chain: str
 
 
-@dataclass(frozen=True)
+@record
 class Return:
     pass
 
 
-@dataclass(frozen=True)
+@record
 class Accept:
     pass
 
 
-@dataclass(frozen=True)
+@record
 class Drop:
     pass
 
 
-@dataclass(frozen=True)
+@record
 class Redirect:
     port: int
 
 
-@dataclass(frozen=True)
+@record
 class TProxy:
     family: str  # "ip" or "ip6"
     port: int
 
 
-@dataclass(frozen=True)
+@record
 class SetMark:
     mark: int
 
 
-@dataclass(frozen=True)
+@record
 class MarkFromCtMark:
     pass
 
 
-@dataclass(frozen=True)
+@record
 class CtMarkFromMark:
     pass
 
 
-@dataclass(frozen=True)
+@record
 class SetCtZone:
     zone: int
 
@@ -140,7 +140,7 @@ class SetCtZone:
 MARK_BITS = 0xFFFFFFFF  # packet and conntrack marks are 32 bits: `& ~mask` is `& (MARK_BITS & ~mask)`
 
 
-@dataclass(frozen=True)
+@record
 class SetCtMarkBits:
     """`ct mark set ct mark & ~mask | bits`: only the masked bits of the conntrack mark change, so marks other
     software keeps in the remaining bits survive (ambient's connmark)."""
@@ -154,7 +154,7 @@ Action = (Jump | Return | Accept | Drop | Redirect | TProxy | SetMark | MarkFrom
 VERDICTS = (Jump, Return, Accept, Drop, Redirect, TProxy)
 
 
-@dataclass(frozen=True)
+@record
 class Rule:
     name: str
     matches: tuple[Match, ...] = ()
@@ -166,21 +166,21 @@ class Rule:
         return bool(self.actions)
 
 
-@dataclass(frozen=True)
+@record
 class Hook:
     type: str  # nat, filter, route
     hook: str  # prerouting, output
     priority: int
 
 
-@dataclass(frozen=True)
+@record
 class Chain:
     name: str
     rules: tuple[Rule, ...]
     hook: Hook | None = None
 
 
-@dataclass(frozen=True)
+@record
 class NamedSet:
     name: str
     type: str  # ipv4_addr, ipv6_addr, inet_service, ifname, uid, gid
@@ -188,13 +188,13 @@ class NamedSet:
     interval: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class Ruleset:
     table: str
     chains: tuple[Chain, ...]
     sets: tuple[NamedSet, ...] = ()
     family: str = "inet"
-    routes: tuple[PolicyRoute, ...] = field(default=())
+    routes: tuple[PolicyRoute, ...] = ()
     lo_addresses: tuple[str, ...] = ()  # IPv6 addresses put on lo (Istio's ::6 passthrough source)
 
     def chain(self, name: str) -> Chain:
@@ -213,7 +213,7 @@ class Ruleset:
         return [counter_name(chain.name, rule.name) for chain in self.chains for rule in chain.rules]
 
 
-@dataclass(frozen=True, order=True)
+@record(order=True)
 class PolicyRoute:
     """TPROXY's policy routing: packets marked `mark` look up `table`, whose default route is local."""
 

@@ -12,7 +12,7 @@ comes from `per_family`, the uid/gid rules from `UID` and `GID`), so a grep find
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from interceptd.records import record
 
 # -- counters ---------------------------------------------------------------------------------------------
 # Every rule carries the named counter "<chain>/<rule>"; the rule named ENTRY (first in every chain, no
@@ -145,7 +145,7 @@ RULE_DNS_REDIRECT_TCP = "dns-redirect-tcp"  # per family; istio-output-dns
 RULE_PROXY_DNS_ZONE = "proxy-dns-upstream-zone"  # raw output
 
 
-@dataclass(frozen=True)
+@record
 class OwnerRules:
     """The rules written once for the proxy's uids and once for its gids (Istio's blocks per -u and -g)."""
 

@@ -10,10 +10,10 @@ import functools
 import ipaddress
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from interceptd.config.values import PortRange
+from interceptd.records import record
 from interceptd.ruleset.model import (
     CT_KEYS,
     MARK_BITS,
@@ -128,18 +128,18 @@ def set_json(table: str, family: str, nset: NamedSet) -> Json:
     return out
 
 
-@dataclass(frozen=True)
+@record
 class Existing:
     """What the kernel's table holds now, as far as the transaction needs to know (names and shapes)."""
 
     chains: dict[str, Json]  # name -> {"type","hook","prio"} or {} for regular chains
     sets: dict[str, Json]  # name -> {"type","flags"}
     counters: frozenset[str]
-    elements: dict[str, list[Any]] = field(default_factory=dict)  # set name -> elements as listed
+    elements: dict[str, list[Any]]  # set name -> elements as listed
 
     @staticmethod
     def empty() -> Existing:
-        return Existing({}, {}, frozenset())
+        return Existing({}, {}, frozenset(), {})
 
     @staticmethod
     def from_listing(items: Iterable[Json]) -> Existing:

@@ -10,9 +10,8 @@ reads and counts alike wherever it is reported.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from interceptd.config.values import PortRange
+from interceptd.records import replace
 from interceptd.ruleset.drift import Difference
 from interceptd.ruleset.model import Chain, NamedSet, Rule, Ruleset, Scalar, SetRef, Value
 from interceptd.ruleset.nfttext import action_text, match_text, scalar_text

@@ -10,11 +10,11 @@ names are refused earlier, while the configuration is parsed (config.options, co
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from interceptd.config import Config
 from interceptd.errors import KernelRefusedError, PreflightError
+from interceptd.records import record
 from interceptd.ruleset.nftjson import Json
 
 # Istio's own minimum for its nftables backend; interceptd is tested with 1.0.6.
@@ -29,7 +29,7 @@ class Probe(Protocol):
         """Validate the document in check mode; raise KernelRefusedError if it would be refused."""
 
 
-@dataclass(frozen=True)
+@record
 class Feature:
     name: str
     modules: str  # what provides it, for the error message

@@ -12,10 +12,10 @@ import contextlib
 import errno
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from interceptd.errors import RoutingError
+from interceptd.records import record
 from interceptd.ruleset.model import MARK_BITS, Ruleset
 from interceptd.system import rtnl
 
@@ -25,7 +25,7 @@ RT_SCOPE_HOST = 254
 _FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 
-@dataclass(frozen=True, order=True)
+@record(order=True)
 class Entry:
     """One kernel object interceptd owns: a fwmark rule, a `local default dev lo` route, or an address on lo."""
 

@@ -14,7 +14,8 @@ import ipaddress
 import os
 import socket
 import struct
-from dataclasses import dataclass
+
+from interceptd.records import record
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
@@ -32,7 +33,7 @@ _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, pr
 _NLATTR = struct.Struct("=HH")
 
 
-@dataclass(frozen=True)
+@record
 class Address:
     index: int
     family: int
@@ -40,7 +41,7 @@ class Address:
     address: str
 
 
-@dataclass(frozen=True)
+@record
 class RuleOrRoute:
     """A policy rule (fib_rule_hdr) or a route (rtmsg): both start with the same eight bytes."""
 

@@ -72,6 +72,13 @@ def test_the_istio_iptables_alias_imports_no_agent_machinery(lab: Lab) -> None:
     assert forbidden(_cli(lab, *SEED, script="istio-iptables")) == set()
 
 
+@pytest.mark.parametrize("script,args", [("istio-iptables", SEED), ("interceptd", ("apply", *SEED))])
+def test_applying_flags_defines_no_dataclass_and_reads_no_toml(lab: Lab, script: str, args: tuple[str, ...]) -> None:
+    # Start-up cost: dataclasses compiles every class's methods at import (interceptd.records does not), and
+    # tomllib compiles its regular expressions; the init container's command line needs neither.
+    assert {"dataclasses", "tomllib", "inspect"} & _cli(lab, *args, script=script) == set()
+
+
 def test_tproxy_and_ipv6_route_changes_import_no_agent_machinery(lab6: Lab) -> None:
     # TPROXY adds policy rules and routes, IPv6 the ::6 address on lo; cleanup removes the rules again.
     assert forbidden(_cli(lab6, "apply", "-m", "TPROXY", "-i", "*", "-b", "*", "--dual-stack")) == set()

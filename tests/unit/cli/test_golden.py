@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from interceptd.cli import commands, golden
 from interceptd.cli.main import run_command
 from interceptd.config import load
+from interceptd.records import replace
 from interceptd.ruleset import names as N
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.model import Match, Ruleset
@@ -47,10 +47,10 @@ def _with_port(ruleset: Ruleset, chain: str, rule: str, port: int) -> Ruleset:
     """The same ruleset with one rule's port match changed and its name kept."""
     chains = []
     for c in ruleset.chains:
-        rules = tuple(dataclasses.replace(r, matches=tuple(Match(m.key, port, m.negate) for m in r.matches))
+        rules = tuple(replace(r, matches=tuple(Match(m.key, port, m.negate) for m in r.matches))
                       if c.name == chain and r.name == rule else r for r in c.rules)
-        chains.append(dataclasses.replace(c, rules=rules))
-    return dataclasses.replace(ruleset, chains=tuple(chains))
+        chains.append(replace(c, rules=rules))
+    return replace(ruleset, chains=tuple(chains))
 
 
 def test_a_changed_expression_under_an_unchanged_name_differs_from_the_golden() -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import replace
 from typing import Any
 
 from interceptd.config import load
 from interceptd.config.values import PortRange
+from interceptd.records import replace
 from interceptd.ruleset import doctor
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.model import Hook

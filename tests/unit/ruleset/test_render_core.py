@@ -146,7 +146,7 @@ def test_transaction_is_one_document_and_replaces_stale_objects() -> None:
 
 def test_transaction_deletes_chains_whose_hook_changed() -> None:
     rs = render(cfg(), V4)
-    existing = Existing({N.PREROUTING: {"type": "filter", "hook": N.PREROUTING, "prio": 0}}, {}, frozenset())
+    existing = Existing({N.PREROUTING: {"type": "filter", "hook": N.PREROUTING, "prio": 0}}, {}, frozenset(), {})
     doc = transaction(rs, existing)["nftables"]
     assert {"delete": {"chain": {"family": "inet", "table": "interceptd", "name": N.PREROUTING}}} in doc
     assert doc[0] == {"add": {"table": {"family": "inet", "name": "interceptd"}}}
