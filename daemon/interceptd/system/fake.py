@@ -315,6 +315,21 @@ class _Transaction:
                     have_points.add(span)
                     nset["elem"].append(e)
 
+    def delete_element(self, obj: Json) -> None:
+        """As the kernel: every element must be there, else the whole batch is refused (ENOENT)."""
+        nset = self._set(obj)[1]
+        elems = obj.get("elem")
+        if not isinstance(elems, list) or not elems:
+            raise Refused("Invalid set elem expression")
+        interval = "interval" in nset.get("flags", [])
+        held = {_element(e, nset["type"], interval)[1]: e for e in nset["elem"]}
+        for e in elems:
+            span = _element(e, nset["type"], interval)[1]
+            if span not in held:
+                raise Refused(f"No such file or directory: element {e!r} of set {nset['name']}")
+            del held[span]
+        nset["elem"] = list(held.values())
+
     def _set(self, obj: Json) -> tuple[dict[str, Any], dict[str, Any]]:
         t = self.table(obj)
         if obj["name"] not in t["sets"]:
@@ -380,6 +395,11 @@ class _Transaction:
             _integer(body.get("port"), "inet_service")
             if kind == "tproxy" and body.get("family") not in ("ip", "ip6"):
                 raise Refused(f"tproxy family {body.get('family')!r}")
+        elif kind == "snat":
+            family = body.get("family")
+            if family not in ("ip", "ip6"):
+                raise Refused(f"snat family {family!r}")  # an inet table must say which address family
+            _address(body.get("addr"), "ipv4_addr" if family == "ip" else "ipv6_addr")
         elif kind == "mangle":
             type_ = _key_type(body["key"])
             if not isinstance(body["value"], dict):
@@ -463,6 +483,9 @@ def _check_verdicts(rule: Json, base: Json) -> None:
     for stmt in rule.get("expr", []):
         if "redirect" in stmt and (base["type"] != "nat" or base["hook"] not in ("prerouting", "output")):
             raise Refused(f"Operation not supported: redirect in chain {rule['chain']}, reached from the "
+                          f"{base['type']} {base['hook']} chain {base['name']}")
+        if "snat" in stmt and (base["type"] != "nat" or base["hook"] not in ("postrouting", "input")):
+            raise Refused(f"Operation not supported: snat in chain {rule['chain']}, reached from the "
                           f"{base['type']} {base['hook']} chain {base['name']}")
         if "tproxy" in stmt and base["hook"] != "prerouting":
             raise Refused(f"Operation not supported: tproxy in chain {rule['chain']}, reached from the "
