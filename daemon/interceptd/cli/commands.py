@@ -32,7 +32,11 @@ def facts_for(config: Config, ipv6: str = "auto") -> HostFacts:
 
 def rendered(config: Config, facts: HostFacts, fmt: str = "json") -> str:
     """`render`'s output: the JSON transaction the kernel is given, or the same table as nft text."""
-    ruleset = render(config, facts)
+    return printed(render(config, facts), fmt)
+
+
+def printed(ruleset: Ruleset, fmt: str = "json") -> str:
+    """A ruleset as the transaction that installs it (JSON), or as nft text."""
     if fmt == "nft":
         return ruleset_text(ruleset)
     return json.dumps(transaction(ruleset, Existing.empty()), indent=2) + "\n"
