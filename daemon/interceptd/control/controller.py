@@ -71,6 +71,12 @@ class Backoff:
         self.delay = self.first
 
 
+def capture_mode(config: Config) -> str:
+    """The `mode` of metrics and status: "ambient" for the node proxy's in-pod rules, else the sidecar's
+    inbound mode (REDIRECT or TPROXY)."""
+    return "ambient" if config.ambient else config.inbound_interception_mode
+
+
 def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 3)
 
@@ -93,10 +99,10 @@ class TableController:
         self.log = log
         self._on_drift = on_drift
         self._share = share
-        self.state = AgentState(config.table, config.inbound_interception_mode)
-        self.state.probe = self.kernel_matches
         self._render = renderer
         self.ruleset: Ruleset = renderer(config, facts(config))  # a bad config fails before any change
+        self.state = AgentState(self.ruleset.table, capture_mode(config))
+        self.state.probe = self.kernel_matches
         self.applied: Applied | None = None  # the reference for drift checks; None until an apply succeeded
         self.retry_at: float | None = None  # monotonic deadline of the next retry of a failed apply
         self.backoff = Backoff()
@@ -259,7 +265,7 @@ class TableController:
             self.state.reloads["success"] += 1
             self.state.last_reload_successful = True
             self.state.last_reload_success_ts = time.time()
-            self.state.mode = config.inbound_interception_mode
+            self.state.mode = capture_mode(config)
         # What changed, so a reload is not a mystery: the settings by flag, the rules by name.
         changed = [o.flag for o in OPTIONS if getattr(config, o.key) != getattr(self.config, o.key)]
         self.event("info", "reload", started, [], changed=changed,
@@ -289,7 +295,7 @@ class TableController:
     def remove(self) -> None:
         """Delete the table and its routes (cleanup on exit); KernelSideError when refused."""
         with self._kernel_lock:
-            install.remove(self.kernel, self.router, self.config.table)
+            install.remove(self.kernel, self.router, self.ruleset.table, self.ruleset.family)
 
     def kernel_matches(self) -> bool:
         """For /readyz, from any thread: does the kernel hold our ruleset now? Drift asks the driver to repair."""

@@ -31,6 +31,7 @@ from interceptd.system.kernel import Kernel
 from interceptd.system.routes import NoRoutes
 
 OWN_NETNS = "/proc/self/ns/net"  # the node agent's own network namespace: the node's
+HOST_MODE = "host-probe"  # the `mode` label of its interceptd_ruleset_info
 HOST_NAME = "host"  # the node namespace's name in logs, the `netns` metric label and /readyz
 _NO_FACTS = HostFacts(ipv6=True, host_ip=None)  # the host table depends on no fact of the namespace
 
@@ -68,6 +69,7 @@ class HostProbe:
             config, kernel=kernel, router=NoRoutes(), facts=lambda _config: _NO_FACTS, load=lambda: config,
             log=logs.get(table=HOST_TABLE, netns=HOST_NAME), on_drift=self._drift_seen,
             renderer=lambda cfg, _facts: render_host(cfg, self.addresses()))
+        self.controller.state.mode = HOST_MODE
         self.collector = Collector(kernel, self.controller.state)
 
     def addresses(self) -> list[IPAddress]:
@@ -95,7 +97,7 @@ class HostProbe:
         """Apply the table with the pods found at start (the node agent's first scan)."""
         self._set_events(self.controller.config.kernel_events)
         self._dirty = False
-        self._step(lambda c: c.apply_desired("start"), "start")
+        self._step(lambda c: c.update("start"), "start")  # rendered now: the pods are known only from here
 
     def tick(self, now: float) -> float | None:
         """Events, pod changes and retries; returns the next retry's deadline, if one is pending."""

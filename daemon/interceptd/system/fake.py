@@ -102,6 +102,17 @@ def _key(left: Any) -> tuple[str, str]:
     raise Refused(f"the fake does not model the expression {left!r}")
 
 
+def _masked(left: Any) -> Any:
+    """The field under a bitwise and (`meta mark & 0xfff`), whose mask must be a value of its type."""
+    if isinstance(left, dict) and "&" in left:
+        if not isinstance(left["&"], list) or len(left["&"]) != 2:
+            raise Refused(f"Invalid expression {left!r}")
+        field, mask = left["&"]
+        _integer(mask, _key_type(field))
+        return field
+    return left
+
+
 def _key_type(left: Any) -> str:
     key = _key(left)
     if key not in _KEY_TYPES:
@@ -379,7 +390,7 @@ class _Transaction:
         ((kind, body),) = stmt.items()
         if kind == "match":
             self._match(t, body)
-            return transport or _key(body["left"]) in _TRANSPORT
+            return transport or _key(_masked(body["left"])) in _TRANSPORT
         if kind == "counter":
             if isinstance(body, str) and body not in t["counters"]:
                 raise Refused(f"No such file or directory: counter {body}")
@@ -404,6 +415,11 @@ class _Transaction:
             type_ = _key_type(body["key"])
             if not isinstance(body["value"], dict):
                 _element(body["value"], type_, False)
+            elif "|" in body["value"]:  # `ct mark set ct mark & KEEP | BITS` (ambient's connmark)
+                kept, bits = body["value"]["|"]
+                if _key_type(_masked(kept)) != type_:
+                    raise Refused(f"datatype mismatch: {type_} set from {kept!r}")
+                _element(bits, type_, False)
             elif _key_type(body["value"]) != type_:
                 raise Refused(f"datatype mismatch: {type_} set from {_key_type(body['value'])}")
         elif kind not in ("return", "accept", "drop"):
@@ -412,7 +428,7 @@ class _Transaction:
 
     @staticmethod
     def _match(t: dict[str, Any], body: Json) -> None:
-        type_, right = _key_type(body["left"]), body["right"]
+        type_, right = _key_type(_masked(body["left"])), body["right"]
         if body.get("op") not in ("==", "!=", "in"):
             raise Refused(f"the fake does not model the operator {body.get('op')!r}")
         if isinstance(right, str) and right.startswith("@"):
