@@ -79,7 +79,8 @@ table inet firewalld {
 """
 
 
-def install_neighbour_tables(lab: Lab, tmp_path: Path) -> None:
+def install_neighbour_tables(lab: Lab | str, tmp_path: Path) -> None:
+    """In the lab's pod, or in the namespace named (a node namespace)."""
     text = (KUBE_PROXY.format(fam="ip", addr="ipv4_addr", ip1="198.51.100.10", ip2="198.51.100.11",
                               net="198.51.100.128/25")
             + KUBE_PROXY.format(fam="ip6", addr="ipv6_addr", ip1="2001:db8:9::10", ip2="2001:db8:9::11",
@@ -87,4 +88,4 @@ def install_neighbour_tables(lab: Lab, tmp_path: Path) -> None:
             + FIREWALLD)
     path = tmp_path / "neighbours.nft"
     path.write_text(text)
-    sh("nft", "-f", str(path), ns=lab.pod)
+    sh("nft", "-f", str(path), ns=lab if isinstance(lab, str) else lab.pod)

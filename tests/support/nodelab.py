@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -27,6 +28,7 @@ from support.netlab import VENV_BIN, delete_ns, new_ns, sh, wait_until
 CNI_BIN = "/usr/lib/cni"
 INTERCEPTD_CNI = str(VENV_BIN / "interceptd-cni")
 NODE_IP = "192.0.2.1"  # the bridge's gateway address in the node namespace
+NODE_IP6 = "2001:db8::1"  # the same for IPv6 (CniNode(v6=True))
 
 
 @dataclass
@@ -41,6 +43,7 @@ class CniNode:
     """A node namespace with a bridge network (192.0.2.0/24) and a conflist chaining interceptd-cni."""
 
     interceptd: dict[str, Any] = field(default_factory=dict)  # the conflist's "interceptd" object
+    v6: bool = False  # pods also get an address of 2001:db8::/64 (gateway NODE_IP6)
     node: str = ""
     tmp: str = ""
 
@@ -64,8 +67,12 @@ class CniNode:
         return str(self.interceptd["state_dir"])
 
     def plugins(self, interceptd: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        ipam = {"type": "host-local", "ranges": [[{"subnet": "192.0.2.0/24", "gateway": NODE_IP}]],
-                "routes": [{"dst": "0.0.0.0/0"}], "dataDir": os.path.join(self.tmp, "ipam")}
+        ranges = [[{"subnet": "192.0.2.0/24", "gateway": NODE_IP}]]
+        routes = [{"dst": "0.0.0.0/0"}]
+        if self.v6:
+            ranges.append([{"subnet": "2001:db8::/64", "gateway": NODE_IP6}])
+            routes.append({"dst": "::/0"})
+        ipam = {"type": "host-local", "ranges": ranges, "routes": routes, "dataDir": os.path.join(self.tmp, "ipam")}
         return [{"type": "bridge", "bridge": "icdbr0", "isGateway": True, "ipMasq": False, "ipam": ipam},
                 {"type": "interceptd-cni", "interceptd": self.interceptd if interceptd is None else interceptd}]
 
@@ -156,6 +163,18 @@ class NsDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+_GET = """
+import sys, urllib.error, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as resp:
+        print(resp.status); print(resp.read().decode(), end="")
+except urllib.error.HTTPError as exc:
+    print(exc.code); print(exc.read().decode(), end="")
+except OSError as exc:
+    print(0); print(exc, end="")
+"""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,7 +183,9 @@ def free_port() -> int:
 
 @dataclass
 class NodeAgent:
-    """`interceptd node` as a subprocess in the host namespace (it only ever enters the namespaces it is given)."""
+    """`interceptd node` as a subprocess in the host namespace (it only ever enters the namespaces it is given),
+    or, with `netns`, inside that test-made namespace as its node (needed for --ambient-host-rules, which
+    writes into the agent's own namespace); its HTTP endpoints are then asked from inside that namespace."""
 
     state_dir: str
     netns_dir: str = ""
@@ -174,6 +195,7 @@ class NodeAgent:
     proc: subprocess.Popen[str] | None = None
     log_path: str = ""
     wrapper: tuple[str, ...] = ()  # a command that runs the agent, e.g. ("prlimit", "--nofile=1024:8192")
+    netns: str = ""  # a /run/netns name: the agent's own namespace (its "node")
 
     def start(self, wait_ready: float = 60.0) -> NodeAgent:
         self.port = self.port or free_port()
@@ -182,8 +204,12 @@ class NodeAgent:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "INTERCEPTD_STATE_DIR": self.state_dir,
                "INTERCEPTD_NETNS_DIR": self.netns_dir, "INTERCEPTD_METRICS_ADDRESS": f"127.0.0.1:{self.port}",
                "INTERCEPTD_LOG_FORMAT": "json", "INTERCEPTD_RECONCILE_INTERVAL": "2", **self.env}
+        inside = ("ip", "netns", "exec", self.netns) if self.netns else ()
+        if self.netns:
+            sh("ip", "link", "set", "lo", "up", ns=self.netns)
         with open(self.log_path, "w", encoding="utf-8") as log:
-            self.proc = subprocess.Popen([*self.wrapper, str(VENV_BIN / "interceptd"), "node", *self.args], env=env,
+            self.proc = subprocess.Popen([*self.wrapper, *inside, str(VENV_BIN / "interceptd"), "node", *self.args],
+                                         env=env,
                                          stderr=log,
                                          stdout=subprocess.DEVNULL, text=True)
         if wait_ready and not wait_until(lambda: self.get("/readyz")[0] == 200, wait_ready, 0.1):
@@ -191,6 +217,11 @@ class NodeAgent:
         return self
 
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
+        if self.netns:
+            res = sh(sys.executable, "-c", _GET, f"http://127.0.0.1:{self.port}{path}", str(timeout), ns=self.netns,
+                     check=False)
+            status, _, body = res.stdout.partition("\n")
+            return (int(status), body) if status.isdigit() else (0, res.stderr)
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as resp:
                 return resp.status, resp.read().decode()

@@ -13,6 +13,7 @@ the namespace is touched, and a refused transaction changes nothing, so a failed
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import sys
@@ -209,6 +210,22 @@ def _result(request: Request) -> dict[str, Any]:
     return result
 
 
+def pod_addresses(prev: object) -> list[str]:
+    """The pod's addresses in the previous plugin's result (`ips[].address`, CIDR notation), as plain
+    addresses; entries that are not addresses are skipped (the result is another plugin's, not ours to judge)."""
+    ips = prev.get("ips") if isinstance(prev, dict) else None
+    found: list[str] = []
+    for entry in ips if isinstance(ips, list) else []:
+        text = entry.get("address") if isinstance(entry, dict) else None
+        try:
+            address = str(ipaddress.ip_interface(text).ip) if isinstance(text, str) else ""
+        except ValueError:
+            continue
+        if address and address not in found:
+            found.append(address)
+    return found
+
+
 def _config(request: Request) -> tuple[Config, dict[str, Any]] | None:
     try:
         settings = pod_settings(request.conf, request.args)
@@ -264,9 +281,9 @@ def cmd_add(request: Request) -> dict[str, Any]:
                 return _result(request)
             try:
                 applied = install.apply(NftKernel(), Netlink(), ruleset)
-                nodestate.write(state_dir, nodestate.Record(name, path, "cni", settings,
-                                                            nodestate.ruleset_digest(ruleset), applied.listing,
-                                                            request.container_id))
+                nodestate.write(state_dir, nodestate.Record(
+                    name, path, "cni", settings, nodestate.ruleset_digest(ruleset), applied.listing,
+                    request.container_id, addresses=pod_addresses(request.conf.get("prevResult"))))
             except (InterceptdError, OSError):
                 # A failed ADD leaves no rules: the runtime retries or gives up on the pod, and a half-made
                 # table (say the routes failed after the transaction) would capture without a record of it.

@@ -10,6 +10,9 @@ NAME.toml (passed as --config). Every config/examples/X.toml is rendered too, as
 example itself (a copy would drift from it). The environment is not read: a golden never depends on who
 runs it. The host is fixed: interface addresses 192.0.2.2 then 2001:db8::2 (so IPv6 is on only with
 --dual-stack or --ipv6 on, as on a real dual-stack pod) and resolv.conf servers 192.0.2.53 and 2001:db8::53.
+
+A name starting with `host-probe` is the node's host probe table (`interceptd node --ambient-host-rules`)
+for the configuration, with a fixed set of ambient pods (HOST_PROBE_PODS) instead of a pod's table.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 from interceptd.cli import commands, docs
 from interceptd.cli import main as cli
 from interceptd.ruleset.facts import IPAddress
+from interceptd.ruleset.hostprobe import render_host
 from interceptd.system import host
 
 GOLDEN_DIR = "tests/golden"
@@ -30,6 +34,8 @@ EXAMPLES_DIR = "config/examples"
 EXAMPLE_PREFIX = "example-"
 HOST_ADDRESSES: list[IPAddress] = [ipaddress.ip_address("192.0.2.2"), ipaddress.ip_address("2001:db8::2")]
 HOST_RESOLV_CONF = "nameserver 192.0.2.53\nnameserver 2001:db8::53\n"
+HOST_PROBE_PREFIX = "host-probe"
+HOST_PROBE_PODS: list[IPAddress] = [ipaddress.ip_address(a) for a in ("192.0.2.11", "192.0.2.10", "2001:db8::10")]
 
 
 def cases(root: Path) -> dict[str, list[str]]:
@@ -49,9 +55,12 @@ def cases(root: Path) -> dict[str, list[str]]:
     return dict(sorted(out.items()))
 
 
-def render_case(argv: Sequence[str], fmt: str = "nft") -> str:
-    """`interceptd render --format FMT ARGV` on the fixed host, without the environment."""
+def render_case(argv: Sequence[str], fmt: str = "nft", name: str = "") -> str:
+    """`interceptd render --format FMT ARGV` on the fixed host, without the environment (for a host probe
+    golden `name`: the host probe table of that configuration, as nft text)."""
     args, config = cli.parse(["render", "--format", fmt, *argv], env={})
+    if name.startswith(HOST_PROBE_PREFIX):
+        return commands.printed(render_host(config, HOST_PROBE_PODS), fmt)
     facts = host.detect(config, HOST_ADDRESSES, HOST_RESOLV_CONF, commands.IPV6_CHOICE[args.ipv6])
     return commands.rendered(config, facts, args.format)
 
@@ -66,7 +75,7 @@ def write(root: Path) -> list[str]:
     wanted = cases(root)
     for name, argv in wanted.items():
         path = golden_path(root, name)
-        if docs.update(path, render_case(argv)):
+        if docs.update(path, render_case(argv, name=name)):
             changed.append(f"regenerated {path}")
     for path in sorted((root / GOLDEN_DIR).glob("*.nft")):
         if path.stem not in wanted:

@@ -182,6 +182,13 @@ OPTIONS: tuple[Option, ...] = (
          "/etc/interceptd/netns.d", "str",
          "node: per-namespace drop-ins: NAME.toml here overrides the configuration's keys for namespace NAME.",
          "agent"),
+    _opt("ambient_host_rules", "ambient-host-rules", None, ("INTERCEPTD_AMBIENT_HOST_RULES",), v.parse_bool,
+         "false", "bool",
+         "node: keep the host probe table (inet interceptd-host) in the node's own namespace: the kubelet's TCP "
+         "to an ambient pod is SNATed to --ambient-probe-address(-v6), which the pod's rules let through. The "
+         "only thing interceptd writes outside pod namespaces; off by default.", "agent"),
+    _opt("kubelet_uid", "kubelet-uid", None, ("INTERCEPTD_KUBELET_UID",), v.parse_uid, "0", "int",
+         "node: with --ambient-host-rules, the uid of the kubelet, whose probes are SNATed.", "agent"),
     _opt("log_level", "log-level", None, ("INTERCEPTD_LOG_LEVEL",), v.parse_log_level, "info", "str",
          "debug, info, warning or error.", "agent"),
     _opt("log_format", "log-format", None, ("INTERCEPTD_LOG_FORMAT",), v.parse_log_format, "auto", "str",
@@ -250,6 +257,8 @@ class Config:
     state_dir: str
     netns_dir: str
     netns_config_dir: str
+    ambient_host_rules: bool
+    kubelet_uid: int
     log_level: str
     log_format: str
 

@@ -181,6 +181,13 @@ def parse_u32(text: str) -> int:
     return value
 
 
+def parse_uid(text: str) -> int:
+    """A numeric user id; 4294967295 is (uid_t)-1, "no user", which no socket has."""
+    if not _DIGITS.fullmatch(text) or int(text) >= 0xFFFFFFFF:
+        raise ValueError("not a user id 0-4294967294")
+    return int(text)
+
+
 def parse_route_table(text: str) -> int:
     value = parse_u32(text)
     if value in (253, 254, 255):

@@ -37,6 +37,8 @@ from interceptd.ruleset.tablediff import differences
 from interceptd.system.kernel import Kernel
 from interceptd.system.routes import Router
 
+Renderer = Callable[[Config, HostFacts], Ruleset]  # a pod's table by default (ruleset.render.render)
+
 # A reload cannot move the controller to another table, lock or listener: those need a restart.
 RESTART_KEYS = ("table", "state_dir", "metrics_address", "own_table")
 # More repairs than this within the window means another controller keeps rewriting our table: repairing at
@@ -69,6 +71,12 @@ class Backoff:
         self.delay = self.first
 
 
+def capture_mode(config: Config) -> str:
+    """The `mode` of metrics and status: "ambient" for the node proxy's in-pod rules, else the sidecar's
+    inbound mode (REDIRECT or TPROXY)."""
+    return "ambient" if config.ambient else config.inbound_interception_mode
+
+
 def _ms(started: float) -> float:
     return round((time.monotonic() - started) * 1000, 3)
 
@@ -78,10 +86,11 @@ class TableController:
 
     def __init__(self, config: Config, *, kernel: Kernel, router: Router, facts: Callable[[Config], HostFacts],
                  load: Callable[[], Config], log: EventLog, on_drift: Callable[[], None] = lambda: None,
-                 share: Callable[[Applied], Applied] = lambda applied: applied) -> None:
+                 share: Callable[[Applied], Applied] = lambda applied: applied, renderer: Renderer = render) -> None:
         """`facts` reads the target namespace, `load` re-reads the configuration for a reload, `on_drift` is
         called (from any thread) when /readyz finds drift, so that the driver schedules a check now. `share`
-        may swap an Applied for an equal one whose ruleset and listing other tables hold already (node mode)."""
+        may swap an Applied for an equal one whose ruleset and listing other tables hold already (node mode).
+        `renderer` makes the ruleset (a pod's table by default; the node's host probe table has its own)."""
         self.config = config
         self.kernel = kernel
         self.router = router
@@ -90,9 +99,10 @@ class TableController:
         self.log = log
         self._on_drift = on_drift
         self._share = share
-        self.state = AgentState(config.table, config.inbound_interception_mode)
+        self._render = renderer
+        self.ruleset: Ruleset = renderer(config, facts(config))  # a bad config fails before any change
+        self.state = AgentState(self.ruleset.table, capture_mode(config))
         self.state.probe = self.kernel_matches
-        self.ruleset: Ruleset = render(config, facts(config))  # a bad config fails before any change
         self.applied: Applied | None = None  # the reference for drift checks; None until an apply succeeded
         self.retry_at: float | None = None  # monotonic deadline of the next retry of a failed apply
         self.backoff = Backoff()
@@ -102,12 +112,14 @@ class TableController:
 
     # --- the steps ---
 
-    def _install(self, ruleset: Ruleset, trigger: str) -> Applied:
-        """Apply `ruleset` and make it the reference; count and time it. KernelSideError: nothing changed."""
+    def _install(self, ruleset: Ruleset, trigger: str, incremental: bool = False) -> Applied:
+        """Apply `ruleset` and make it the reference; count and time it. KernelSideError: nothing changed.
+        `incremental`: set elements that changed since the last apply go in as element changes (install.change)."""
         try:
             with self._kernel_lock:
                 previous = self.applied
-                applied = self._share(install.apply(self.kernel, self.router, ruleset))
+                applied = self._share(install.change(self.kernel, self.router, previous, ruleset) if incremental
+                                      else install.apply(self.kernel, self.router, ruleset))
                 self.applied, self.ruleset = applied, applied.ruleset
         except KernelSideError:
             with self.state.lock:
@@ -146,6 +158,28 @@ class TableController:
             with self.state.lock:
                 self.state.last_reload_success_ts = time.time()
         self.event("warning" if drift else "info", trigger, started, details, **extra)
+        return True
+
+    def update(self, trigger: str) -> bool:
+        """The renderer's inputs changed (the node's ambient pods): render again and install what differs, set
+        elements alone as element changes. On failure: not ready, retry with the new ruleset after backoff."""
+        started = time.monotonic()
+        try:
+            ruleset = self._render(self.config, self._facts(self.config))
+        except InterceptdError as exc:
+            self.failed(trigger, str(exc), started)
+            return False
+        if self.applied is not None and self.applied.ruleset == ruleset:
+            return True
+        self.ruleset = ruleset
+        try:
+            self._install(ruleset, trigger, incremental=True)
+        except KernelSideError as exc:
+            self.failed(trigger, str(exc), started)
+            return False
+        self.retry_at = None
+        self.backoff.reset()
+        self.event("info", trigger, started, [])
         return True
 
     def failed(self, step: str, error: str, started: float | None = None, details: list[str] | None = None,
@@ -212,7 +246,7 @@ class TableController:
                 if getattr(config, key) != getattr(self.config, key):
                     raise ConfigError(f"{OPTIONS_BY_KEY[key].flag} (key {key!r}) cannot change on reload: "
                                       f"restart the agent")
-            ruleset = render(config, self._facts(config))
+            ruleset = self._render(config, self._facts(config))
             previous = self.ruleset
             if self.applied is None or ruleset != self.applied.ruleset:
                 self._install(ruleset, "reload")
@@ -231,7 +265,7 @@ class TableController:
             self.state.reloads["success"] += 1
             self.state.last_reload_successful = True
             self.state.last_reload_success_ts = time.time()
-            self.state.mode = config.inbound_interception_mode
+            self.state.mode = capture_mode(config)
         # What changed, so a reload is not a mystery: the settings by flag, the rules by name.
         changed = [o.flag for o in OPTIONS if getattr(config, o.key) != getattr(self.config, o.key)]
         self.event("info", "reload", started, [], changed=changed,
@@ -261,7 +295,7 @@ class TableController:
     def remove(self) -> None:
         """Delete the table and its routes (cleanup on exit); KernelSideError when refused."""
         with self._kernel_lock:
-            install.remove(self.kernel, self.router, self.config.table)
+            install.remove(self.kernel, self.router, self.ruleset.table, self.ruleset.family)
 
     def kernel_matches(self) -> bool:
         """For /readyz, from any thread: does the kernel hold our ruleset now? Drift asks the driver to repair."""

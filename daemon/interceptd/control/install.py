@@ -12,7 +12,17 @@ from typing import Any
 from interceptd.errors import KernelRefusedError
 from interceptd.records import record
 from interceptd.ruleset.model import Ruleset
-from interceptd.ruleset.nftjson import Existing, Json, deletion, elements_json, normalise, same_elements, transaction
+from interceptd.ruleset.nftjson import (
+    Existing,
+    Json,
+    deletion,
+    element_changes,
+    elements_json,
+    normalise,
+    only_elements_differ,
+    same_elements,
+    transaction,
+)
 from interceptd.system import routes
 from interceptd.system.kernel import Kernel
 from interceptd.system.routes import Router
@@ -66,6 +76,25 @@ def apply(kernel: Kernel, router: Router, ruleset: Ruleset, reference: bool = Tr
             return Applied(ruleset, _share_elements(ruleset, normalise(after)), time.monotonic() - started)
     raise KernelRefusedError(f"table {ruleset.family} {ruleset.table} was changed by another process right after "
                              f"each of {APPLY_ATTEMPTS} applies")
+
+
+def change(kernel: Kernel, router: Router, previous: Applied | None, ruleset: Ruleset) -> Applied:
+    """Install `ruleset` over what `previous` applied: when only set elements differ, as `add element` and
+    `delete element` commands (the table, its other sets and counters are not rewritten); else, or when the
+    kernel refuses them (an element to delete is gone: the table drifted), or the listing after them does not
+    hold the ruleset, with `apply`."""
+    if previous is not None and only_elements_differ(previous.ruleset, ruleset):
+        started = time.monotonic()
+        document = element_changes(previous.ruleset, ruleset)
+        try:
+            if document["nftables"]:
+                kernel.apply(document)
+        except KernelRefusedError:
+            return apply(kernel, router, ruleset)
+        after = kernel.list_table(ruleset.table, ruleset.family) or []
+        if holds(ruleset, after):
+            return Applied(ruleset, _share_elements(ruleset, normalise(after)), time.monotonic() - started)
+    return apply(kernel, router, ruleset)
 
 
 def _share_elements(ruleset: Ruleset, listing: list[Json]) -> list[Json]:

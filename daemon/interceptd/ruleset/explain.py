@@ -7,6 +7,8 @@ reading nft text. The walk follows the hooks a first packet meets:
 * outbound (a local process connects): every `output` base chain in priority order (raw, mangle, nat);
   if the packet then leaves over `lo` (a local destination, or NATed to loopback), it comes back in on
   `lo` and meets the `prerouting` base chains except nat ones (the flow's NAT is already decided);
+  a packet that leaves over another interface meets the `postrouting` base chains (the node's host probe
+  table SNATs there);
 * inbound (a packet arrives on an interface): every `prerouting` base chain in priority order.
 
 Semantics kept from the kernel: a payload match (`tcp dport`, `ip daddr`) fails, negated or not, when the
@@ -41,6 +43,7 @@ from interceptd.ruleset.model import (
     SetCtZone,
     SetMark,
     SetRef,
+    Snat,
     TProxy,
 )
 from interceptd.ruleset.names import (
@@ -105,7 +108,7 @@ class Step:
 
 @dataclass(frozen=True)
 class Verdict:
-    action: str  # "redirect" | "tproxy" | "drop" | "none"
+    action: str  # "redirect" | "tproxy" | "snat" | "drop" | "none"
     address: str  # where the connection ends up ("127.0.0.1", "198.51.100.1", "primary address of eth0")
     port: int
     rule: str  # "<chain>/<rule>" that decided, "" when nothing did
@@ -146,6 +149,7 @@ class _Outcome:
 
     nat: tuple[str, int] | None = None  # chain holding the redirect, port
     tproxy: tuple[str, int] | None = None
+    snat: str = ""  # the new source address
     dropped: bool = False
     rule: str = ""
     steps: list[Step] = field(default_factory=list)
@@ -299,6 +303,9 @@ class _Evaluator:
                         pkt.oif = "lo"
                     pkt.dport = port
                     return " ".join(words), "stop"
+                case Snat(_family, address):
+                    out.snat, out.rule = address, counter_name(chain.name, rule.name)
+                    return " ".join(words), "stop"
                 case Drop():
                     out.dropped, out.rule = True, counter_name(chain.name, rule.name)
                     return " ".join(words), "stop"
@@ -347,15 +354,19 @@ def explain(ruleset: Ruleset, conn: Connection, tproxy_listening: bool = True) -
             outcomes.append(outcome)
             if outcome.dropped:
                 break
-        if outbound and hook == "output" and pkt.oif == "lo" and not outcomes[-1].dropped:
+        if not outbound or hook != "output" or (outcomes and outcomes[-1].dropped):
+            continue
+        if pkt.oif == "lo":
             # Looped back: the packet comes in on lo, without its socket; its NAT is already decided.
             pkt = replace(pkt, iif="lo", oif="", uid=None, gid=None)
             phases.append(("prerouting", True))
+        elif _base_chains(ruleset, "postrouting"):
+            phases.append(("postrouting", False))  # it leaves: its source NAT is decided on the way out
     return Explanation(conn, tuple(steps), _verdict(conn, outcomes, pkt))
 
 
 def _phase_text(hook: str, pkt: _Packet) -> str:
-    dev = f"oif {pkt.oif}" if hook == "output" else f"iif {pkt.iif}"
+    dev = f"oif {pkt.oif}" if hook in ("output", "postrouting") else f"iif {pkt.iif}"
     return f"{hook}: {pkt.l4proto} {_hostport(pkt.saddr, pkt.sport)} -> {_hostport(pkt.daddr, pkt.dport)} {dev}"
 
 
@@ -371,6 +382,10 @@ def _verdict(conn: Connection, outcomes: list[_Outcome], pkt: _Packet) -> Verdic
         return Verdict("tproxy", str(pkt.daddr), port, tproxy.rule,
                        f"delivered to {role} :{port} by TPROXY, original destination {original} kept on the "
                        f"socket (needs a transparent listener on :{port} and the fwmark route)")
+    snat = next((o for o in outcomes if o.snat), None)
+    if snat is not None:
+        return Verdict("snat", snat.snat, conn.dport, snat.rule,
+                       f"not intercepted: goes to {original} from {snat.snat} (source NAT by {snat.rule})")
     nat = next((o for o in outcomes if o.nat), None)
     if nat is not None and nat.nat is not None:
         chain, port = nat.nat

@@ -59,8 +59,8 @@ def interface(key: InterfaceKey, value: str | SetRef, negate: bool = False) -> M
     return Match(key, value, negate)
 
 
-def owner(key: OwnerKey, ref: SetRef, negate: bool = False) -> Match:
-    """The socket's owner is (not) one of the set's ids; fails on packets without a local socket."""
+def owner(key: OwnerKey, ref: SetRef | int, negate: bool = False) -> Match:
+    """The socket's owner is (not) one of the set's ids, or the one id; fails on packets without a local socket."""
     return Match(key, ref, negate)
 
 
@@ -118,6 +118,14 @@ class TProxy:
 
 
 @record
+class Snat:
+    """`snat ip to ADDRESS` (nat postrouting): the connection leaves with this source address."""
+
+    family: str  # "ip" or "ip6"
+    address: str
+
+
+@record
 class SetMark:
     mark: int
 
@@ -149,9 +157,9 @@ class SetCtMarkBits:
     mask: int
 
 
-Action = (Jump | Return | Accept | Drop | Redirect | TProxy | SetMark | MarkFromCtMark | CtMarkFromMark | SetCtZone
-          | SetCtMarkBits)
-VERDICTS = (Jump, Return, Accept, Drop, Redirect, TProxy)
+Action = (Jump | Return | Accept | Drop | Redirect | TProxy | Snat | SetMark | MarkFromCtMark | CtMarkFromMark
+          | SetCtZone | SetCtMarkBits)
+VERDICTS = (Jump, Return, Accept, Drop, Redirect, TProxy, Snat)
 
 
 @record

@@ -48,6 +48,7 @@ MANGLE_PREROUTING = "mangle-prerouting"
 MANGLE_OUTPUT = "mangle-output"
 RAW_PREROUTING = "raw-prerouting"
 RAW_OUTPUT = "raw-output"
+POSTROUTING = "postrouting"  # nat, the host probe table's only chain
 BASE_CHAIN_POLICY = "accept"
 
 # -- regular chains (Istio's names, so `nft list` reads like Istio's listing) -------------------------------
@@ -75,6 +76,7 @@ SET_OWNER_GROUPS_EXCLUDE = "owner-groups-exclude"
 SET_INCLUDE_CIDRS = {4: "include-cidrs-v4", 6: "include-cidrs-v6"}
 SET_EXCLUDE_CIDRS = {4: "exclude-cidrs-v4", 6: "exclude-cidrs-v6"}
 SET_DNS_SERVERS = {4: "dns-servers-v4", 6: "dns-servers-v6"}
+SET_PROBE_PODS = {4: "probe-pods-v4", 6: "probe-pods-v6"}  # the host probe table: the ambient pods' addresses
 
 # -- rules -------------------------------------------------------------------------------------------------
 # Rules with "-v6" twins are listed under their IPv4 name; per_family(RULE_X, 6) is the twin.
@@ -143,6 +145,11 @@ RULE_POD_SELF_ACCEPT = "pod-self-accept"  # per family; istio-output
 RULE_DNS_REDIRECT_UDP = "dns-redirect-udp"  # istio-output-dns
 RULE_DNS_REDIRECT_TCP = "dns-redirect-tcp"  # per family; istio-output-dns
 RULE_PROXY_DNS_ZONE = "proxy-dns-upstream-zone"  # raw output
+
+# the host probe table (`interceptd node --ambient-host-rules`): interceptd's only table in the node's own
+# namespace, separate from the pods' table name so that nothing rendered for a pod can ever land there.
+HOST_TABLE = "interceptd-host"
+RULE_PROBE_SNAT = "probe-snat"  # per family; postrouting
 
 
 @record

@@ -36,6 +36,7 @@ from interceptd.ruleset.model import (
     SetCtZone,
     SetMark,
     SetRef,
+    Snat,
     TProxy,
 )
 from interceptd.ruleset.names import counter_name
@@ -94,6 +95,8 @@ def action_json(action: Action) -> Json:
             return {"redirect": {"port": port}}
         case TProxy(family, port):
             return {"tproxy": {"family": family, "port": port}}
+        case Snat(family, address):
+            return {"snat": {"family": family, "addr": address}}
         case SetMark(value):
             return {"mangle": {"key": mark, "value": value}}
         case MarkFromCtMark():
@@ -226,6 +229,30 @@ def transaction(ruleset: Ruleset, existing: Existing) -> Json:
     for chain in ruleset.chains:
         for rule in chain.rules:
             cmds.append({"add": {"rule": rule_json(t, fam, chain, rule)}})
+    return {"nftables": cmds}
+
+
+def only_elements_differ(old: Ruleset, new: Ruleset) -> bool:
+    """Whether `new` is `old` with other set elements at most (the same chains, rules and set shapes)."""
+    return (old.table == new.table and old.family == new.family and old.chains == new.chains
+            and [(s.name, s.type, s.interval) for s in old.sets] == [(s.name, s.type, s.interval) for s in new.sets])
+
+
+def element_changes(old: Ruleset, new: Ruleset) -> Json:
+    """The one transaction that turns the table's set elements from `old`'s into `new`'s: `delete element` for
+    those that went, `add element` for those that came, nothing else (the node's host probe sets as pods come
+    and go). Only meaningful when only_elements_differ(old, new). The kernel refuses the whole transaction if
+    an element to delete is not there any more; the caller then replaces the table."""
+    cmds: list[Json] = []
+    for before, after in zip(old.sets, new.sets, strict=True):
+        ref = {"family": new.family, "table": new.table, "name": after.name}
+        kept, wanted = set(before.elements), set(after.elements)
+        gone = tuple(e for e in before.elements if e not in wanted)
+        came = tuple(e for e in after.elements if e not in kept)
+        if gone:
+            cmds.append({"delete": {"element": {**ref, "elem": elements_json(gone)}}})
+        if came:
+            cmds.append({"add": {"element": {**ref, "elem": elements_json(came)}}})
     return {"nftables": cmds}
 
 

@@ -38,6 +38,7 @@ from interceptd.ruleset.model import (
     SetCtZone,
     SetMark,
     SetRef,
+    Snat,
     TProxy,
     Value,
 )
@@ -133,6 +134,8 @@ def _action(expr: Json, where: str) -> Action | None:
         return Redirect(int(body["port"]))
     if kind == "tproxy":
         return TProxy(body["family"], int(body["port"]))
+    if kind == "snat" and body.get("family") in ("ip", "ip6") and isinstance(body.get("addr"), str):
+        return Snat(body["family"], body["addr"])
     if kind == "mangle":
         return _mangle(body, where)
     if kind == "counter":

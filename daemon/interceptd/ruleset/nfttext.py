@@ -66,6 +66,8 @@ def action_text(action: m.Action) -> str:
             return f"redirect to :{port}"
         case m.TProxy(family, port):
             return f"tproxy {family} to :{port}"
+        case m.Snat(family, address):
+            return f"snat {family} to {address}"
         case m.SetMark(value):
             return f"meta mark set {value}"
         case m.MarkFromCtMark():

@@ -105,6 +105,8 @@ def expr_text(expr: list[Json]) -> str:
             words.append(f"redirect to :{e['redirect']['port']}")
         elif "tproxy" in e:
             words.append(f"tproxy {e['tproxy']['family']} to :{e['tproxy']['port']}")
+        elif "snat" in e:
+            words.append(f"snat {e['snat'].get('family', '')} to {e['snat'].get('addr')}")
         elif "mangle" in e:
             words.append(f"{_left_text(e['mangle']['key'])} set {_value_text(e['mangle']['value'])}")
         elif "counter" in e:

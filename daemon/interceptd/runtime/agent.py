@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from interceptd.config import Config
-from interceptd.control.controller import TableController
+from interceptd.control.controller import TableController, capture_mode
 from interceptd.errors import InterceptdError, KernelSideError, ListenError
 from interceptd.ruleset.doctor import CONFLICT_KINDS, Finding
 from interceptd.ruleset.facts import HostFacts
@@ -98,7 +98,7 @@ class Agent:
         if not self._started:
             self._started = True
             address = self.config.metrics_address
-            self.apply("start", {"mode": self.config.inbound_interception_mode, "config": self._config_path or "",
+            self.apply("start", {"mode": capture_mode(self.config), "config": self._config_path or "",
                                  "metrics_address": f"{address[0]}:{address[1]}" if address else ""})
             self._next_check = time.monotonic() + self.config.reconcile_interval
         elif c.retry_at is not None:

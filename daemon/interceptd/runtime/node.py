@@ -40,9 +40,11 @@ from interceptd.control.state import AgentState
 from interceptd.errors import ConfigError, InterceptdError, LockedError, NamespaceError
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.model import Ruleset
+from interceptd.ruleset.names import HOST_TABLE
 from interceptd.ruleset.nftjson import Json
 from interceptd.runtime import discovery, logs, nodestate
 from interceptd.runtime.discovery import Source
+from interceptd.runtime.hostprobe import HOST_NAME, OWN_NETNS, HostProbe
 from interceptd.runtime.lockfile import Lock, TableClaim
 from interceptd.runtime.loop import EventLoop, trim_heap
 from interceptd.runtime.metrics import Collector, MetricsServer
@@ -181,12 +183,14 @@ class NodeCollector:
     def collect(self) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}
         members = self.node.snapshot()
-        for member in members:
-            for family in member.collector.collect():
+        host = self.node.host
+        for name, collector in [(m.name, m.collector) for m in members] + ([(HOST_NAME, host.collector)] if host
+                                                                            else []):
+            for family in collector.collect():
                 if family.name in NODE_WIDE:
                     merged.setdefault(family.name, family)
                     continue
-                family.samples = [s._replace(labels={"netns": member.name, **s.labels}) for s in family.samples]
+                family.samples = [s._replace(labels={"netns": name, **s.labels}) for s in family.samples]
                 if family.name in merged:
                     merged[family.name].samples.extend(family.samples)
                 else:
@@ -231,6 +235,9 @@ class Node:
         self.socket = NodeSocket(self.state_dir, self.loop, self.handle, self.log)
         self._watch: netns.DirWatch | None = None
         self._own = self.ports.identity("/proc/thread-self/ns/net")  # the node's own namespace: never a pod
+        # The host probe table: the one thing written in the node's own namespace, and only when asked for.
+        self.host = HostProbe(config, self.ports.kernel(OWN_NETNS), self.loop,
+                              lambda: self.ports.events(OWN_NETNS, HOST_TABLE)) if config.ambient_host_rules else None
 
     # --- what other threads call ---
 
@@ -245,6 +252,8 @@ class Node:
     def ready(self) -> bool:
         """Every known namespace holds its ruleset (as of its last check or apply), and none is unmanageable."""
         bad = sorted(m.name for m in self.snapshot() if not m.controller.ready())
+        if self.host is not None and not self.host.ready():
+            bad.insert(0, HOST_NAME)
         failed = self.failures()
         ready = self._scanned and not bad and not failed
         if ready:
@@ -267,10 +276,11 @@ class Node:
 
     def _last_error(self, name: str) -> str:
         member = self.members.get(name)
-        if member is None:
+        controller = self.host.controller if name == HOST_NAME and self.host else member.controller if member else None
+        if controller is None:
             return "gone"
-        with member.controller.state.lock:
-            return member.controller.state.last_error or "drift seen, repair pending"
+        with controller.state.lock:
+            return controller.state.last_error or "drift seen, repair pending"
 
     def request_check(self, name: str) -> None:
         with self._lock:
@@ -322,6 +332,8 @@ class Node:
         self._save(member, record)
         with self._lock:
             self.members[source.name] = member
+        if self.host is not None:
+            self.host.pod_up(source.name, member.controller.config, record.addresses if record else [])
         member.controller.log.info("manage", source=source.kind, path=source.path, adopted=adopted,
                                    duration_ms=round((time.monotonic() - started) * 1000, 3))
         return member
@@ -361,6 +373,8 @@ class Node:
             member.claim.release()
         if remove_record:
             nodestate.remove(self.state_dir, member.name)
+        if self.host is not None:
+            self.host.pod_gone(member.name)
         member.controller.log.info("forget", why=why)
 
     def _note_failure(self, name: str, error: str) -> None:
@@ -380,7 +394,8 @@ class Node:
         try:
             nodestate.write(self.state_dir, nodestate.Record(
                 member.name, member.source.path, member.source.kind, settings,
-                self.shared.digest(applied.ruleset), applied.listing, old.container_id if old else ""))
+                self.shared.digest(applied.ruleset), applied.listing, old.container_id if old else "",
+                addresses=old.addresses if old is not None and member.source.kind == "cni" else []))
         except (OSError, InterceptdError) as exc:
             # The record only lets a restart adopt the table untouched: without it the pod is still kept, and
             # a restart re-applies. Said once per apply, never the end of the node.
@@ -438,6 +453,8 @@ class Node:
         for member in list(self.members.values()):
             if member.controller.retry_at is None:
                 self.check(member, trigger)
+        if self.host is not None:
+            self.host.check(trigger)
         return time.monotonic() - started
 
     def reload_all(self) -> None:
@@ -476,6 +493,8 @@ class Node:
         self.socket.expire(time.monotonic())
         deadlines = [m.controller.retry_at for m in self.members.values() if m.controller.retry_at is not None]
         deadlines += self.socket.deadlines()
+        host_retry = self.host.tick(time.monotonic()) if self.host is not None else None
+        deadlines += [host_retry] if host_retry is not None else []
         return min([self._next_pass, *deadlines, *([self._rescan_at] if self._rescan_at is not None else [])])
 
     # --- the socket: registrations from interceptd-cni, status queries ---
@@ -556,6 +575,8 @@ class Node:
             return self.tick()
         started = time.monotonic()
         self._rescan_at = time.monotonic() + RESCAN_SOON_S if self.scan() else None
+        if self.host is not None:
+            self.host.start()  # after the scan: its sets hold every ambient pod found
         self._scanned = True
         self.log.info("start", namespaces=len(self.members), unmanaged=len(self._failed),
                       duration_ms=round((time.monotonic() - started) * 1000, 3))
@@ -582,6 +603,8 @@ class Node:
                 member.claim.release()
         with self._lock:
             self.members.clear()
+        if self.host is not None:
+            self.host.close()
         self.socket.close()
         if self._watch is not None:
             self._watch.close()

@@ -42,6 +42,9 @@ class Record:
     # The pod opted out (interceptionMode NONE, an excluded Kubernetes namespace): no rules, and a node agent
     # that also finds this namespace in its watched directory leaves it alone.
     opted_out: bool = False
+    # The pod's addresses from the previous plugin's result (prevResult.ips), without prefix lengths: what the
+    # node agent's host probe sets hold for an ambient pod, also after a restart of the agent.
+    addresses: list[str] = field(default_factory=list)
 
     def config(self) -> Config:
         return settings_config(self.settings, f"state of network namespace {self.name}")

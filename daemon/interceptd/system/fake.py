@@ -102,6 +102,17 @@ def _key(left: Any) -> tuple[str, str]:
     raise Refused(f"the fake does not model the expression {left!r}")
 
 
+def _masked(left: Any) -> Any:
+    """The field under a bitwise and (`meta mark & 0xfff`), whose mask must be a value of its type."""
+    if isinstance(left, dict) and "&" in left:
+        if not isinstance(left["&"], list) or len(left["&"]) != 2:
+            raise Refused(f"Invalid expression {left!r}")
+        field, mask = left["&"]
+        _integer(mask, _key_type(field))
+        return field
+    return left
+
+
 def _key_type(left: Any) -> str:
     key = _key(left)
     if key not in _KEY_TYPES:
@@ -315,6 +326,21 @@ class _Transaction:
                     have_points.add(span)
                     nset["elem"].append(e)
 
+    def delete_element(self, obj: Json) -> None:
+        """As the kernel: every element must be there, else the whole batch is refused (ENOENT)."""
+        nset = self._set(obj)[1]
+        elems = obj.get("elem")
+        if not isinstance(elems, list) or not elems:
+            raise Refused("Invalid set elem expression")
+        interval = "interval" in nset.get("flags", [])
+        held = {_element(e, nset["type"], interval)[1]: e for e in nset["elem"]}
+        for e in elems:
+            span = _element(e, nset["type"], interval)[1]
+            if span not in held:
+                raise Refused(f"No such file or directory: element {e!r} of set {nset['name']}")
+            del held[span]
+        nset["elem"] = list(held.values())
+
     def _set(self, obj: Json) -> tuple[dict[str, Any], dict[str, Any]]:
         t = self.table(obj)
         if obj["name"] not in t["sets"]:
@@ -364,7 +390,7 @@ class _Transaction:
         ((kind, body),) = stmt.items()
         if kind == "match":
             self._match(t, body)
-            return transport or _key(body["left"]) in _TRANSPORT
+            return transport or _key(_masked(body["left"])) in _TRANSPORT
         if kind == "counter":
             if isinstance(body, str) and body not in t["counters"]:
                 raise Refused(f"No such file or directory: counter {body}")
@@ -380,10 +406,20 @@ class _Transaction:
             _integer(body.get("port"), "inet_service")
             if kind == "tproxy" and body.get("family") not in ("ip", "ip6"):
                 raise Refused(f"tproxy family {body.get('family')!r}")
+        elif kind == "snat":
+            family = body.get("family")
+            if family not in ("ip", "ip6"):
+                raise Refused(f"snat family {family!r}")  # an inet table must say which address family
+            _address(body.get("addr"), "ipv4_addr" if family == "ip" else "ipv6_addr")
         elif kind == "mangle":
             type_ = _key_type(body["key"])
             if not isinstance(body["value"], dict):
                 _element(body["value"], type_, False)
+            elif "|" in body["value"]:  # `ct mark set ct mark & KEEP | BITS` (ambient's connmark)
+                kept, bits = body["value"]["|"]
+                if _key_type(_masked(kept)) != type_:
+                    raise Refused(f"datatype mismatch: {type_} set from {kept!r}")
+                _element(bits, type_, False)
             elif _key_type(body["value"]) != type_:
                 raise Refused(f"datatype mismatch: {type_} set from {_key_type(body['value'])}")
         elif kind not in ("return", "accept", "drop"):
@@ -392,7 +428,7 @@ class _Transaction:
 
     @staticmethod
     def _match(t: dict[str, Any], body: Json) -> None:
-        type_, right = _key_type(body["left"]), body["right"]
+        type_, right = _key_type(_masked(body["left"])), body["right"]
         if body.get("op") not in ("==", "!=", "in"):
             raise Refused(f"the fake does not model the operator {body.get('op')!r}")
         if isinstance(right, str) and right.startswith("@"):
@@ -463,6 +499,9 @@ def _check_verdicts(rule: Json, base: Json) -> None:
     for stmt in rule.get("expr", []):
         if "redirect" in stmt and (base["type"] != "nat" or base["hook"] not in ("prerouting", "output")):
             raise Refused(f"Operation not supported: redirect in chain {rule['chain']}, reached from the "
+                          f"{base['type']} {base['hook']} chain {base['name']}")
+        if "snat" in stmt and (base["type"] != "nat" or base["hook"] not in ("postrouting", "input")):
+            raise Refused(f"Operation not supported: snat in chain {rule['chain']}, reached from the "
                           f"{base['type']} {base['hook']} chain {base['name']}")
         if "tproxy" in stmt and base["hook"] != "prerouting":
             raise Refused(f"Operation not supported: tproxy in chain {rule['chain']}, reached from the "

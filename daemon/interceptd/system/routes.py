@@ -57,6 +57,20 @@ class Router(Protocol):
         """Remove the entry; already gone is fine."""
 
 
+class NoRoutes:
+    """The Router of a table that needs no policy routes, in a namespace whose routes are not interceptd's to
+    keep (the node's own, for the host probe table): it owns nothing, so nothing is ever added or removed."""
+
+    def owned(self) -> set[Entry]:
+        return set()
+
+    def add(self, entry: Entry) -> None:
+        raise RoutingError(f"`{entry}`: policy routes are never written in this namespace")
+
+    def delete(self, entry: Entry) -> None:
+        raise RoutingError(f"`{entry}`: policy routes are never written in this namespace")
+
+
 def wanted(ruleset: Ruleset) -> set[Entry]:
     out: set[Entry] = {Entry("address", 6, address=a) for a in ruleset.lo_addresses}
     for pr in ruleset.routes:

@@ -27,7 +27,7 @@ SEED = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*",
 def test_golden_is_the_render(name: str) -> None:
     path = golden.golden_path(ROOT, name)
     assert path.exists(), f"{path} is missing: {STALE}"
-    assert golden.render_case(CASES[name]) == path.read_text(encoding="utf-8"), f"{path} is {STALE}"
+    assert golden.render_case(CASES[name], name=name) == path.read_text(encoding="utf-8"), f"{path} is {STALE}"
 
 
 def test_every_golden_has_an_input_and_every_example_a_golden() -> None:
