@@ -3,11 +3,11 @@ through postrouting, and the element changes that follow the node's pods."""
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 
 import pytest
 
+from interceptd import records
 from interceptd.config import load
 from interceptd.errors import KernelRefusedError
 from interceptd.ruleset import names as N
@@ -46,7 +46,7 @@ def test_the_kernels_listing_parses_back_to_the_same_ruleset() -> None:
     listing = kernel.list_table(N.HOST_TABLE)
     assert listing is not None
     parsed = parse_listing(N.HOST_TABLE, listing)
-    strip = [dataclasses.replace(c, rules=tuple(dataclasses.replace(r, why="") for r in c.rules))
+    strip = [records.replace(c, rules=tuple(records.replace(r, why="") for r in c.rules))
              for c in ruleset.chains]
     assert parsed.chains == tuple(strip) and parsed.sets == ruleset.sets
 
@@ -54,7 +54,7 @@ def test_the_kernels_listing_parses_back_to_the_same_ruleset() -> None:
 def test_the_fake_refuses_snat_outside_nat_postrouting_as_the_kernel_does() -> None:
     ruleset = _host("192.0.2.10")
     (chain,) = ruleset.chains
-    wrong = dataclasses.replace(ruleset, chains=(dataclasses.replace(chain, hook=Hook("nat", "prerouting", -100)),))
+    wrong = records.replace(ruleset, chains=(records.replace(chain, hook=Hook("nat", "prerouting", -100)),))
     with pytest.raises(KernelRefusedError, match="snat in chain postrouting"):
         FakeKernel().apply(transaction(wrong, Existing.empty()))
 
