@@ -107,7 +107,7 @@ class TableController:
         try:
             with self._kernel_lock:
                 previous = self.applied
-                applied = self._share(install.apply(self.kernel, self.router, ruleset))
+                applied = self._share(install.apply(self.kernel, self.router, ruleset, previous=previous))
                 self.applied, self.ruleset = applied, applied.ruleset
         except KernelSideError:
             with self.state.lock:

@@ -10,9 +10,21 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from interceptd.errors import KernelRefusedError
+from interceptd.errors import KernelRefusedError, ReadBackError, UnexplainableError
+from interceptd.ruleset.drift import compare, summary
 from interceptd.ruleset.model import Ruleset
-from interceptd.ruleset.nftjson import Existing, Json, deletion, elements_json, normalise, same_elements, transaction
+from interceptd.ruleset.nftjson import (
+    Existing,
+    Json,
+    deletion,
+    elements_json,
+    normalise,
+    same_elements,
+    transaction,
+    update,
+)
+from interceptd.ruleset.nftparse import parse_listing
+from interceptd.ruleset.tablediff import differences
 from interceptd.system import routes
 from interceptd.system.kernel import Kernel
 from interceptd.system.routes import Router
@@ -30,7 +42,8 @@ class Applied:
 APPLY_ATTEMPTS = 5
 
 
-def apply(kernel: Kernel, router: Router, ruleset: Ruleset, reference: bool = True) -> Applied:
+def apply(kernel: Kernel, router: Router, ruleset: Ruleset, reference: bool = True,
+          previous: Applied | None = None) -> Applied:
     """Install `ruleset`; the listing that becomes the drift reference must show it.
 
     TPROXY's policy rules and routes cannot join the table's transaction, so the order makes up for it:
@@ -45,14 +58,22 @@ def apply(kernel: Kernel, router: Router, ruleset: Ruleset, reference: bool = Tr
     Another process can change the table between our transaction and the listing that follows it. Taken
     as the reference, that change would never count as drift (a flush right there left the pod
     uncaptured for good), so a listing that does not hold the ruleset means: apply again.
+
+    `previous`: what the table held after our last apply. When the kernel still holds exactly that, the
+    first transaction rewrites only the sets and rules that differ (nftjson.update: a live settings change
+    leaves the rest of the table, and every counter, as it is); otherwise the whole table is replaced.
     """
     started = time.monotonic()
     added = routes.add_missing(ruleset, router)
     for attempt in range(APPLY_ATTEMPTS):
         try:
             current = kernel.list_table(ruleset.table, ruleset.family)
-            existing = Existing.empty() if current is None else Existing.from_listing(current)
-            kernel.apply(transaction(ruleset, existing))
+            document = _incremental(previous, ruleset, current) if attempt == 0 else None
+            if document is None:
+                existing = Existing.empty() if current is None else Existing.from_listing(current)
+                document = transaction(ruleset, existing)
+            if document["nftables"]:
+                kernel.apply(document)
         except KernelRefusedError:
             if attempt == 0:  # no table of this ruleset took: a refused apply changes nothing, routes included
                 routes.take_back(added, router)
@@ -66,6 +87,29 @@ def apply(kernel: Kernel, router: Router, ruleset: Ruleset, reference: bool = Tr
             return Applied(ruleset, _share_elements(ruleset, normalise(after)), time.monotonic() - started)
     raise KernelRefusedError(f"table {ruleset.family} {ruleset.table} was changed by another process right after "
                              f"each of {APPLY_ATTEMPTS} applies")
+
+
+def _incremental(previous: Applied | None, ruleset: Ruleset, current: list[Json] | None) -> Json | None:
+    """The update from `previous` to `ruleset`, if the kernel holds exactly `previous` (no drift) now."""
+    if previous is None or current is None or not previous.listing or compare(previous.listing, normalise(current)):
+        return None
+    return update(previous.ruleset, ruleset, current)
+
+
+def verified(kernel: Kernel, ruleset: Ruleset, applied: Applied) -> Applied:
+    """Read the table back and compare it, decision by decision, with the rendered ruleset (the comparison
+    behind `diff`, ruleset.tablediff); the Applied whose reference is that read-back, or ReadBackError naming
+    what differs. For the CNI plugin's ADD: a pod is reported set up only with exactly its rules."""
+    listing = kernel.list_table(ruleset.table, ruleset.family)
+    where = f"table {ruleset.family} {ruleset.table} read back after the apply"
+    try:
+        installed = None if listing is None else parse_listing(ruleset.table, listing, ruleset.family)
+    except UnexplainableError as exc:
+        raise ReadBackError(f"{where} holds what interceptd never writes: {exc}") from None
+    found = differences(ruleset, installed)
+    if listing is None or found:
+        raise ReadBackError(f"{where} differs from the rendered ruleset: {'; '.join(summary(found))}")
+    return Applied(ruleset, _share_elements(ruleset, normalise(listing)), applied.duration_s)
 
 
 def _share_elements(ruleset: Ruleset, listing: list[Json]) -> list[Json]:

@@ -1,6 +1,7 @@
 """Pure translation between the rule model and libnftables JSON (libnftables-json(5)).
 
-`transaction` builds the one document that replaces interceptd's table atomically; `normalise` turns the
+`transaction` builds the one document that replaces interceptd's table atomically, `update` the one that
+rewrites only the sets and rules that differ from what the table holds; `normalise` turns the
 kernel's listing of the table into a comparable form (no handles, no counter values).
 """
 
@@ -226,6 +227,50 @@ def transaction(ruleset: Ruleset, existing: Existing) -> Json:
     for chain in ruleset.chains:
         for rule in chain.rules:
             cmds.append({"add": {"rule": rule_json(t, fam, chain, rule)}})
+    return {"nftables": cmds}
+
+
+def _shape(ruleset: Ruleset) -> tuple[object, ...]:
+    """What an incremental update cannot change: the chains with their hooks and rule names in order, and
+    the sets' names, types and flags (the named counters follow from the rule names)."""
+    return (ruleset.table, ruleset.family,
+            tuple((c.name, c.hook, tuple(r.name for r in c.rules)) for c in ruleset.chains),
+            tuple((s.name, s.type, s.interval) for s in ruleset.sets))
+
+
+def update(held: Ruleset, ruleset: Ruleset, listing: Iterable[Json]) -> Json | None:
+    """One document that turns the table, which holds `held` now (`listing`: the kernel's, with rule
+    handles), into `ruleset` by rewriting only what differs: each changed set is flushed and refilled, each
+    changed rule replaced in place (by handle). Every other set and rule is left as it is, and every named
+    counter stays, so its value continues; a packet sees the old table or the new one, never a mix.
+
+    None when the shapes differ (a chain, a rule name, a set's type or flags) or a changed rule's handle is
+    not listed: then `transaction` is the way.
+    """
+    if _shape(held) != _shape(ruleset):
+        return None
+    t, fam = ruleset.table, ruleset.family
+    cmds: list[Json] = []
+    for before, nset in zip(held.sets, ruleset.sets, strict=True):
+        if before.elements != nset.elements:
+            ref = {"family": fam, "table": t, "name": nset.name}
+            cmds.append({"flush": {"set": ref}})
+            if nset.elements:
+                cmds.append({"add": {"element": {**ref, "elem": elements_json(nset.elements)}}})
+    handles: dict[tuple[str, str], int | None] = {}
+    for item in listing:
+        body = item.get("rule")
+        if body is not None:
+            key = (body["chain"], body.get("comment", ""))
+            handles[key] = None if key in handles else body.get("handle")  # a duplicate name: no handle
+    for before_chain, chain in zip(held.chains, ruleset.chains, strict=True):
+        for before, rule in zip(before_chain.rules, chain.rules, strict=True):
+            if (before.matches, before.actions) == (rule.matches, rule.actions):
+                continue
+            handle = handles.get((chain.name, rule.name))
+            if handle is None:
+                return None
+            cmds.append({"replace": {"rule": {**rule_json(t, fam, chain, rule), "handle": handle}}})
     return {"nftables": cmds}
 
 

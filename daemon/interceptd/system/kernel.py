@@ -105,7 +105,7 @@ class NftKernel:
         else:
             nft = self._module.Nftables()
         nft.set_json_output(True)
-        nft.set_handle_output(False)
+        nft.set_handle_output(True)  # an incremental update replaces rules by handle (normalise drops them)
         return nft
 
     @contextlib.contextmanager
