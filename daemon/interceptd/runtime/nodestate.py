@@ -42,6 +42,7 @@ class Record:
     # The pod opted out (interceptionMode NONE, an excluded Kubernetes namespace): no rules, and a node agent
     # that also finds this namespace in its watched directory leaves it alone.
     opted_out: bool = False
+    pod: tuple[str, str] = ("", "")  # the Kubernetes namespace and pod name from CNI_ARGS, where given
 
     def config(self) -> Config:
         return settings_config(self.settings, f"state of network namespace {self.name}")
@@ -99,10 +100,12 @@ def read(state_dir: str, name: str) -> Record | None:
             if os.fstat(fd).st_uid != os.geteuid():
                 return None  # not written by us (nor by the CNI plugin, which runs as the same root)
             data = json.load(fh)
-        record = Record(**data)
+        record = Record(**{**data, "pod": tuple(data.get("pod", ("", "")))})
     except (OSError, ValueError, TypeError, RecursionError, NamespaceError):
         return None
-    return record if record.source in SOURCES and isinstance(record.settings, dict) else None
+    usable = (record.source in SOURCES and isinstance(record.settings, dict) and len(record.pod) == 2
+              and all(isinstance(part, str) for part in record.pod))
+    return record if usable else None
 
 
 def exists(state_dir: str, name: str) -> bool:
