@@ -5,8 +5,9 @@ network config's "interceptd" object <
 Istio annotation names in CNI_ARGS), applies it inside CNI_NETNS in one transaction (so a pod never starts
 unprotected, even while the node agent is down), records it in the state directory and registers it with
 the node agent (best effort). ADD succeeds only once the table read back from CNI_NETNS decides exactly as
-the rendered ruleset; otherwise it removes the table and fails (fail closed). CHECK compares the kernel with that record. DEL unregisters and removes the
-table if the namespace still exists, and never fails because something is already gone.
+the rendered ruleset; otherwise it removes the table and fails (fail closed). CHECK compares the kernel with
+that record. DEL unregisters and removes the table if the namespace still exists, and never fails because
+something is already gone.
 
 Errors are the CNI specification's error JSON on stdout with a non-zero exit; every configuration error is found before
 the namespace is touched, and a refused transaction changes nothing, so a failed ADD leaves no rules.

@@ -251,8 +251,8 @@ def update(held: Ruleset, ruleset: Ruleset, listing: Iterable[Json]) -> Json | N
         return None
     t, fam = ruleset.table, ruleset.family
     cmds: list[Json] = []
-    for before, nset in zip(held.sets, ruleset.sets, strict=True):
-        if before.elements != nset.elements:
+    for old_set, nset in zip(held.sets, ruleset.sets, strict=True):
+        if old_set.elements != nset.elements:
             ref = {"family": fam, "table": t, "name": nset.name}
             cmds.append({"flush": {"set": ref}})
             if nset.elements:
@@ -264,8 +264,8 @@ def update(held: Ruleset, ruleset: Ruleset, listing: Iterable[Json]) -> Json | N
             key = (body["chain"], body.get("comment", ""))
             handles[key] = None if key in handles else body.get("handle")  # a duplicate name: no handle
     for before_chain, chain in zip(held.chains, ruleset.chains, strict=True):
-        for before, rule in zip(before_chain.rules, chain.rules, strict=True):
-            if (before.matches, before.actions) == (rule.matches, rule.actions):
+        for old_rule, rule in zip(before_chain.rules, chain.rules, strict=True):
+            if (old_rule.matches, old_rule.actions) == (rule.matches, rule.actions):
                 continue
             handle = handles.get((chain.name, rule.name))
             if handle is None:
