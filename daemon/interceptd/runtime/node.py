@@ -402,7 +402,7 @@ class Node:
         try:
             nodestate.write(self.state_dir, nodestate.Record(
                 member.name, member.source.path, member.source.kind, settings,
-                self.shared.digest(applied.ruleset), applied.listing, old.container_id if old else ""))
+                self.shared.digest(applied.ruleset), applied.listing, old.container_id if old else "", pod=member.pod))
         except (OSError, InterceptdError) as exc:
             # The record only lets a restart adopt the table untouched: without it the pod is still kept, and
             # a restart re-applies. Said once per apply, never the end of the node.

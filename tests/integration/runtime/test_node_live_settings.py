@@ -43,8 +43,8 @@ NODE_TOML = 'service_cidr = "*"\ninbound_ports = "*"\nlocal_exclude_ports = [150
 # that reaches the real destination while the kernel switches between them is a gap.
 SETTINGS = ('service_exclude_cidr = ["203.0.113.0/25"]\nlocal_exclude_ports = [15020, 15021, 15090]\n'
             'local_outbound_ports_exclude = [2000]\n',
-            'service_exclude_cidr = ["203.0.113.128/25", "192.0.2.200/32"]\nlocal_exclude_ports = [15020, 15021, 15092]\n'
-            'local_outbound_ports_exclude = [2002, 2004]\n')
+            'service_exclude_cidr = ["203.0.113.128/25", "192.0.2.200/32"]\n'
+            'local_exclude_ports = [15020, 15021, 15092]\nlocal_outbound_ports_exclude = [2002, 2004]\n')
 WATCHED_SETS = (N.SET_EXCLUDE_CIDRS[4], N.SET_INBOUND_EXCLUDE_PORTS, N.SET_OUTBOUND_EXCLUDE_PORTS)
 
 
