@@ -182,7 +182,9 @@ OPTIONS: tuple[Option, ...] = (
          "namespace), and pods whose CNI ADD opted out stay out.", "agent"),
     _opt("netns_config_dir", "netns-config-dir", None, ("INTERCEPTD_NETNS_CONFIG_DIR",), v.parse_path,
          "/etc/interceptd/netns.d", "str",
-         "node: per-namespace drop-ins: NAME.toml here overrides the configuration's keys for namespace NAME.",
+         "node: live per-pod settings, watched: K8SNAMESPACE_POD.toml (a CNI pod's Kubernetes namespace and name) "
+         "or NAME.toml (its network namespace's name) overrides that pod's keys while it runs; a ConfigMap "
+         "mount works.",
          "agent"),
     _opt("log_level", "log-level", None, ("INTERCEPTD_LOG_LEVEL",), v.parse_log_level, "info", "str",
          "debug, info, warning or error.", "agent"),
