@@ -22,6 +22,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytest
+from support.configmap import ConfigMapDir
 from support.gaplab import Prober
 from support.netlab import Lab, wait_until
 from support.nodelab import NodeAgent, NsDir
@@ -46,30 +47,6 @@ SETTINGS = ('service_exclude_cidr = ["203.0.113.0/25"]\nlocal_exclude_ports = [1
             'service_exclude_cidr = ["203.0.113.128/25", "192.0.2.200/32"]\n'
             'local_exclude_ports = [15020, 15021, 15092]\nlocal_outbound_ports_exclude = [2002, 2004]\n')
 WATCHED_SETS = (N.SET_EXCLUDE_CIDRS[4], N.SET_INBOUND_EXCLUDE_PORTS, N.SET_OUTBOUND_EXCLUDE_PORTS)
-
-
-class ConfigMapDir:
-    """A directory laid out as the kubelet mounts a ConfigMap: `KEY -> ..data/KEY`, `..data -> ..vN`."""
-
-    def __init__(self, path: str) -> None:
-        self.path, self.version = path, 0
-        os.makedirs(path)
-
-    def publish(self, files: dict[str, str]) -> None:
-        """A new version of every key, made visible at once by renaming the `..data` symlink."""
-        self.version += 1
-        version = os.path.join(self.path, f"..v{self.version}")
-        os.mkdir(version)
-        for key, text in files.items():
-            with open(os.path.join(version, key), "w", encoding="utf-8") as fh:
-                fh.write(text)
-        tmp = os.path.join(self.path, "..data_tmp")
-        os.symlink(f"..v{self.version}", tmp)
-        os.replace(tmp, os.path.join(self.path, "..data"))
-        for key in files:
-            if not os.path.lexists(os.path.join(self.path, key)):
-                os.symlink(os.path.join("..data", key), os.path.join(self.path, key))
-        shutil.rmtree(os.path.join(self.path, f"..v{self.version - 1}"), ignore_errors=True)
 
 
 def _listing(path: str, kernel: NftKernel | None = None) -> list[dict[str, Any]]:
