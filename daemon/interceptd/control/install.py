@@ -61,19 +61,17 @@ def apply(kernel: Kernel, router: Router, ruleset: Ruleset, reference: bool = Tr
 
     `previous`: what the table held after our last apply. When the kernel still holds exactly that, the
     first transaction rewrites only the sets and rules that differ (nftjson.update: a live settings change
-    leaves the rest of the table, and every counter, as it is); otherwise the whole table is replaced.
+    leaves the rest of the table, and every counter, as it is); otherwise, or when the kernel refuses that
+    update, the whole table is replaced.
     """
     started = time.monotonic()
     added = routes.add_missing(ruleset, router)
     for attempt in range(APPLY_ATTEMPTS):
         try:
             current = kernel.list_table(ruleset.table, ruleset.family)
-            document = _incremental(previous, ruleset, current) if attempt == 0 else None
-            if document is None:
+            if not (attempt == 0 and _updated(kernel, previous, ruleset, current)):
                 existing = Existing.empty() if current is None else Existing.from_listing(current)
-                document = transaction(ruleset, existing)
-            if document["nftables"]:
-                kernel.apply(document)
+                kernel.apply(transaction(ruleset, existing))
         except KernelRefusedError:
             if attempt == 0:  # no table of this ruleset took: a refused apply changes nothing, routes included
                 routes.take_back(added, router)
@@ -89,11 +87,21 @@ def apply(kernel: Kernel, router: Router, ruleset: Ruleset, reference: bool = Tr
                              f"each of {APPLY_ATTEMPTS} applies")
 
 
-def _incremental(previous: Applied | None, ruleset: Ruleset, current: list[Json] | None) -> Json | None:
-    """The update from `previous` to `ruleset`, if the kernel holds exactly `previous` (no drift) now."""
+def _updated(kernel: Kernel, previous: Applied | None, ruleset: Ruleset, current: list[Json] | None) -> bool:
+    """Apply the update from `previous` to `ruleset` if the kernel holds exactly `previous` (no drift) now and
+    the shapes allow one; False when the whole table is to be replaced instead (also when the kernel refused
+    the update, say a rule's handle went meanwhile: a refused transaction changed nothing)."""
     if previous is None or current is None or not previous.listing or compare(previous.listing, normalise(current)):
-        return None
-    return update(previous.ruleset, ruleset, current)
+        return False
+    document = update(previous.ruleset, ruleset, current)
+    if document is None:
+        return False
+    try:
+        if document["nftables"]:
+            kernel.apply(document)
+    except KernelRefusedError:
+        return False
+    return True
 
 
 def verified(kernel: Kernel, ruleset: Ruleset, applied: Applied) -> Applied:

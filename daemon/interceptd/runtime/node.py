@@ -678,5 +678,6 @@ def agent_view(config: Config, name: str) -> str:
     if not reply.get("ok"):
         return f"node agent: {reply.get('error')}"
     health = "matches" if reply["ready"] else f"NOT READY: {reply['last_error']}"
-    return (f"node agent: {reply['source']} namespace {reply['path']}, generation {reply['generation']}, "
+    pod = f" (pod {reply['pod']})" if reply.get("pod") else ""
+    return (f"node agent: {reply['source']} namespace {reply['path']}{pod}, generation {reply['generation']}, "
             f"{health}, {reply['repairs']} repairs")

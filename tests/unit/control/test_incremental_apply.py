@@ -123,6 +123,16 @@ def test_the_fake_refuses_to_replace_a_rule_it_does_not_hold() -> None:
         kernel.apply({"nftables": [{"replace": {"rule": rule}}]})
 
 
+def test_a_refused_update_is_followed_by_the_whole_table_in_one_transaction() -> None:
+    kernel, router = Recording(), FakeRouter()
+    first = install.apply(kernel, router, _ruleset())
+    kernel.refuse = 1  # the update (say a handle went meanwhile); the full transaction after it is taken
+    second = install.apply(kernel, router, _ruleset(service_exclude_cidr="198.51.100.0/24"), previous=first)
+    assert _verbs(kernel.documents[-2]) == ["flush set", "add element"]
+    assert _verbs(kernel.documents[-1])[:2] == ["add table", "flush table"]
+    assert install.holds(second.ruleset, kernel.list_table("interceptd") or [])
+
+
 def test_the_read_back_must_decide_as_rendered() -> None:
     kernel = FakeKernel()
     ruleset = _ruleset()

@@ -17,7 +17,6 @@ import pytest
 
 from interceptd.config import Config
 from interceptd.config import options as config
-from interceptd.errors import KernelRefusedError
 from interceptd.ruleset import names as N
 from interceptd.ruleset.facts import HostFacts
 from interceptd.runtime import nodestate
@@ -234,7 +233,8 @@ def test_per_pod_metric_labels_are_names_never_addresses_or_ports(pods: Pods, no
 def test_a_kernel_that_refuses_the_update_keeps_the_old_rules(pods: Pods, node: Node) -> None:
     a = pods.kernel("pod-a")
     before = _elements(a)
-    a.fail_next = KernelRefusedError("refused (test)")
+    a.refuse = 2  # the update, then the whole table
     pods.write("demo_web-1", 'service_exclude_cidr = "198.51.100.0/24"\n')
     node.apply_pod_settings()
     assert _elements(a) == before
+    assert node.members["pod-a"].controller.state.generation == 1
