@@ -46,6 +46,11 @@ class KernelRefusedError(KernelSideError):
     """libnftables refused a transaction; the kernel kept the previous ruleset."""
 
 
+class ReadBackError(KernelSideError):
+    """The table read back right after an apply does not decide as the rendered ruleset (another process
+    changed it in between): it is not taken as installed."""
+
+
 class PermissionDeniedError(KernelSideError):
     """The process lacks CAP_NET_ADMIN: libnftables would print its own two lines and fail every call."""
 

@@ -1,7 +1,7 @@
 """`make bench`: every benchmark in one run, a table on stdout, all figures as JSON in bench-results/.
 
 Environment knobs (for quick runs; the defaults are the full run, about 15 minutes on 2 cores):
-  BENCH_ONLY=apply,datapath,agent,reload,scrape,node   which parts to run
+  BENCH_ONLY=apply,datapath,agent,reload,scrape,node,live   which parts to run
   BENCH_REPS=5                      interleaved repetitions of each apply measurement
   BENCH_CNI_REPS=20                 interleaved CNI ADDs (bridge alone, bridge + interceptd-cni)
   BENCH_DP_REPS=5                   interleaved repetitions of each datapath measurement
@@ -22,12 +22,13 @@ from collections.abc import Callable
 import agent_bench
 import apply_bench
 import datapath_bench
+import live_bench
 import node_bench
 import reload_bench
 import scrape_bench
 from common import Report
 
-PARTS = ("apply", "datapath", "agent", "reload", "scrape", "node")
+PARTS = ("apply", "datapath", "agent", "reload", "scrape", "node", "live")
 
 
 def _int(name: str, default: int) -> int:
@@ -59,6 +60,7 @@ def main() -> int:
                                          sizes=(0, 10_000)),
         "reload": lambda: reload_bench.run(report),
         "node": lambda: node_bench.run(report, idle_s=float(os.environ.get("BENCH_NODE_IDLE_SECONDS", "30"))),
+        "live": lambda: live_bench.run(report),
     }
     failed = []
     for name, part in parts.items():

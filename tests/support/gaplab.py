@@ -71,7 +71,8 @@ class Samples:
 class Prober:
     """A forked process that connects over and over (outbound in the pod, inbound from the peer)."""
 
-    def __init__(self, lab: Lab, direction: str) -> None:
+    def __init__(self, lab: Lab, direction: str, pause: float = 0.0) -> None:
+        """`pause`: seconds between connections (several probers on a small machine leave the agent CPU)."""
         self.direction = direction
         ns, host, port, ok, bypass, uid = (
             (lab.pod, "198.51.100.1", 9999, "pod 15001 ", "peer 9999 ", APP_UID) if direction == "outbound"
@@ -82,7 +83,7 @@ class Prober:
             try:
                 os.close(rfd)
                 enter_as(ns, uid, uid)
-                samples = _probe(host, port, ok, bypass, direction)
+                samples = _probe(host, port, ok, bypass, direction, pause)
                 with os.fdopen(wfd, "wb") as out:
                     pickle.dump(samples, out)
             finally:
@@ -99,7 +100,7 @@ class Prober:
         return samples
 
 
-def _probe(host: str, port: int, ok: str, bypass: str, direction: str) -> Samples:
+def _probe(host: str, port: int, ok: str, bypass: str, direction: str, pause: float) -> Samples:
     stop = False
 
     def _stop(_sig: int, _frame: object) -> None:
@@ -119,6 +120,8 @@ def _probe(host: str, port: int, ok: str, bypass: str, direction: str) -> Sample
                 answer = "ok" if data.startswith(ok) else "bypass" if data.startswith(bypass) else "fail"
         samples.times.append(began)
         samples.outcomes.append(answer)
+        if pause:
+            time.sleep(pause)
     return samples
 
 

@@ -4,8 +4,10 @@ ADD builds the pod's Config (Istio CNI's defaults, see docs/istio-compatibility.
 network config's "interceptd" object <
 Istio annotation names in CNI_ARGS), applies it inside CNI_NETNS in one transaction (so a pod never starts
 unprotected, even while the node agent is down), records it in the state directory and registers it with
-the node agent (best effort). CHECK compares the kernel with that record. DEL unregisters and removes the
-table if the namespace still exists, and never fails because something is already gone.
+the node agent (best effort). ADD succeeds only once the table read back from CNI_NETNS decides exactly as
+the rendered ruleset; otherwise it removes the table and fails (fail closed). CHECK compares the kernel with
+that record. DEL unregisters and removes the table if the namespace still exists, and never fails because
+something is already gone.
 
 Errors are the CNI specification's error JSON on stdout with a non-zero exit; every configuration error is found before
 the namespace is touched, and a refused transaction changes nothing, so a failed ADD leaves no rules.
@@ -17,20 +19,20 @@ import ipaddress
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from interceptd.config import OPTIONS_BY_KEY, Config
 from interceptd.config.values import MAX_CONFIG_BYTES
 from interceptd.control import install
-from interceptd.errors import ConfigError, InterceptdError, KernelRefusedError, NamespaceError
+from interceptd.errors import ConfigError, InterceptdError, KernelRefusedError, NamespaceError, ReadBackError
 from interceptd.ruleset import drift
 from interceptd.ruleset.nftjson import Existing, normalise, transaction
 from interceptd.ruleset.render import render
 from interceptd.runtime import nodestate
 from interceptd.system import host, netns
-from interceptd.system.kernel import NftKernel
+from interceptd.system.kernel import Kernel, NftKernel
 from interceptd.system.routes import Netlink
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
@@ -38,7 +40,13 @@ CHECK_SINCE = "0.4.0"
 
 # CNI error codes (1-99 are the CNI specification's; 100+ the plugin's own).
 E_VERSION, E_FIELD, E_UNKNOWN_CONTAINER, E_ENV, E_IO, E_DECODE, E_CONFIG = 1, 2, 3, 4, 5, 6, 7
-E_REFUSED, E_MISMATCH = 100, 101
+E_REFUSED, E_MISMATCH, E_READBACK = 100, 101, 102
+# Test-only: an nft JSON document the plugin applies in the pod's namespace between ADD's transaction and its
+# read-back, standing for another process that changes the table right then (tests of the fail-closed ADD).
+TEST_AFTER_APPLY_ENV = "INTERCEPTD_CNI_TEST_AFTER_APPLY"
+# The pod's Kubernetes namespace and name, as kubelet, CRI-O and podman pass them in CNI_ARGS: recorded so the
+# node agent can find the pod's live settings file and label its metrics.
+K8S_NAMESPACE_ARG, K8S_POD_ARG = "K8S_POD_NAMESPACE", "K8S_POD_NAME"
 
 # Istio CNI's settings for a pod without annotations (docs/istio-compatibility.md, "How Istio calls it"), as
 # Config keys.
@@ -98,6 +106,7 @@ class Request:
     container_id: str
     netns_path: str
     args: dict[str, str]  # CNI_ARGS
+    test_after_apply: str = ""  # TEST_AFTER_APPLY_ENV
 
 
 def parse_cni_args(text: str) -> dict[str, str]:
@@ -148,7 +157,7 @@ def parse_request(env: Mapping[str, str], stdin: str) -> Request:
     if command == "CHECK" and _version_tuple(version) < _version_tuple(CHECK_SINCE):
         raise CniError(E_VERSION, f"CHECK needs cniVersion {CHECK_SINCE} or later, got {version!r}")
     return Request(command, conf, version, env["CNI_CONTAINERID"], env.get("CNI_NETNS", ""),
-                   parse_cni_args(env.get("CNI_ARGS", "")))
+                   parse_cni_args(env.get("CNI_ARGS", "")), env.get(TEST_AFTER_APPLY_ENV, ""))
 
 
 def _text(key: str, value: object, where: str) -> str:
@@ -259,6 +268,22 @@ def _name(path: str) -> str:
         raise CniError(E_ENV, str(exc)) from None
 
 
+def _after_apply(request: Request) -> Callable[[Kernel], None]:
+    """The test-only change between apply and read-back (TEST_AFTER_APPLY_ENV); nothing without it."""
+    text = request.test_after_apply
+    if not text:
+        return lambda kernel: None
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise CniError(E_ENV, f"{TEST_AFTER_APPLY_ENV}: not JSON: {exc}") from None
+    return lambda kernel: kernel.apply(document)
+
+
+def _pod(request: Request) -> tuple[str, str]:
+    return request.args.get(K8S_NAMESPACE_ARG, ""), request.args.get(K8S_POD_ARG, "")
+
+
 def cmd_add(request: Request) -> dict[str, Any]:
     found = _config(request)
     path = _namespace(request)
@@ -272,6 +297,7 @@ def cmd_add(request: Request) -> dict[str, Any]:
         return _result(request)
     config, settings = found
     state_dir = _state_dir(request)
+    after_apply = _after_apply(request)
     try:
         with netns.entered(path):
             ruleset = render(config, host.detect(config))
@@ -280,10 +306,13 @@ def cmd_add(request: Request) -> dict[str, Any]:
                 print(json.dumps(transaction(ruleset, Existing.empty())), file=sys.stderr)
                 return _result(request)
             try:
-                applied = install.apply(NftKernel(), Netlink(), ruleset)
+                kernel = NftKernel()
+                applied = install.apply(kernel, Netlink(), ruleset)
+                after_apply(kernel)
+                applied = install.verified(kernel, ruleset, applied)
                 nodestate.write(state_dir, nodestate.Record(
                     name, path, "cni", settings, nodestate.ruleset_digest(ruleset), applied.listing,
-                    request.container_id, addresses=pod_addresses(request.conf.get("prevResult"))))
+                    request.container_id, addresses=pod_addresses(request.conf.get("prevResult")), pod=_pod(request)))
             except (InterceptdError, OSError):
                 # A failed ADD leaves no rules: the runtime retries or gives up on the pod, and a half-made
                 # table (say the routes failed after the transaction) would capture without a record of it.
@@ -293,6 +322,8 @@ def cmd_add(request: Request) -> dict[str, Any]:
         raise CniError(E_CONFIG, str(exc)) from None
     except KernelRefusedError as exc:
         raise CniError(E_REFUSED, str(exc)) from None
+    except ReadBackError as exc:
+        raise CniError(E_READBACK, f"network namespace {name}: {exc}; the table was removed") from None
     except InterceptdError as exc:  # namespace, routes, addresses
         raise CniError(E_IO, str(exc)) from None
     except OSError as exc:
@@ -307,17 +338,18 @@ def cmd_check(request: Request) -> dict[str, Any]:
     name = _name(path)
     if found is None or found[0].dry_run:  # a dry-run ADD applied nothing: there is nothing to check
         return {}
-    config, _ = found
+    config, settings = found
     record = nodestate.read(_state_dir(request), name)
     if record is None:
         raise CniError(E_MISMATCH, f"network namespace {name}: interceptd has no record of an ADD for it")
+    # The settings, not the rendered ruleset: the node agent may have applied the pod's live settings file
+    # since ADD, and rewritten the record's reference listing with them.
+    if json.loads(json.dumps(settings)) != record.settings:
+        raise CniError(E_MISMATCH, f"network namespace {name}: the pod's network configuration now holds other "
+                       f"settings than ADD applied: another ruleset")
     try:
         with netns.entered(path):
-            ruleset = render(config, host.detect(config))
             kernel = NftKernel()
-        if nodestate.ruleset_digest(ruleset) != record.ruleset_digest:
-            raise CniError(E_MISMATCH, f"network namespace {name}: the pod's configuration now renders another "
-                           f"ruleset than ADD applied")
         listing = kernel.list_table(config.table)
     except ConfigError as exc:
         raise CniError(E_CONFIG, str(exc)) from None

@@ -130,10 +130,11 @@ def cmd_cleanup(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_node(args: argparse.Namespace, config: Config) -> int:
-    from interceptd.runtime.node import Node, dir_config_loader
+    from interceptd.runtime.node import Node
+    from interceptd.runtime.podsettings import dir_loader
 
     _start_agent(config, "node")
-    return Node(config, dir_config_loader(args.option_flags, args.config, config.netns_config_dir)).run()
+    return Node(config, dir_loader(args.option_flags, args.config, config.netns_config_dir)).run()
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:

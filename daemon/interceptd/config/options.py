@@ -180,7 +180,9 @@ OPTIONS: tuple[Option, ...] = (
          "namespace), and pods whose CNI ADD opted out stay out.", "agent"),
     _opt("netns_config_dir", "netns-config-dir", None, ("INTERCEPTD_NETNS_CONFIG_DIR",), v.parse_path,
          "/etc/interceptd/netns.d", "str",
-         "node: per-namespace drop-ins: NAME.toml here overrides the configuration's keys for namespace NAME.",
+         "node: live per-pod settings, watched: K8SNAMESPACE_POD.toml (a CNI pod's Kubernetes namespace and name) "
+         "or NAME.toml (its network namespace's name) overrides that pod's keys while it runs; a ConfigMap "
+         "mount works.",
          "agent"),
     _opt("ambient_host_rules", "ambient-host-rules", None, ("INTERCEPTD_AMBIENT_HOST_RULES",), v.parse_bool,
          "false", "bool",

@@ -112,14 +112,13 @@ class TableController:
 
     # --- the steps ---
 
-    def _install(self, ruleset: Ruleset, trigger: str, incremental: bool = False) -> Applied:
+    def _install(self, ruleset: Ruleset, trigger: str) -> Applied:
         """Apply `ruleset` and make it the reference; count and time it. KernelSideError: nothing changed.
-        `incremental`: set elements that changed since the last apply go in as element changes (install.change)."""
+        When the kernel still holds the last apply, only the sets and rules that differ are rewritten."""
         try:
             with self._kernel_lock:
                 previous = self.applied
-                applied = self._share(install.change(self.kernel, self.router, previous, ruleset) if incremental
-                                      else install.apply(self.kernel, self.router, ruleset))
+                applied = self._share(install.apply(self.kernel, self.router, ruleset, previous=previous))
                 self.applied, self.ruleset = applied, applied.ruleset
         except KernelSideError:
             with self.state.lock:
@@ -161,8 +160,8 @@ class TableController:
         return True
 
     def update(self, trigger: str) -> bool:
-        """The renderer's inputs changed (the node's ambient pods): render again and install what differs, set
-        elements alone as element changes. On failure: not ready, retry with the new ruleset after backoff."""
+        """The renderer's inputs changed (the node's ambient pods): render again and install what differs (only
+        the changed sets and rules are rewritten). On failure: not ready, retry with the new ruleset after backoff."""
         started = time.monotonic()
         try:
             ruleset = self._render(self.config, self._facts(self.config))
@@ -173,7 +172,7 @@ class TableController:
             return True
         self.ruleset = ruleset
         try:
-            self._install(ruleset, trigger, incremental=True)
+            self._install(ruleset, trigger)
         except KernelSideError as exc:
             self.failed(trigger, str(exc), started)
             return False

@@ -9,20 +9,22 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from interceptd.errors import KernelRefusedError
+from interceptd.errors import KernelRefusedError, ReadBackError, UnexplainableError
 from interceptd.records import record
+from interceptd.ruleset.drift import compare, summary
 from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import (
     Existing,
     Json,
     deletion,
-    element_changes,
     elements_json,
     normalise,
-    only_elements_differ,
     same_elements,
     transaction,
+    update,
 )
+from interceptd.ruleset.nftparse import parse_listing
+from interceptd.ruleset.tablediff import differences
 from interceptd.system import routes
 from interceptd.system.kernel import Kernel
 from interceptd.system.routes import Router
@@ -40,7 +42,8 @@ class Applied:
 APPLY_ATTEMPTS = 5
 
 
-def apply(kernel: Kernel, router: Router, ruleset: Ruleset, reference: bool = True) -> Applied:
+def apply(kernel: Kernel, router: Router, ruleset: Ruleset, reference: bool = True,
+          previous: Applied | None = None) -> Applied:
     """Install `ruleset`; the listing that becomes the drift reference must show it.
 
     TPROXY's policy rules and routes cannot join the table's transaction, so the order makes up for it:
@@ -55,14 +58,20 @@ def apply(kernel: Kernel, router: Router, ruleset: Ruleset, reference: bool = Tr
     Another process can change the table between our transaction and the listing that follows it. Taken
     as the reference, that change would never count as drift (a flush right there left the pod
     uncaptured for good), so a listing that does not hold the ruleset means: apply again.
+
+    `previous`: what the table held after our last apply. When the kernel still holds exactly that, the
+    first transaction rewrites only the sets and rules that differ (nftjson.update: a live settings change
+    leaves the rest of the table, and every counter, as it is); otherwise, or when the kernel refuses that
+    update, the whole table is replaced.
     """
     started = time.monotonic()
     added = routes.add_missing(ruleset, router)
     for attempt in range(APPLY_ATTEMPTS):
         try:
             current = kernel.list_table(ruleset.table, ruleset.family)
-            existing = Existing.empty() if current is None else Existing.from_listing(current)
-            kernel.apply(transaction(ruleset, existing))
+            if not (attempt == 0 and _updated(kernel, previous, ruleset, current)):
+                existing = Existing.empty() if current is None else Existing.from_listing(current)
+                kernel.apply(transaction(ruleset, existing))
         except KernelRefusedError:
             if attempt == 0:  # no table of this ruleset took: a refused apply changes nothing, routes included
                 routes.take_back(added, router)
@@ -78,23 +87,37 @@ def apply(kernel: Kernel, router: Router, ruleset: Ruleset, reference: bool = Tr
                              f"each of {APPLY_ATTEMPTS} applies")
 
 
-def change(kernel: Kernel, router: Router, previous: Applied | None, ruleset: Ruleset) -> Applied:
-    """Install `ruleset` over what `previous` applied: when only set elements differ, as `add element` and
-    `delete element` commands (the table, its other sets and counters are not rewritten); else, or when the
-    kernel refuses them (an element to delete is gone: the table drifted), or the listing after them does not
-    hold the ruleset, with `apply`."""
-    if previous is not None and only_elements_differ(previous.ruleset, ruleset):
-        started = time.monotonic()
-        document = element_changes(previous.ruleset, ruleset)
-        try:
-            if document["nftables"]:
-                kernel.apply(document)
-        except KernelRefusedError:
-            return apply(kernel, router, ruleset)
-        after = kernel.list_table(ruleset.table, ruleset.family) or []
-        if holds(ruleset, after):
-            return Applied(ruleset, _share_elements(ruleset, normalise(after)), time.monotonic() - started)
-    return apply(kernel, router, ruleset)
+def _updated(kernel: Kernel, previous: Applied | None, ruleset: Ruleset, current: list[Json] | None) -> bool:
+    """Apply the update from `previous` to `ruleset` if the kernel holds exactly `previous` (no drift) now and
+    the shapes allow one; False when the whole table is to be replaced instead (also when the kernel refused
+    the update, say a rule's handle went meanwhile: a refused transaction changed nothing)."""
+    if previous is None or current is None or not previous.listing or compare(previous.listing, normalise(current)):
+        return False
+    document = update(previous.ruleset, ruleset, current)
+    if document is None:
+        return False
+    try:
+        if document["nftables"]:
+            kernel.apply(document)
+    except KernelRefusedError:
+        return False
+    return True
+
+
+def verified(kernel: Kernel, ruleset: Ruleset, applied: Applied) -> Applied:
+    """Read the table back and compare it, decision by decision, with the rendered ruleset (the comparison
+    behind `diff`, ruleset.tablediff); the Applied whose reference is that read-back, or ReadBackError naming
+    what differs. For the CNI plugin's ADD: a pod is reported set up only with exactly its rules."""
+    listing = kernel.list_table(ruleset.table, ruleset.family)
+    where = f"table {ruleset.family} {ruleset.table} read back after the apply"
+    try:
+        installed = None if listing is None else parse_listing(ruleset.table, listing, ruleset.family)
+    except UnexplainableError as exc:
+        raise ReadBackError(f"{where} holds what interceptd never writes: {exc}") from None
+    found = differences(ruleset, installed)
+    if listing is None or found:
+        raise ReadBackError(f"{where} differs from the rendered ruleset: {'; '.join(summary(found))}")
+    return Applied(ruleset, _share_elements(ruleset, normalise(listing)), applied.duration_s)
 
 
 def _share_elements(ruleset: Ruleset, listing: list[Json]) -> list[Json]:

@@ -4,10 +4,10 @@ Why it exists: an ambient pod captures all inbound TCP for the node proxy, excep
 address (`probe-accept`). The kubelet's health probes come from the node itself, so on the node their source
 is rewritten to that address: TCP from the kubelet's uid to an ambient pod's address leaves with source
 --ambient-probe-address (IPv6: --ambient-probe-address-v6). The pods' addresses are two named sets, so a pod
-coming or going changes set elements only (`element_changes`), never the rule.
+coming or going changes set elements only, never the rule.
 
-The table is kept like a pod's table (installed whole, repaired on drift); only the node's pod changes use
-nftjson.element_changes.
+The table is kept like a pod's table (installed whole, repaired on drift); the node's pod changes go in as
+nftjson.update's element changes.
 
 The table is separate from the pods' table name (names.HOST_TABLE): nothing rendered for a pod can land in
 the node's namespace, and `cleanup` of a pod's table never touches it.

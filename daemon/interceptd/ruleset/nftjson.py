@@ -1,6 +1,7 @@
 """Pure translation between the rule model and libnftables JSON (libnftables-json(5)).
 
-`transaction` builds the one document that replaces interceptd's table atomically; `normalise` turns the
+`transaction` builds the one document that replaces interceptd's table atomically, `update` the one that
+rewrites only the sets and rules that differ from what the table holds; `normalise` turns the
 kernel's listing of the table into a comparable form (no handles, no counter values).
 """
 
@@ -232,27 +233,52 @@ def transaction(ruleset: Ruleset, existing: Existing) -> Json:
     return {"nftables": cmds}
 
 
-def only_elements_differ(old: Ruleset, new: Ruleset) -> bool:
-    """Whether `new` is `old` with other set elements at most (the same chains, rules and set shapes)."""
-    return (old.table == new.table and old.family == new.family and old.chains == new.chains
-            and [(s.name, s.type, s.interval) for s in old.sets] == [(s.name, s.type, s.interval) for s in new.sets])
+def _shape(ruleset: Ruleset) -> tuple[object, ...]:
+    """What an incremental update cannot change: the chains with their hooks and rule names in order, and
+    the sets' names, types and flags (the named counters follow from the rule names)."""
+    return (ruleset.table, ruleset.family,
+            tuple((c.name, c.hook, tuple(r.name for r in c.rules)) for c in ruleset.chains),
+            tuple((s.name, s.type, s.interval) for s in ruleset.sets))
 
 
-def element_changes(old: Ruleset, new: Ruleset) -> Json:
-    """The one transaction that turns the table's set elements from `old`'s into `new`'s: `delete element` for
-    those that went, `add element` for those that came, nothing else (the node's host probe sets as pods come
-    and go). Only meaningful when only_elements_differ(old, new). The kernel refuses the whole transaction if
-    an element to delete is not there any more; the caller then replaces the table."""
+def update(held: Ruleset, ruleset: Ruleset, listing: Iterable[Json]) -> Json | None:
+    """One document that turns the table, which holds `held` now (`listing`: the kernel's, with rule
+    handles), into `ruleset` by rewriting only what differs: each changed set gets `delete element` for the
+    elements that went and `add element` for those that came (the table holds exactly `held`, so every delete
+    finds its element; the node's host probe sets as pods come and go), each changed rule is replaced in
+    place (by handle). Every other set and rule is left as it is, and every named
+    counter stays, so its value continues; a packet sees the old table or the new one, never a mix.
+
+    None when the shapes differ (a chain, a rule name, a set's type or flags) or a changed rule's handle is
+    not listed: then `transaction` is the way.
+    """
+    if _shape(held) != _shape(ruleset):
+        return None
+    t, fam = ruleset.table, ruleset.family
     cmds: list[Json] = []
-    for before, after in zip(old.sets, new.sets, strict=True):
-        ref = {"family": new.family, "table": new.table, "name": after.name}
-        kept, wanted = set(before.elements), set(after.elements)
-        gone = tuple(e for e in before.elements if e not in wanted)
-        came = tuple(e for e in after.elements if e not in kept)
+    for old_set, nset in zip(held.sets, ruleset.sets, strict=True):
+        ref = {"family": fam, "table": t, "name": nset.name}
+        kept, wanted = set(old_set.elements), set(nset.elements)
+        gone = tuple(e for e in old_set.elements if e not in wanted)
+        came = tuple(e for e in nset.elements if e not in kept)
         if gone:
             cmds.append({"delete": {"element": {**ref, "elem": elements_json(gone)}}})
         if came:
             cmds.append({"add": {"element": {**ref, "elem": elements_json(came)}}})
+    handles: dict[tuple[str, str], int | None] = {}
+    for item in listing:
+        body = item.get("rule")
+        if body is not None:
+            key = (body["chain"], body.get("comment", ""))
+            handles[key] = None if key in handles else body.get("handle")  # a duplicate name: no handle
+    for before_chain, chain in zip(held.chains, ruleset.chains, strict=True):
+        for old_rule, rule in zip(before_chain.rules, chain.rules, strict=True):
+            if (old_rule.matches, old_rule.actions) == (rule.matches, rule.actions):
+                continue
+            handle = handles.get((chain.name, rule.name))
+            if handle is None:
+                return None
+            cmds.append({"replace": {"rule": {**rule_json(t, fam, chain, rule), "handle": handle}}})
     return {"nftables": cmds}
 
 

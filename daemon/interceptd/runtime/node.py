@@ -18,6 +18,11 @@ libnftables context is made per call, inside the namespace, and so always gets a
 
 Restart: a namespace's state file holds the listing taken after its last apply; a namespace whose table
 still equals it, and whose configuration renders the same ruleset, is adopted without being touched.
+
+Live settings: a pod's file in the configuration directory (runtime.podsettings) is watched; a change reloads
+that pod alone, in one transaction that rewrites only what differs (control.install), and a file that does
+not parse is refused with one log line, the pod keeping its rules. Readiness ("every known pod verified")
+is published as /readyz, a metric and a file in the state directory (runtime.readiness).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from interceptd.config import Config, load, read_toml
+from interceptd.config import Config
 from interceptd.control.controller import TableController
 from interceptd.control.install import Applied
 from interceptd.control.state import AgentState
@@ -42,13 +47,15 @@ from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.names import HOST_TABLE
 from interceptd.ruleset.nftjson import Json
-from interceptd.runtime import discovery, logs, nodestate
+from interceptd.runtime import discovery, logs, nodestate, podsettings
 from interceptd.runtime.discovery import Source
 from interceptd.runtime.hostprobe import HOST_NAME, OWN_NETNS, HostProbe
 from interceptd.runtime.lockfile import Lock, TableClaim
 from interceptd.runtime.loop import EventLoop, trim_heap
 from interceptd.runtime.metrics import Collector, MetricsServer
 from interceptd.runtime.nodesocket import NodeSocket
+from interceptd.runtime.podsettings import NO_POD, Pod, PodFiles
+from interceptd.runtime.readiness import ReadyFile
 from interceptd.runtime.sdnotify import Notifier
 from interceptd.system import host, netns
 from interceptd.system.events import NftEvents
@@ -148,27 +155,16 @@ class Member:
     events: EventSource | None = None
     saved: Applied | None = None  # what the state file holds
     event_seen: bool = field(default=False)
+    pod: Pod = NO_POD  # its Kubernetes namespace and name, as the CNI plugin recorded them
 
     @property
     def name(self) -> str:
         return self.source.name
 
-
-
-def dir_config_loader(flags: dict[str, str], config_path: str | None, drop_in_dir: str,
-                      env: dict[str, str] | None = None) -> Callable[[str], Config]:
-    """name -> Config of a watched-directory namespace: the node's file, then NAME.toml, then env and flags."""
-
-    def config_for(name: str) -> Config:
-        toml: dict[str, object] = read_toml(config_path) if config_path else {}
-        drop_in = os.path.join(drop_in_dir, f"{name}.toml")
-        where = config_path or ""
-        if os.path.exists(drop_in):
-            toml = {**toml, **read_toml(drop_in)}
-            where = drop_in
-        return load(flags, os.environ if env is None else env, toml, where)
-
-    return config_for
+    def labels(self) -> dict[str, str]:
+        """The labels of its metric series: bounded, never an address or a port."""
+        known = {"k8s_namespace": self.pod[0], "pod": self.pod[1]} if all(self.pod) else {}
+        return {"netns": self.name, **known}
 
 
 class NodeCollector:
@@ -184,13 +180,14 @@ class NodeCollector:
         merged: dict[str, Metric] = {}
         members = self.node.snapshot()
         host = self.node.host
-        for name, collector in [(m.name, m.collector) for m in members] + ([(HOST_NAME, host.collector)] if host
-                                                                            else []):
+        sources = [(m.labels(), m.collector) for m in members]
+        sources += [({"netns": HOST_NAME}, host.collector)] if host is not None else []
+        for labels, collector in sources:
             for family in collector.collect():
                 if family.name in NODE_WIDE:
                     merged.setdefault(family.name, family)
                     continue
-                family.samples = [s._replace(labels={"netns": name, **s.labels}) for s in family.samples]
+                family.samples = [s._replace(labels={**labels, **s.labels}) for s in family.samples]
                 if family.name in merged:
                     merged[family.name].samples.extend(family.samples)
                 else:
@@ -208,8 +205,19 @@ class NodeCollector:
         for name in sorted(self.node.failures()):
             failed.add_metric([name], 1)
         yield failed
+        ready = self.node.ready()
         yield GaugeMetricFamily("interceptd_node_ready", "1 when every known namespace holds its ruleset "
-                                "(what /readyz reports), else 0.", value=int(self.node.ready()))
+                                "(what /readyz reports), else 0.", value=int(ready))
+        yield GaugeMetricFamily("interceptd_node_pods_verified", "1 when every known pod holds its verified "
+                                "ruleset (the readiness file is there), else 0.", value=int(ready))
+        pods = GaugeMetricFamily("interceptd_node_pods", "Pods the node agent knows, by state (verified: holds "
+                                 "its ruleset as applied; unverified: not, a repair or retry pending; unmanaged).",
+                                 labels=["state"])
+        verified = sum(1 for m in members if m.controller.ready())
+        pods.add_metric(["verified"], verified)
+        pods.add_metric(["unverified"], len(members) - verified)
+        pods.add_metric(["unmanaged"], len(self.node.failures()))
+        yield pods
 
 
 class Node:
@@ -234,6 +242,10 @@ class Node:
         self.state.probe = self.ready
         self.socket = NodeSocket(self.state_dir, self.loop, self.handle, self.log)
         self._watch: netns.DirWatch | None = None
+        self.pod_files = PodFiles(config.netns_config_dir)
+        self._settings_watch: netns.DirWatch | None = None
+        self._settings_seen = False  # the configuration directory changed: look at every pod's file
+        self.ready_file = ReadyFile(self.state_dir)
         self._own = self.ports.identity("/proc/thread-self/ns/net")  # the node's own namespace: never a pod
         # The host probe table: the one thing written in the node's own namespace, and only when asked for.
         self.host = HostProbe(config, self.ports.kernel(OWN_NETNS), self.loop,
@@ -330,6 +342,7 @@ class Node:
         if not adopted:
             member.controller.apply_desired("start")
         self._save(member, record)
+        self.pod_files.take(member.name, member.pod)
         with self._lock:
             self.members[source.name] = member
         if self.host is not None:
@@ -339,9 +352,16 @@ class Node:
         return member
 
     def _member(self, source: Source, record: nodestate.Record | None) -> Member:
+        pod = NO_POD
         if source.kind == "cni" and record is not None:
-            config = record.config()
-            reload: Callable[[], Config] = lambda: config  # noqa: E731 - a CNI pod's settings came with ADD
+            pod = record.pod
+            reload = podsettings.cni_loader(record, self.config.netns_config_dir)
+            try:
+                config = reload()
+            except ConfigError as exc:  # a bad live file: the pod keeps the settings it came with
+                self.log.warning("live settings refused", netns=source.name, pod=podsettings.label(pod),
+                                 error=str(exc))
+                config = record.config()
         else:
             config = self._dir_config(source.name)
             reload = lambda: self._dir_config(source.name)  # noqa: E731
@@ -355,12 +375,13 @@ class Node:
             controller = TableController(
                 config, kernel=kernel, router=self.ports.router(source.path),
                 facts=lambda cfg: self.ports.facts(source.path, cfg), load=reload,
-                log=logs.get(table=config.table, netns=source.name),
+                log=logs.get(table=config.table, netns=source.name,
+                             **({"pod": podsettings.label(pod)} if all(pod) else {})),
                 on_drift=lambda: self.request_check(source.name), share=self.shared)
         except BaseException:
             claim.release()
             raise
-        return Member(source, controller, Collector(kernel, controller.state), claim)
+        return Member(source, controller, Collector(kernel, controller.state), claim, pod=pod)
 
     def forget(self, member: Member, why: str, remove_record: bool) -> None:
         """Stop managing a namespace; its rules are left as they are (the namespace usually went with them)."""
@@ -375,6 +396,7 @@ class Node:
             nodestate.remove(self.state_dir, member.name)
         if self.host is not None:
             self.host.pod_gone(member.name)
+        self.pod_files.forget(member.name)
         member.controller.log.info("forget", why=why)
 
     def _note_failure(self, name: str, error: str) -> None:
@@ -395,7 +417,7 @@ class Node:
             nodestate.write(self.state_dir, nodestate.Record(
                 member.name, member.source.path, member.source.kind, settings,
                 self.shared.digest(applied.ruleset), applied.listing, old.container_id if old else "",
-                addresses=old.addresses if old is not None and member.source.kind == "cni" else []))
+                addresses=old.addresses if old is not None and member.source.kind == "cni" else [], pod=member.pod))
         except (OSError, InterceptdError) as exc:
             # The record only lets a restart adopt the table untouched: without it the pod is still kept, and
             # a restart re-applies. Said once per apply, never the end of the node.
@@ -458,13 +480,24 @@ class Node:
         return time.monotonic() - started
 
     def reload_all(self) -> None:
-        """SIGHUP: the watched directory's namespaces re-read the node's file and their drop-ins."""
+        """SIGHUP: every namespace re-reads its settings (the watched directory's, the node's file too) and
+        its live settings file; each one whose ruleset changed is rewritten, the others are left alone."""
         for member in list(self.members.values()):
-            if member.source.kind == "dir":
-                self._step(member, lambda c: c.reload(), "reload")
+            self.pod_files.take(member.name, member.pod)
+            self._step(member, lambda c: c.reload(), "reload")
+
+    def apply_pod_settings(self) -> None:
+        """The pods whose live settings file changed are reloaded, each on its own (controller.reload: one
+        transaction with only what differs, or one refusal logged and the rules kept)."""
+        for member in list(self.members.values()):
+            if self.pod_files.changed(member.name, member.pod):
+                self._step(member, lambda c: c.reload(), "settings")
 
     def tick(self) -> float | None:
-        """One turn of the loop: events, /readyz requests, rescans, retries and the periodic pass."""
+        """One turn of the loop: settings, events, /readyz requests, rescans, retries and the periodic pass."""
+        if self._settings_seen:
+            self._settings_seen = False
+            self.apply_pod_settings()
         changed = {m.name for m in self.members.values() if m.event_seen}
         with self._lock:
             changed |= self._due
@@ -483,6 +516,8 @@ class Node:
         if now >= self._next_pass:
             if self.scan():
                 self._rescan_at = now + RESCAN_SOON_S
+            self._watch_settings()
+            self.apply_pod_settings()  # the backstop when the directory cannot be watched
             scanned = time.monotonic()
             checked = self.check_all("timer")
             self.log.debug("pass", namespaces=len(self.members), scan_ms=round((scanned - now) * 1000, 3),
@@ -491,11 +526,19 @@ class Node:
             trim_heap()  # a pass reads every namespace's listing: give the heap back
             self._next_pass = time.monotonic() + self.config.reconcile_interval
         self.socket.expire(time.monotonic())
+        self._publish_readiness()
         deadlines = [m.controller.retry_at for m in self.members.values() if m.controller.retry_at is not None]
         deadlines += self.socket.deadlines()
         host_retry = self.host.tick(time.monotonic()) if self.host is not None else None
         deadlines += [host_retry] if host_retry is not None else []
         return min([self._next_pass, *deadlines, *([self._rescan_at] if self._rescan_at is not None else [])])
+
+    def _publish_readiness(self) -> None:
+        """The readiness file follows "every known pod verified" (runtime.readiness)."""
+        try:
+            self.ready_file.show(self.ready(), len(self.members))
+        except OSError as exc:
+            self.log.warning("cannot write the readiness file", path=self.ready_file.path, error=str(exc))
 
     # --- the socket: registrations from interceptd-cni, status queries ---
 
@@ -533,6 +576,7 @@ class Node:
             with member.controller.state.lock:
                 s = member.controller.state
                 return {"ok": True, "source": member.source.kind, "path": member.source.path, "ready": s.ready,
+                        "pod": podsettings.label(member.pod),
                         "generation": s.generation, "repairs": sum(s.drift_repairs.values()),
                         "last_error": s.last_error}
         return {"ok": False, "error": f"unknown op {op!r}"}
@@ -560,6 +604,7 @@ class Node:
                 discovery.check_netns_dir(self.config.netns_dir)
                 self._watch = netns.DirWatch(self.config.netns_dir)
                 self.loop.watch(self._watch, self._on_watch)
+            self._watch_settings()
             self.loop.run(self._first_tick, self.reload_all)
         finally:
             self.notifier.stopping()
@@ -584,6 +629,25 @@ class Node:
         self._next_pass = time.monotonic() + self.config.reconcile_interval
         return self.tick()
 
+    def _watch_settings(self) -> None:
+        """Watch the live settings directory once it exists (until then each pass looks at the files)."""
+        directory = self.config.netns_config_dir
+        if self._settings_watch is not None or not directory or not os.path.isdir(directory):
+            return
+        try:
+            self._settings_watch = netns.DirWatch(directory, netns.FILE_CHANGES)
+        except OSError as exc:
+            self.log.warning("cannot watch the live settings directory; looked at each pass", path=directory,
+                             error=str(exc))
+            return
+        self.loop.watch(self._settings_watch, self._on_settings)
+        self._settings_seen = True  # what changed before the watch began
+
+    def _on_settings(self) -> None:
+        assert self._settings_watch is not None
+        self._settings_watch.drain()
+        self._settings_seen = True
+
     def _on_watch(self) -> None:
         assert self._watch is not None
         self._watch.drain()
@@ -606,8 +670,10 @@ class Node:
         if self.host is not None:
             self.host.close()
         self.socket.close()
-        if self._watch is not None:
-            self._watch.close()
+        for watch in (self._watch, self._settings_watch):
+            if watch is not None:
+                watch.close()
+        self.ready_file.clear()  # no agent, nobody to vouch for the pods
         self.loop.close()
         self.log.info("stop")
 
@@ -635,5 +701,6 @@ def agent_view(config: Config, name: str) -> str:
     if not reply.get("ok"):
         return f"node agent: {reply.get('error')}"
     health = "matches" if reply["ready"] else f"NOT READY: {reply['last_error']}"
-    return (f"node agent: {reply['source']} namespace {reply['path']}, generation {reply['generation']}, "
+    pod = f" (pod {reply['pod']})" if reply.get("pod") else ""
+    return (f"node agent: {reply['source']} namespace {reply['path']}{pod}, generation {reply['generation']}, "
             f"{health}, {reply['repairs']} repairs")

@@ -45,6 +45,7 @@ class Record:
     # The pod's addresses from the previous plugin's result (prevResult.ips), without prefix lengths: what the
     # node agent's host probe sets hold for an ambient pod, also after a restart of the agent.
     addresses: list[str] = field(default_factory=list)
+    pod: tuple[str, str] = ("", "")  # the Kubernetes namespace and pod name from CNI_ARGS, where given
 
     def config(self) -> Config:
         return settings_config(self.settings, f"state of network namespace {self.name}")
@@ -102,10 +103,12 @@ def read(state_dir: str, name: str) -> Record | None:
             if os.fstat(fd).st_uid != os.geteuid():
                 return None  # not written by us (nor by the CNI plugin, which runs as the same root)
             data = json.load(fh)
-        record = Record(**data)
+        record = Record(**{**data, "pod": tuple(data.get("pod", ("", "")))})
     except (OSError, ValueError, TypeError, RecursionError, NamespaceError):
         return None
-    return record if record.source in SOURCES and isinstance(record.settings, dict) else None
+    usable = (record.source in SOURCES and isinstance(record.settings, dict) and len(record.pod) == 2
+              and all(isinstance(part, str) for part in record.pod))
+    return record if usable else None
 
 
 def exists(state_dir: str, name: str) -> bool:

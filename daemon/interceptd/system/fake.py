@@ -25,7 +25,7 @@ Anything it does not model (another statement, key or set flag) is refused with 
 never accepted unchecked.
 
 What it keeps like the kernel: `flush table` removes the rules only (set elements and named counter values
-stay), a failed transaction changes nothing.
+stay), a failed transaction changes nothing, every rule gets a handle (listed) that `replace rule` keeps.
 
 Hooks for tests (the constructors take no arguments):
 - `FakeKernel.tables`: (family, name) -> {"chains": {name: obj}, "sets": {name: obj with "elem"},
@@ -85,6 +85,9 @@ NAT_MIN_PRIORITY = -199  # NF_IP_PRI_CONNTRACK + 1: NAT before conntrack is refu
 
 class Refused(Exception):
     """Why one command is refused; FakeKernel turns it into the adapter's KernelRefusedError."""
+
+
+_HANDLES = itertools.count(1)  # rule handles, as the kernel lists them (unique, never reused)
 
 
 def _new_table() -> dict[str, Any]:
@@ -227,7 +230,7 @@ class _Transaction:
         return found
 
     def run(self, verb: str, kind: str, obj: Json) -> None:
-        handler = getattr(self, f"{verb}_{kind}", None) if verb in ("add", "flush", "delete") else None
+        handler = getattr(self, f"{verb}_{kind}", None) if verb in ("add", "flush", "delete", "replace") else None
         if handler is None:
             raise Refused(f"the fake does not model `{verb} {kind}`")
         handler(obj)
@@ -372,6 +375,19 @@ class _Transaction:
 
     # -- rules -------------------------------------------------------------------------------------
     def add_rule(self, obj: Json) -> None:
+        t = self._checked_rule(obj)
+        t["rules"].append({**copy.deepcopy(obj), "handle": next(_HANDLES)})
+
+    def replace_rule(self, obj: Json) -> None:
+        """In place, by handle, keeping the handle: as `replace rule ... handle N`."""
+        t = self._checked_rule(obj)
+        for n, rule in enumerate(t["rules"]):
+            if rule["chain"] == obj["chain"] and rule["handle"] == obj.get("handle"):
+                t["rules"][n] = copy.deepcopy(obj)
+                return
+        raise Refused(f"No such file or directory: rule handle {obj.get('handle')} in chain {obj['chain']}")
+
+    def _checked_rule(self, obj: Json) -> dict[str, Any]:
         t = self.table(obj)
         if obj.get("chain") not in t["chains"]:
             raise Refused(f"No such file or directory: chain {obj.get('chain')}")
@@ -381,7 +397,7 @@ class _Transaction:
         transport = False
         for stmt in expr:
             transport = self._statement(t, stmt, transport)
-        t["rules"].append(copy.deepcopy(obj))
+        return t
 
     def _statement(self, t: dict[str, Any], stmt: Any, transport: bool) -> bool:
         """Check one statement; returns whether a transport protocol has been matched so far."""

@@ -105,7 +105,7 @@ class NftKernel:
         else:
             nft = self._module.Nftables()
         nft.set_json_output(True)
-        nft.set_handle_output(False)
+        nft.set_handle_output(True)  # an incremental update replaces rules by handle (normalise drops them)
         return nft
 
     @contextlib.contextmanager
@@ -133,14 +133,17 @@ class NftKernel:
         return rc, str(err).strip()
 
     def _text(self, command: str, dry_run: bool = False) -> tuple[int, str, str]:
-        """A command in nft's text syntax, with text output: the only way to set and read table flags."""
+        """A command in nft's text syntax, with text output: the only way to set and read table flags. Without
+        handles: the text listing is parsed by line and replayed as a script (`own`)."""
         with self._context() as nft:
             nft.set_json_output(False)
+            nft.set_handle_output(False)
             nft.set_dry_run(dry_run)
             try:
                 rc, out, err = nft.cmd(command)
             finally:
                 nft.set_json_output(True)
+                nft.set_handle_output(True)
                 nft.set_dry_run(False)
         return rc, str(out), str(err).strip()
 

@@ -125,7 +125,11 @@ def _entered(path: str) -> Iterator[None]:
         os.close(home)
 
 
-IN_ATTRIB, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x4, 0x40, 0x80, 0x100, 0x200
+IN_ATTRIB, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x4, 0x8, 0x40, 0x80, 0x100, 0x200
+ENTRY_CHANGES = IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+# A directory of files (the node's live pod settings): a file written in place too, and a ConfigMap's `..data`
+# symlink swapped by rename (IN_MOVED_TO).
+FILE_CHANGES = ENTRY_CHANGES | IN_CLOSE_WRITE
 
 
 class DirWatch:
@@ -135,12 +139,11 @@ class DirWatch:
     a caller finding a plain file must look again shortly; netns.identity tells the two apart.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, mask: int = ENTRY_CHANGES) -> None:
         fd: int = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-        mask = IN_ATTRIB | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
         if _libc.inotify_add_watch(fd, os.fsencode(path), mask) < 0:
             err = ctypes.get_errno()
             os.close(fd)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from interceptd.cli import cni
 from interceptd.cli import main as cli
 from interceptd.config import options as config
 from interceptd.runtime.nodestate import settings_config
+from interceptd.runtime.readiness import READY_FILE
 
 MANIFEST = Path(__file__).resolve().parents[3] / "config" / "kubernetes" / "node-daemonset.yaml"
 
@@ -41,12 +43,23 @@ def test_the_agent_runs_node_on_cni_registrations_only() -> None:
     assert ports["metrics"] == cfg.metrics_address[1]
     # hostNetwork: the listener stays on the node's loopback unless the manifest's comment is followed
     assert ipaddress.ip_address(cfg.metrics_address[0]).is_loopback
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         assert agent[probe]["httpGet"]["host"] == cfg.metrics_address[0]
         assert agent[probe]["httpGet"]["port"] == "metrics"
     assert agent["startupProbe"]["httpGet"]["path"] == "/readyz"
     mounts = {m["mountPath"] for m in agent["volumeMounts"]}
     assert {"/run/interceptd", "/run/netns"} <= mounts
+
+
+def test_ready_means_every_pod_verified_and_pod_settings_come_from_a_configmap() -> None:
+    (agent,) = _spec()["containers"]
+    cfg = config.load({}, _env(agent))
+    # The readiness file the agent keeps in its state directory while every known pod is verified.
+    assert agent["readinessProbe"]["exec"]["command"] == ["test", "-f", os.path.join(cfg.state_dir, READY_FILE)]
+    mounts = {m["mountPath"]: m["name"] for m in agent["volumeMounts"]}
+    volumes = {v["name"]: v for v in _spec()["volumes"]}
+    settings = volumes[mounts[cfg.netns_config_dir]]
+    assert settings["configMap"] == {"name": "interceptd-pod-settings", "optional": True}
 
 
 def test_the_documented_node_address_binding_is_what_interceptd_accepts() -> None:

@@ -15,7 +15,7 @@ from interceptd.ruleset.explain import Connection, explain
 from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.hostprobe import render_host
 from interceptd.ruleset.model import Hook, Ruleset, Snat
-from interceptd.ruleset.nftjson import Existing, element_changes, normalise, only_elements_differ, transaction
+from interceptd.ruleset.nftjson import Existing, normalise, transaction, update
 from interceptd.ruleset.nftparse import parse_listing
 from interceptd.ruleset.nfttext import ruleset_text
 from interceptd.ruleset.render import render
@@ -78,20 +78,21 @@ def test_explain_of_a_pod_table_has_no_postrouting_step() -> None:
     assert "postrouting" not in [s.chain for s in explain(ruleset, conn).steps if s.kind == "hook"]
 
 
-def test_element_changes_delete_what_went_and_add_what_came_and_nothing_else() -> None:
+def test_pods_coming_and_going_delete_what_went_and_add_what_came_and_nothing_else() -> None:
     old, new = _host("192.0.2.10", "192.0.2.11"), _host("192.0.2.11", "192.0.2.12", "2001:db8::12")
-    assert only_elements_differ(old, new)
-    assert not only_elements_differ(old, _host("192.0.2.10", kubelet_uid="7"))
+    kernel = FakeKernel()
+    kernel.apply(transaction(old, Existing.empty()))
+    listing = kernel.list_table(N.HOST_TABLE) or []
+    assert update(old, _host("192.0.2.10", kubelet_uid="7"), listing) is not None  # a changed rule: replaced
     ref = {"family": "inet", "table": N.HOST_TABLE}
-    assert element_changes(old, new) == {"nftables": [
+    changes = update(old, new, listing)
+    assert changes == {"nftables": [
         {"delete": {"element": {**ref, "name": "probe-pods-v4", "elem": ["192.0.2.10"]}}},
         {"add": {"element": {**ref, "name": "probe-pods-v4", "elem": ["192.0.2.12"]}}},
         {"add": {"element": {**ref, "name": "probe-pods-v6", "elem": ["2001:db8::12"]}}}]}
-    kernel = FakeKernel()
-    kernel.apply(transaction(old, Existing.empty()))
-    kernel.apply(element_changes(old, new))
+    kernel.apply(changes)
     fresh = FakeKernel()
     fresh.apply(transaction(new, Existing.empty()))
     assert normalise(kernel.list_table(N.HOST_TABLE) or []) == normalise(fresh.list_table(N.HOST_TABLE) or [])
     with pytest.raises(KernelRefusedError, match="No such file"):  # an element to delete is gone: refused whole
-        kernel.apply(element_changes(old, new))
+        kernel.apply(changes)
