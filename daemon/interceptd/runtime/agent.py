@@ -17,6 +17,7 @@ from interceptd.errors import InterceptdError, KernelSideError, ListenError
 from interceptd.ruleset.doctor import CONFLICT_KINDS, Finding
 from interceptd.ruleset.facts import HostFacts
 from interceptd.runtime import logs
+from interceptd.runtime.kevents import TableEvents
 from interceptd.runtime.lockfile import Lock
 from interceptd.runtime.loop import EventLoop, trim_heap
 from interceptd.runtime.metrics import MetricsServer
@@ -45,8 +46,7 @@ class Agent:
         self.controller = TableController(
             config, kernel=NftKernel() if kernel is None else kernel, router=Netlink() if router is None else router,
             facts=facts or host.detect, load=load, log=logs.get(table=config.table), on_drift=self._drift_seen)
-        self._events: NftEvents | None = None
-        self._event_seen = False
+        self.events = TableEvents(self.loop, lambda: NftEvents(self.config.table), self.controller)
         self._check_requested = False
         self._next_check = 0.0
         self._started = False
@@ -74,7 +74,7 @@ class Agent:
             lock.release()
             raise
         try:
-            self._set_events(self.config.kernel_events)  # before the first apply: no change goes unseen
+            self.events.set(self.config.kernel_events)  # before the first apply: no change goes unseen
             if self.config.own_table:  # the owner is this agent's libnftables context, for its lifetime
                 flags = self.controller.kernel.own(self.config.table)
                 persist = "persist" in flags
@@ -107,9 +107,9 @@ class Agent:
             else:
                 worked = False
             self._next_check = now + self.config.reconcile_interval
-        elif self._event_seen or self._check_requested or now >= self._next_check:
-            trigger = "timer" if now >= self._next_check and not self._event_seen else "event"
-            self._event_seen = self._check_requested = False
+        elif self.events.seen or self._check_requested or now >= self._next_check:
+            trigger = "timer" if not self.events.take() and now >= self._next_check else "event"
+            self._check_requested = False
             if c.check(trigger) or not c.ready():  # systemd hears of repairs and failures, not of quiet checks
                 self.notifier.status(c.status_line())
             elif trigger == "timer" and self._look_around is not None:
@@ -161,7 +161,7 @@ class Agent:
             if (config.log_level, config.log_format) != (before.log_level, before.log_format):
                 logs.configure(config.log_level, config.log_format)
                 self.controller.log = logs.get(table=config.table)  # a bound logger keeps its configuration
-            self._set_events(config.kernel_events)
+            self.events.set(config.kernel_events)
         self.notifier.ready(self.controller.status_line())
         trim_heap()
         return config is not None
@@ -180,29 +180,10 @@ class Agent:
 
     def close(self) -> None:
         """Release the loop's and the kernel events' descriptors; the rules are not touched."""
-        self._set_events(False)
+        self.events.set(False)
         self.loop.close()
 
     # --- what wakes the loop ---
-
-    def _set_events(self, enabled: bool) -> None:
-        if enabled and self._events is None:
-            try:
-                self._events = NftEvents(self.config.table)
-            except OSError as exc:
-                self.controller.log.warning("kernel events unavailable; periodic checks only", error=str(exc))
-            else:
-                self.loop.watch(self._events, self._on_events)
-        elif not enabled and self._events is not None:
-            self.loop.unwatch(self._events)
-            self._events.close()
-            self._events = None
-        with self.controller.state.lock:
-            self.controller.state.kernel_events = self._events is not None
-
-    def _on_events(self) -> None:
-        if self._events is not None and self._events.read():
-            self._event_seen = True
 
     def _drift_seen(self) -> None:
         """/readyz (another thread) saw drift: check and repair now."""

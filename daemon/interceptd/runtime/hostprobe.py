@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable
-from typing import Protocol
 
 from interceptd.config import Config
 from interceptd.control.controller import TableController
@@ -25,6 +24,7 @@ from interceptd.ruleset.facts import HostFacts, IPAddress
 from interceptd.ruleset.hostprobe import render_host
 from interceptd.ruleset.names import HOST_TABLE
 from interceptd.runtime import logs
+from interceptd.runtime.kevents import EventSource, TableEvents
 from interceptd.runtime.loop import EventLoop
 from interceptd.runtime.metrics import Collector
 from interceptd.system.kernel import Kernel
@@ -34,14 +34,6 @@ OWN_NETNS = "/proc/self/ns/net"  # the node agent's own network namespace: the n
 HOST_MODE = "host-probe"  # the `mode` label of its interceptd_ruleset_info
 HOST_NAME = "host"  # the node namespace's name in logs, the `netns` metric label and /readyz
 _NO_FACTS = HostFacts(ipv6=True, host_ip=None)  # the host table depends on no fact of the namespace
-
-
-class Events(Protocol):
-    """system.events.NftEvents, opened in the node's namespace for the host table (or a fake)."""
-
-    def fileno(self) -> int: ...
-    def read(self) -> bool: ...
-    def close(self) -> None: ...
 
 
 def addresses_of(texts: Iterable[str]) -> tuple[IPAddress, ...]:
@@ -58,18 +50,16 @@ def addresses_of(texts: Iterable[str]) -> tuple[IPAddress, ...]:
 class HostProbe:
     """The host probe table's controller, its kernel events, and the ambient pods its sets hold."""
 
-    def __init__(self, config: Config, kernel: Kernel, loop: EventLoop, open_events: Callable[[], Events]) -> None:
+    def __init__(self, config: Config, kernel: Kernel, loop: EventLoop, open_events: Callable[[], EventSource]) -> None:
         self.loop = loop
-        self._open_events = open_events
         self.pods: dict[str, tuple[IPAddress, ...]] = {}  # namespace name -> its addresses (ambient pods only)
         self._dirty = False
-        self.events: Events | None = None
-        self.event_seen = False
         self.controller = TableController(
             config, kernel=kernel, router=NoRoutes(), facts=lambda _config: _NO_FACTS, load=lambda: config,
             log=logs.get(table=HOST_TABLE, netns=HOST_NAME), on_drift=self._drift_seen,
             renderer=lambda cfg, _facts: render_host(cfg, self.addresses()))
         self.controller.state.mode = HOST_MODE
+        self.events = TableEvents(loop, open_events, self.controller)
         self.collector = Collector(kernel, self.controller.state)
 
     def addresses(self) -> list[IPAddress]:
@@ -95,16 +85,14 @@ class HostProbe:
 
     def start(self) -> None:
         """Apply the table with the pods found at start (the node agent's first scan)."""
-        self._set_events(self.controller.config.kernel_events)
+        self.events.set(self.controller.config.kernel_events)
         self._dirty = False
         self._step(lambda c: c.update("start"), "start")  # rendered now: the pods are known only from here
 
     def tick(self, now: float) -> float | None:
         """Events, pod changes and retries; returns the next retry's deadline, if one is pending."""
-        if self.event_seen:
-            self.event_seen = False
-            if self.controller.retry_at is None:
-                self.check("event")
+        if self.events.take() and self.controller.retry_at is None:
+            self.check("event")
         if self._dirty:
             self._dirty = False  # the controller holds the newest ruleset from here, also for a retry
             self._step(lambda c: c.update("pods"), "pods")
@@ -121,7 +109,7 @@ class HostProbe:
 
     def close(self) -> None:
         """Stop watching; the table stays (fail closed: the pods' probes keep working while the agent is away)."""
-        self._set_events(False)
+        self.events.set(False)
 
     def _step(self, what: Callable[[TableController], object], step: str) -> None:
         """The controller turns kernel-side failures into a retry; anything else is this table's failure too,
@@ -133,25 +121,5 @@ class HostProbe:
 
     def _drift_seen(self) -> None:
         """/readyz saw drift (from an HTTP thread): the loop checks at its next turn."""
-        self.event_seen = True
+        self.events.seen = True
         self.loop.wake()
-
-    def _set_events(self, enabled: bool) -> None:
-        if enabled and self.events is None:
-            try:
-                self.events = self._open_events()
-            except (OSError, InterceptdError) as exc:
-                self.controller.log.warning("kernel events unavailable; periodic checks only", error=str(exc))
-            else:
-                self.loop.watch(self.events, self._on_events)
-        elif not enabled and self.events is not None:
-            self.loop.unwatch(self.events)
-            self.events.close()
-            self.events = None
-        with self.controller.state.lock:
-            self.controller.state.kernel_events = self.events is not None
-
-    def _on_events(self) -> None:
-        if self.events is not None and self.events.read():
-            self.event_seen = True
-

@@ -31,8 +31,8 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -50,6 +50,7 @@ from interceptd.ruleset.nftjson import Json
 from interceptd.runtime import discovery, logs, nodestate, podsettings
 from interceptd.runtime.discovery import Source
 from interceptd.runtime.hostprobe import HOST_NAME, OWN_NETNS, HostProbe
+from interceptd.runtime.kevents import EventSource, TableEvents
 from interceptd.runtime.lockfile import Lock, TableClaim
 from interceptd.runtime.loop import EventLoop, trim_heap
 from interceptd.runtime.metrics import Collector, MetricsServer
@@ -73,17 +74,14 @@ def _facts_in(path: str, config: Config) -> HostFacts:
         return host.detect(config)
 
 
+def _addresses_in(path: str) -> list[str]:
+    with netns.entered(path):
+        return host.pod_addresses()
+
+
 def _events_in(path: str, table: str) -> NftEvents:
     with netns.entered(path):
         return NftEvents(table)
-
-
-class EventSource(Protocol):
-    """A namespace's kernel events (system.events.NftEvents): readable when our table or routes may have changed."""
-
-    def fileno(self) -> int: ...
-    def read(self) -> bool: ...
-    def close(self) -> None: ...
 
 
 class Claim(Protocol):
@@ -108,6 +106,7 @@ class Ports:
     events: Callable[[str, str], EventSource] = _events_in
     identity: Callable[[str], netns.Identity | None] = netns.identity
     claim: Callable[[str, str], Claim] = _claim_in
+    addresses: Callable[[str], Iterable[str]] = _addresses_in  # read only: a watched-directory pod's addresses
 
 
 class SharedListing(list[Json]):
@@ -151,11 +150,11 @@ class Member:
     source: Source
     controller: TableController
     collector: Collector
+    events: TableEvents
     claim: Claim | None = None
-    events: EventSource | None = None
     saved: Applied | None = None  # what the state file holds
-    event_seen: bool = field(default=False)
     pod: Pod = NO_POD  # its Kubernetes namespace and name, as the CNI plugin recorded them
+    addresses: tuple[str, ...] = ()  # as the CNI plugin recorded them (IPAM's result)
 
     @property
     def name(self) -> str:
@@ -336,7 +335,7 @@ class Node:
             return None
         with self._lock:
             self._failed.pop(source.name, None)
-        self._set_events(member, member.controller.config.kernel_events)  # before any apply: nothing unseen
+        member.events.set(member.controller.config.kernel_events)  # before any apply: nothing unseen
         adopted = record is not None and member.controller.adopt(record.listing, record.ruleset_digest,
                                                                  self.shared.digest)
         if not adopted:
@@ -345,16 +344,16 @@ class Node:
         self.pod_files.take(member.name, member.pod)
         with self._lock:
             self.members[source.name] = member
-        if self.host is not None:
-            self.host.pod_up(source.name, member.controller.config, record.addresses if record else [])
+        self._host_pod(member)
         member.controller.log.info("manage", source=source.kind, path=source.path, adopted=adopted,
                                    duration_ms=round((time.monotonic() - started) * 1000, 3))
         return member
 
     def _member(self, source: Source, record: nodestate.Record | None) -> Member:
-        pod = NO_POD
+        pod: Pod = NO_POD
+        addresses: tuple[str, ...] = ()
         if source.kind == "cni" and record is not None:
-            pod = record.pod
+            pod, addresses = record.pod, tuple(record.addresses)
             reload = podsettings.cni_loader(record, self.config.netns_config_dir)
             try:
                 config = reload()
@@ -381,7 +380,24 @@ class Node:
         except BaseException:
             claim.release()
             raise
-        return Member(source, controller, Collector(kernel, controller.state), claim, pod=pod)
+        events = TableEvents(self.loop, lambda: self.ports.events(source.path, controller.config.table), controller)
+        return Member(source, controller, Collector(kernel, controller.state), events, claim, pod=pod,
+                      addresses=addresses)
+
+    def _host_pod(self, member: Member) -> None:
+        """Tell the host probe table where a managed pod is reached: a CNI pod at its recorded addresses, a
+        watched-directory pod at what its own interfaces hold (read only for an ambient pod, as it may be given
+        its addresses after the namespace appeared: each periodic pass reads them again)."""
+        if self.host is None:
+            return
+        addresses: Iterable[str] = member.addresses
+        if member.source.kind != "cni" and member.controller.config.ambient:
+            try:
+                addresses = self.ports.addresses(member.source.path)
+            except (OSError, InterceptdError) as exc:  # the namespace going: the sets keep what they hold
+                member.controller.log.warning("cannot read the namespace's addresses", error=str(exc))
+                return
+        self.host.pod_up(member.name, member.controller.config, addresses)
 
     def forget(self, member: Member, why: str, remove_record: bool) -> None:
         """Stop managing a namespace; its rules are left as they are (the namespace usually went with them)."""
@@ -389,7 +405,7 @@ class Node:
             if self.members.get(member.name) is member:
                 del self.members[member.name]
             self._due.discard(member.name)
-        self._set_events(member, False)
+        member.events.set(False)
         if member.claim is not None:
             member.claim.release()
         if remove_record:
@@ -430,26 +446,6 @@ class Node:
             return False
         return member.source.kind != "cni" or nodestate.exists(self.state_dir, member.name)
 
-    def _set_events(self, member: Member, enabled: bool) -> None:
-        """The namespace's kernel events, opened inside it and read by the node's loop."""
-        if enabled and member.events is None:
-            try:
-                member.events = self.ports.events(member.source.path, member.controller.config.table)
-            except (OSError, InterceptdError) as exc:
-                member.controller.log.warning("kernel events unavailable; periodic checks only", error=str(exc))
-            else:
-                self.loop.watch(member.events, lambda: self._on_events(member))
-        elif not enabled and member.events is not None:
-            self.loop.unwatch(member.events)
-            member.events.close()
-            member.events = None
-        with member.controller.state.lock:
-            member.controller.state.kernel_events = member.events is not None
-
-    def _on_events(self, member: Member) -> None:
-        if member.events is not None and member.events.read():
-            member.event_seen = True
-
     # --- the steps, one namespace at a time ---
 
     def _step(self, member: Member, what: Callable[[TableController], object], step: str) -> None:
@@ -476,6 +472,8 @@ class Node:
             if member.controller.retry_at is None:
                 self.check(member, trigger)
         if self.host is not None:
+            for member in list(self.members.values()):
+                self._host_pod(member)  # a watched-directory pod's addresses, a pod's mode changed live
             self.host.check(trigger)
         return time.monotonic() - started
 
@@ -498,16 +496,14 @@ class Node:
         if self._settings_seen:
             self._settings_seen = False
             self.apply_pod_settings()
-        changed = {m.name for m in self.members.values() if m.event_seen}
+        changed = {m.name for m in self.members.values() if m.events.take()}
         with self._lock:
             changed |= self._due
             self._due.clear()
         for name in sorted(changed):
             member = self.members.get(name)
-            if member is not None:
-                member.event_seen = False
-                if member.controller.retry_at is None:
-                    self.check(member, "event")
+            if member is not None and member.controller.retry_at is None:
+                self.check(member, "event")
         now = time.monotonic()
         if self._rescan_at is not None and now >= self._rescan_at:
             self._rescan_at = now + RESCAN_SOON_S if self.scan() else None
@@ -662,7 +658,7 @@ class Node:
     def _close(self) -> None:
         """Release everything; every namespace keeps its rules (fail closed)."""
         for member in list(self.members.values()):
-            self._set_events(member, False)
+            member.events.set(False)
             if member.claim is not None:
                 member.claim.release()
         with self._lock:

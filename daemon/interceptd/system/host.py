@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable
 
 from interceptd.config import Config
 from interceptd.errors import ConfigError, HostError
 from interceptd.ruleset.facts import HostFacts, IPAddress
 from interceptd.system import rtnl
+
+RT_SCOPE_UNIVERSE = 0  # ifa_scope of a global address
 
 
 def eligible(address: IPAddress) -> bool:
@@ -58,6 +61,18 @@ def interface_addresses() -> list[IPAddress]:
     found = rtnl.addresses()
     order = sorted(range(len(found)), key=lambda n: (found[n].index, n))
     return [ipaddress.ip_address(found[n].address) for n in order]
+
+
+def pod_addresses() -> list[str]:
+    """This namespace's global-scope addresses on interfaces other than the loopback, in interface order: what
+    a pod is reached at. 127.0.0.1 and ::1 (host scope), link-local addresses and whatever sits on lo (the ::6
+    that interceptd's own TPROXY setup adds there) are never the pod's."""
+    try:
+        lo = socket.if_nametoindex("lo")
+    except OSError:
+        lo = 0  # no loopback interface: no index is 0
+    found = [a for a in rtnl.addresses() if a.scope == RT_SCOPE_UNIVERSE and a.index != lo]
+    return [a.address for a in sorted(found, key=lambda a: a.index)]
 
 
 def detect(config: Config, addresses: list[IPAddress] | None = None, resolv_text: str | None = None,

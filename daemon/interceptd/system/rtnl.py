@@ -39,6 +39,7 @@ class Address:
     family: int
     prefixlen: int
     address: str
+    scope: int  # RT_SCOPE_UNIVERSE (0) for a global address, host (254) or link (253) otherwise
 
 
 @record
@@ -133,10 +134,10 @@ def change_address(add: bool, index: int, address: str, prefixlen: int) -> None:
 def addresses(family: int = socket.AF_UNSPEC) -> list[Address]:
     out: list[Address] = []
     for data, body, end in _request(RTM_GETADDR, _IFADDRMSG.pack(family, 0, 0, 0, 0)):
-        fam, prefixlen, _flags, _scope, index = _IFADDRMSG.unpack_from(data, body)
+        fam, prefixlen, _flags, scope, index = _IFADDRMSG.unpack_from(data, body)
         raw = _attrs(data, body + _IFADDRMSG.size, end).get(IFA_ADDRESS)
         if raw is not None and fam in (socket.AF_INET, socket.AF_INET6):
-            out.append(Address(index, fam, prefixlen, str(ipaddress.ip_address(raw))))
+            out.append(Address(index, fam, prefixlen, str(ipaddress.ip_address(raw)), scope))
     return out
 
 

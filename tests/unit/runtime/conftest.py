@@ -8,8 +8,10 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from support.nodefakes import FakeNode
 
 from interceptd.runtime import logs
+from interceptd.runtime.node import Node
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -50,3 +52,11 @@ def log() -> Iterator[io.StringIO]:
     logs.configure("info", "json", out)
     yield out
     logs.configure("info", "json")
+
+
+@pytest.fixture
+def node(world: FakeNode) -> Iterator[Node]:
+    """The node over the module's `world` fixture (a support.nodefakes.FakeNode), its loop closed afterwards."""
+    n = world.node()
+    yield n
+    n.loop.close()

@@ -1,28 +1,25 @@
 """The node agent over fakes: discovery, adoption after a restart, a failing pod, a vanished pod, a slow pod and
 a pod that cannot be managed; whatever one namespace does, every other keeps its repairs.
 
-Namespace files are plain files in a temporary directory; `Ports.identity` calls a file a namespace (its
-inode is its identity), and each one gets its own FakeKernel and FakeRouter, kept across node restarts.
+The namespaces are support.nodefakes' files, each with its own FakeKernel and FakeRouter, kept across node
+restarts; the `node` fixture (conftest) is this module's World's node.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.nodefakes import FakeNode
 
 from interceptd.config import Config
 from interceptd.config import options as config
 from interceptd.errors import ConfigError, NamespaceError
-from interceptd.ruleset.facts import HostFacts
 from interceptd.runtime import nodestate
-from interceptd.runtime.node import Node, NodeCollector, Ports
-from interceptd.runtime.sdnotify import Notifier
-from interceptd.system.fake import FakeKernel, FakeRouter
-from interceptd.system.netns import Identity
+from interceptd.runtime.node import Node, NodeCollector
+from interceptd.system.fake import FakeKernel
 
 BASE = {"service_cidr": "*", "inbound_ports": "*"}
 TABLE = ("inet", "interceptd")
@@ -36,72 +33,23 @@ class SlowKernel(FakeKernel):
         return super().list_table(table, family)
 
 
-class NoClaim:
-    """Plain files are no namespaces to claim a table in."""
-
-    def acquire(self) -> bool:
-        return True
-
-    def release(self) -> None:
-        pass
-
-
-class World:
-    """The namespaces of a node: files in `netns`, and each one's kernel, router and configuration."""
+class World(FakeNode):
+    """A node's watched directory of namespaces, each with its drop-in configuration (or the error it gives)."""
 
     def __init__(self, tmp: Path) -> None:
-        self.netns = tmp / "netns"
-        self.netns.mkdir()
-        self.state = tmp / "state"
-        self.kernels: dict[str, FakeKernel] = {}
-        self.routers: dict[str, FakeRouter] = {}
+        netns, state = tmp / "netns", tmp / "state"
+        super().__init__(netns, state, config.load({**BASE, "netns_dir": str(netns), "state_dir": str(state)}, {}))
         self.bad_config: dict[str, str] = {}  # name -> the error its drop-in gives
-        self.node_config = config.load({**BASE, "netns_dir": str(self.netns), "state_dir": str(self.state)}, {})
-
-    def add(self, name: str, kernel: FakeKernel | None = None) -> str:
-        path = self.netns / name
-        path.write_text("")
-        self.kernels[str(path)] = kernel or FakeKernel()
-        return str(path)
-
-    def kernel(self, name: str) -> FakeKernel:
-        return self.kernels[str(self.netns / name)]
-
-    def identity(self, path: str) -> Identity | None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return None
-        return (st.st_dev, st.st_ino) if path in self.kernels else None
-
-    def router(self, path: str) -> FakeRouter:
-        return self.routers.setdefault(path, FakeRouter())
-
-    def no_events(self, path: str, table: str) -> object:
-        raise OSError("kernel events are not used in unit tests")
 
     def dir_config(self, name: str) -> Config:
         if name in self.bad_config:
             raise ConfigError(self.bad_config[name])
         return config.load(BASE, {})
 
-    def node(self) -> Node:
-        ports = Ports(kernel=lambda path: self.kernels[path], router=self.router,
-                      facts=lambda _path, _cfg: HostFacts(ipv6=False, host_ip=None), events=self.no_events,
-                      identity=self.identity, claim=lambda _path, _table: NoClaim())
-        return Node(self.node_config, self.dir_config, notifier=Notifier({}), ports=ports)
-
 
 @pytest.fixture
 def world(tmp_path: Path) -> World:
     return World(tmp_path)
-
-
-@pytest.fixture
-def node(world: World) -> Iterator[Node]:
-    n = world.node()
-    yield n
-    n.loop.close()
 
 
 def start(node: Node) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.nodefakes import NoClaim
 
 from interceptd.config import options as config
 from interceptd.errors import ConfigError
@@ -19,8 +20,6 @@ from interceptd.runtime.node import Node, Ports
 from interceptd.runtime.sdnotify import Notifier
 from interceptd.system import netns
 from interceptd.system.fake import FakeKernel, FakeRouter
-
-from .test_node import NoClaim
 
 BASE = {"service_cidr": "*", "inbound_ports": "*"}
 root = pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")

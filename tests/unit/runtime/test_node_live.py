@@ -14,73 +14,34 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.nodefakes import FakeNode
 
-from interceptd.config import Config
 from interceptd.config import options as config
 from interceptd.ruleset import names as N
-from interceptd.ruleset.facts import HostFacts
 from interceptd.runtime import nodestate
-from interceptd.runtime.node import Node, NodeCollector, Ports
+from interceptd.runtime.node import Node, NodeCollector
 from interceptd.runtime.podsettings import PodFiles, stems
 from interceptd.runtime.readiness import READY_FILE
-from interceptd.runtime.sdnotify import Notifier
-from interceptd.system.fake import FakeKernel, FakeRouter
-from interceptd.system.netns import Identity
+from interceptd.system.fake import FakeKernel
 
 TABLE = ("inet", "interceptd")
 POD_SETTINGS = {"service_cidr": "*", "inbound_ports": "*", "service_exclude_cidr": "203.0.113.0/25"}
 EXCLUDE_V4 = N.SET_EXCLUDE_CIDRS[4]
 
 
-class Claimless:
-    def acquire(self) -> bool:
-        return True
-
-    def release(self) -> None:
-        pass
-
-
-class Pods:
-    """A node's CNI pods: namespace files, their kernels, their records; and the live settings directory."""
+class Pods(FakeNode):
+    """A node's CNI pods, and the live settings directory."""
 
     def __init__(self, tmp: Path) -> None:
-        self.netns, self.state, self.settings = tmp / "netns", tmp / "state", tmp / "settings"
-        self.netns.mkdir()
+        state, self.settings = tmp / "state", tmp / "settings"
         self.settings.mkdir()
-        self.kernels: dict[str, FakeKernel] = {}
-        self.config = config.load({"netns_dir": "", "state_dir": str(self.state),
-                                   "netns_config_dir": str(self.settings)}, {})
-
-    def add(self, name: str, pod: tuple[str, str] = ("", "")) -> None:
-        path = self.netns / name
-        path.write_text("")
-        self.kernels[str(path)] = FakeKernel()
-        nodestate.write(str(self.state), nodestate.Record(name, str(path), "cni", POD_SETTINGS, pod=pod))
-
-    def kernel(self, name: str) -> FakeKernel:
-        return self.kernels[str(self.netns / name)]
-
-    def identity(self, path: str) -> Identity | None:
-        return (0, os.stat(path).st_ino) if path in self.kernels and os.path.exists(path) else None
+        super().__init__(tmp / "netns", state, config.load({"netns_dir": "", "state_dir": str(state),
+                                                            "netns_config_dir": str(self.settings)}, {}))
 
     def write(self, stem: str, text: str) -> None:
         tmp = self.settings / f".{stem}.tmp"
         tmp.write_text(text)
         tmp.replace(self.settings / f"{stem}.toml")
-
-    def node(self) -> Node:
-        ports = Ports(kernel=lambda path: self.kernels[path], router=lambda _path: FakeRouter(),
-                      facts=lambda _path, _cfg: HostFacts(ipv6=False, host_ip=None), events=_no_events,
-                      identity=self.identity, claim=lambda _path, _table: Claimless())
-        return Node(self.config, _no_dir_config, notifier=Notifier({}), ports=ports)
-
-
-def _no_events(path: str, table: str) -> object:
-    raise OSError("no kernel events in unit tests")
-
-
-def _no_dir_config(name: str) -> Config:
-    raise AssertionError("no watched directory in these tests")
 
 
 def _elements(kernel: FakeKernel, name: str = EXCLUDE_V4) -> list[object]:
@@ -98,8 +59,8 @@ def pods(tmp_path: Path) -> Pods:
 
 @pytest.fixture
 def node(pods: Pods) -> Iterator[Node]:
-    pods.add("pod-a", ("demo", "web-1"))
-    pods.add("pod-b")
+    pods.cni("pod-a", POD_SETTINGS, pod=("demo", "web-1"))
+    pods.cni("pod-b", POD_SETTINGS)
     n = pods.node()
     n._first_tick()
     assert sorted(n.members) == ["pod-a", "pod-b"] and n.ready()
@@ -195,7 +156,7 @@ def test_the_readiness_file_follows_every_known_pod_verified(pods: Pods, node: N
     kernel = pods.kernel("pod-b")
     del kernel.tables[TABLE]
     kernel.refuse = 1
-    node.members["pod-b"].event_seen = True
+    node.members["pod-b"].events.seen = True
     node.tick()
     assert not ready.exists() and not node.ready()
     metrics = {f.name: f for f in NodeCollector(node).collect()}
