@@ -8,7 +8,6 @@ server) and each command's own extras are imported inside the command that uses 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import sys
 
@@ -16,9 +15,7 @@ from interceptd.config import OPTIONS_BY_KEY, Config, load_all
 from interceptd.control import install
 from interceptd.errors import ConfigError, KernelRefusedError
 from interceptd.ruleset.facts import HostFacts
-from interceptd.ruleset.hostprobe import render_host
 from interceptd.ruleset.model import Ruleset
-from interceptd.ruleset.names import HOST_TABLE
 from interceptd.ruleset.nftjson import Existing, deletion, transaction
 from interceptd.ruleset.nfttext import ruleset_text
 from interceptd.ruleset.render import render
@@ -182,19 +179,12 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_diff(args: argparse.Namespace, config: Config) -> int:
-    from interceptd.cli.explaincmd import installed
+    from interceptd.cli.explaincmd import desired, installed
     from interceptd.control.reconcile import route_differences
     from interceptd.ruleset.tablediff import differences
 
     current = installed(config)
-    if config.table == HOST_TABLE:
-        # The node's host probe table: its sets hold the pods of the moment (the node agent's state), so the
-        # configuration is compared with its rules, over the installed elements.
-        held = [e for s in (current.sets if current else ()) for e in s.elements]
-        ruleset = render_host(config, [e.network_address for e in held
-                                       if isinstance(e, ipaddress.IPv4Network | ipaddress.IPv6Network)])
-    else:
-        ruleset = render(config, facts_for(config))
+    ruleset = desired(config, current, lambda: facts_for(config))
     found = differences(ruleset, current) + route_differences(ruleset, Netlink())
     if args.json:
         print(json.dumps({"table": config.table, "equal": not found,

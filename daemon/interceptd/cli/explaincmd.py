@@ -22,7 +22,9 @@ from interceptd.config.values import parse_mark, parse_port, resolve_gid, resolv
 from interceptd.errors import ConfigError, HostError, KernelSideError, NotInstalledError
 from interceptd.ruleset.explain import Connection, Explanation, as_json, borrow_why, explain, format_text
 from interceptd.ruleset.facts import HostFacts, IPAddress
+from interceptd.ruleset.hostprobe import render_host
 from interceptd.ruleset.model import Ruleset
+from interceptd.ruleset.names import HOST_TABLE
 from interceptd.ruleset.nftjson import Json
 from interceptd.ruleset.nftparse import parse_listing
 from interceptd.ruleset.render import render
@@ -178,20 +180,34 @@ def installed(config: Config) -> Ruleset | None:
     return None if listing is None else parse_listing(config.table, listing)
 
 
+def desired(config: Config, current: Ruleset | None, facts: Callable[[], HostFacts]) -> Ruleset:
+    """What `config` renders for its table. The node's host probe table is rendered as the host table, over the
+    pods its installed sets hold (they are the node agent's state of the moment, not the configuration's);
+    any other table is a pod's, over the namespace's facts."""
+    if config.table == HOST_TABLE:
+        held = [e for s in (current.sets if current else ()) for e in s.elements]
+        return render_host(config, [e.network_address for e in held
+                                    if isinstance(e, ipaddress.IPv4Network | ipaddress.IPv6Network)])
+    return render(config, facts())
+
+
 def ruleset_for(args: argparse.Namespace, config: Config, facts: HostFacts) -> tuple[Ruleset, list[str]]:
     """What to explain, and what to say first.
 
     Operators ask "is my traffic captured?", which only the kernel answers: so the installed table is
     explained unless capture flags or --config propose another configuration (or --from-kernel insists). A
     proposal that differs from what is installed says so first, since the answer is then hypothetical.
+    `--kernel` traces a real connection through the installed table, so it is the installed table that is
+    explained and compared; a proposal then only lends its rules' meanings, and a difference is said first.
     """
-    rendered = render(config, facts)
-    if proposing(args) and not args.from_kernel:
+    proposed = proposing(args) and not args.from_kernel
+    if proposed and not args.kernel:
         try:
             kernel = installed(config)
         except KernelSideError as exc:  # e.g. not root: the proposal alone can still be answered
-            return rendered, [f"the installed table could not be read ({exc}): this explains the given "
-                              "configuration only"]
+            return desired(config, None, lambda: facts), [
+                f"the installed table could not be read ({exc}): this explains the given configuration only"]
+        rendered = desired(config, kernel, lambda: facts)
         if kernel is None:
             return rendered, [f"table inet {config.table} is not installed here: this explains the given "
                               "configuration, not what happens now (nothing is captured now)"]
@@ -205,7 +221,11 @@ def ruleset_for(args: argparse.Namespace, config: Config, facts: HostFacts) -> t
     if kernel is None:
         raise NotInstalledError(f"table inet {config.table} is not installed in this namespace: nothing is "
                                 "captured; give capture flags or --config to explain a proposed configuration")
-    return borrow_why(kernel, rendered), []
+    rendered = desired(config, kernel, lambda: facts)
+    found = differences(rendered, kernel) if proposed else []
+    notes = [f"--kernel traces the installed table inet {config.table}, so this explains it; it differs from the "
+             f"given configuration in {len(found)} places (`interceptd diff` lists them)"] if found else []
+    return borrow_why(kernel, rendered), notes
 
 
 def run(args: argparse.Namespace, config: Config, facts: HostFacts) -> int:

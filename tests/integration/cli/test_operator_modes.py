@@ -59,3 +59,22 @@ def test_status_explain_and_diff_of_the_host_probe_table(lab: Lab) -> None:
     assert lab.interceptd("diff", *HOST).stdout.strip() == "table inet interceptd-host matches the configuration"
     changed = lab.interceptd("diff", *HOST, "--kubelet-uid", "1000", check=False)
     assert changed.returncode == 1 and "meta skuid 1000" in changed.stdout
+
+
+def test_explain_kernel_agrees_on_the_host_probe_table(lab: Lab) -> None:
+    """A real probe through the host table: the kubelet's is SNATed, another uid's is not, and the kernel's trace
+    matches the model's rules for both; a capture flag given with --kernel still explains (and traces) the host
+    table, never a pod's rendering of it."""
+    sh("nft", "-f", str(GOLDEN), ns=lab.pod)
+    ask = ["explain", "--kernel", "--json", *HOST, "--outbound", "--dst", "192.0.2.10:8080"]
+    kubelet = json.loads(lab.interceptd(*ask, "--uid", "0", "--gid", "0").stdout)
+    assert kubelet["kernel"]["agree"], kubelet["kernel"]
+    assert kubelet["kernel"]["rules"] == ["postrouting/entry", "postrouting/probe-snat"]
+    assert kubelet["verdict"]["action"] == "snat" and kubelet["verdict"]["address"] == "169.254.7.127"
+    other = json.loads(lab.interceptd(*ask, "--uid", "1000", "--gid", "1000").stdout)
+    assert other["kernel"]["agree"] and other["kernel"]["rules"] == ["postrouting/entry"], other["kernel"]
+    assert other["verdict"]["action"] == "none"
+    proposed = lab.interceptd(*ask, "--uid", "0", "--capture-mode", "ambient")
+    shown = json.loads(proposed.stdout)
+    assert shown["kernel"]["agree"] and shown["verdict"]["action"] == "snat", shown
+    assert "MODEL AND KERNEL DISAGREE" not in proposed.stderr
