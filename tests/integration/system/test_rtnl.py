@@ -7,7 +7,7 @@ import socket
 
 from support.netlab import Lab, call_in, sh
 
-from interceptd.system import rtnl
+from interceptd.system import host, rtnl
 
 
 def test_dumps_agree_with_iproute2(lab6: Lab) -> None:
@@ -23,6 +23,19 @@ def test_dumps_agree_with_iproute2(lab6: Lab) -> None:
     routes = call_in(lab6.pod, lambda: [(r.family, r.table) for f in (socket.AF_INET, socket.AF_INET6)
                                          for r in rtnl.routes(f) if r.protocol == 245])
     assert sorted(routes) == [(socket.AF_INET, 133), (socket.AF_INET6, 133)]
+
+
+def test_a_pods_addresses_are_its_global_ones_off_the_loopback(lab6: Lab) -> None:
+    """What the node agent reads from a watched-directory pod for the host probe sets: not 127.0.0.1 or ::1, not
+    the link-local fe80::, not the ::6 that TPROXY puts on lo; each global address of eth0, as iproute2 lists."""
+    lab6.interceptd("apply", "-m", "TPROXY", "-b", "*", "-i", "*", "--dual-stack")
+    sh("ip", "link", "set", "lo", "up", ns=lab6.pod)
+    theirs = [a["local"] for link in json.loads(sh("ip", "-j", "addr", "show", "scope", "global", ns=lab6.pod).stdout)
+              if link["ifname"] != "lo" for a in link["addr_info"] if "local" in a]  # filtered out: {}
+    assert sorted(theirs) == ["192.0.2.2", "2001:db8::2"]
+    assert sorted(call_in(lab6.pod, host.pod_addresses)) == theirs
+    on_lo = sh("ip", "-o", "addr", "show", "dev", "lo", ns=lab6.pod).stdout
+    assert "::6/" in on_lo and "127.0.0.1/" in on_lo  # there, and left out
 
 
 def test_route_get_agrees_with_iproute2(lab6: Lab) -> None:
