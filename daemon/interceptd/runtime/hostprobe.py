@@ -9,7 +9,7 @@ events and at every periodic pass, repaired on drift, retried with backoff.
 
 Its sets follow the node's ambient pods: the node agent says which pods it manages (with their CNI-recorded
 addresses) and which went; the changes of one loop turn go in as one transaction of element changes, never a
-table rewrite. A pod without recorded addresses (a watched-directory namespace) is not in the sets.
+table rewrite. A watched-directory namespace has no record: the node reads its addresses from the namespace.
 """
 
 from __future__ import annotations
