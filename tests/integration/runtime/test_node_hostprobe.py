@@ -7,10 +7,14 @@ through the real CNI chain; a kubelet probe is a TCP connection from the node na
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
 import pytest
 from support.hostprobe import HOST_TABLE, AmbientNode, peer_server, pod_address, probe_set, tables
 from support.netlab import call_in, sh, tcp_request, wait_until
-from support.nodelab import NODE_IP, NODE_IP6, table_listing
+from support.nodelab import NODE_IP, NODE_IP6, NsDir, table_listing
 
 pytestmark = pytest.mark.netns
 pytest.importorskip("nftables")
@@ -98,3 +102,34 @@ def test_without_the_flag_no_host_table_is_ever_written() -> None:
         node.delete_pod(pod)
         assert not any(HOST_TABLE in t for t in tables(node.cni.node))
         assert all(HOST_TABLE not in t for t in before)
+
+
+def test_a_watched_ambient_namespace_is_in_the_sets_at_its_own_addresses() -> None:
+    """A namespace of the watched directory (made ambient by its drop-in) has no CNI record: the agent reads its
+    global addresses off the loopback from the namespace itself, also those it gets after it appeared."""
+    with NsDir() as nsdir, AmbientNode() as node:
+        file = os.path.join(nsdir.path, "amb-dir")
+        open(file, "w").close()
+        nsdir.names.append("amb-dir")
+        # Interfaces with no address yet (a veth pair inside it: no module needed); lo holds 127.0.0.1 only.
+        subprocess.run(["unshare", f"--net={file}", "sh", "-c", "ip link set lo up && ip link add eth0 type veth "
+                        "peer name eth1 && ip link set eth0 up && ip link set eth1 up"], check=True)
+        settings = nsdir.path + "-etc"
+        os.makedirs(settings)
+        try:
+            with open(os.path.join(settings, "amb-dir.toml"), "w", encoding="utf-8") as fh:
+                fh.write('capture_mode = "ambient"\n')
+            node.agent.env.update({"INTERCEPTD_NETNS_DIR": nsdir.path, "INTERCEPTD_NETNS_CONFIG_DIR": settings})
+            node.agent.start(wait_ready=0)
+            assert wait_until(lambda: probe_set(node.cni.node, 4) == [], 30.0), node.agent.logs()[-2000:]
+            nsdir.run_in("amb-dir", "ip", "addr", "add", "198.51.100.20/24", "dev", "eth0")
+            nsdir.run_in("amb-dir", "ip", "addr", "add", "2001:db8::20/64", "dev", "eth0", "nodad")
+            # The next periodic pass (2 s here) reads them.
+            assert wait_until(lambda: probe_set(node.cni.node, 4) == ["198.51.100.20"]
+                              and probe_set(node.cni.node, 6) == ["2001:db8::20"], 10.0), \
+                (probe_set(node.cni.node, 4), node.agent.logs()[-2000:])
+            assert table_listing(node.cni.node, HOST_TABLE) is not None
+            nsdir.run_in("amb-dir", "ip", "addr", "del", "198.51.100.20/24", "dev", "eth0")
+            assert wait_until(lambda: probe_set(node.cni.node, 4) == [], 10.0), probe_set(node.cni.node, 4)
+        finally:
+            shutil.rmtree(settings, ignore_errors=True)
