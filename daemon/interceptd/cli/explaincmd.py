@@ -197,11 +197,8 @@ def ruleset_for(args: argparse.Namespace, config: Config, facts: HostFacts) -> t
     Operators ask "is my traffic captured?", which only the kernel answers: so the installed table is
     explained unless capture flags or --config propose another configuration (or --from-kernel insists). A
     proposal that differs from what is installed says so first, since the answer is then hypothetical.
-    `--kernel` traces a real connection through the installed table, so it is the installed table that is
-    explained and compared; a proposal then only lends its rules' meanings, and a difference is said first.
     """
-    proposed = proposing(args) and not args.from_kernel
-    if proposed and not args.kernel:
+    if proposing(args) and not args.from_kernel:
         try:
             kernel = installed(config)
         except KernelSideError as exc:  # e.g. not root: the proposal alone can still be answered
@@ -221,11 +218,7 @@ def ruleset_for(args: argparse.Namespace, config: Config, facts: HostFacts) -> t
     if kernel is None:
         raise NotInstalledError(f"table inet {config.table} is not installed in this namespace: nothing is "
                                 "captured; give capture flags or --config to explain a proposed configuration")
-    rendered = desired(config, kernel, lambda: facts)
-    found = differences(rendered, kernel) if proposed else []
-    notes = [f"--kernel traces the installed table inet {config.table}, so this explains it; it differs from the "
-             f"given configuration in {len(found)} places (`interceptd diff` lists them)"] if found else []
-    return borrow_why(kernel, rendered), notes
+    return borrow_why(kernel, desired(config, kernel, lambda: facts)), []
 
 
 def run(args: argparse.Namespace, config: Config, facts: HostFacts) -> int:
