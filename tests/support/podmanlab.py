@@ -191,7 +191,7 @@ class PodmanNode:
 
     def agent(self, **kw: Any) -> NodeAgentInNode:
         """The node agent as a DaemonSet runs it: only the pods the CNI plugin registers, in the node."""
-        return NodeAgentInNode(self.state_dir, "", wrapper=self.enter(), netns=self.node, **kw)
+        return NodeAgentInNode(self.state_dir, "", wrapper=self.enter(), node_netns=self.node, **kw)
 
     def _ours(self, pid: int) -> bool:
         """Whether `pid` is still one of this node's containers or conmons (and not a reused pid)."""
@@ -229,8 +229,10 @@ class NodeAgentInNode(NodeAgent):
     """`interceptd node` run inside a node's namespaces (wrapper = PodmanNode.enter()); its HTTP endpoints
     listen on the node's loopback, so the test asks them from a child inside the node's network namespace."""
 
-    netns: str = ""
+    # Not NodeAgent.netns: that one is entered with `ip netns exec`, which the wrapper has done already (and
+    # the node's private /run has no /run/netns of the host's).
+    node_netns: str = ""
 
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, str]:
-        result: tuple[int, str] = call_in(self.netns, NodeAgent.get, self, path, timeout)
+        result: tuple[int, str] = call_in(self.node_netns, NodeAgent.get, self, path, timeout)
         return result

@@ -227,7 +227,8 @@ def test_idle_metrics_clients_cannot_stop_a_nodes_repairs() -> None:
             assert os.read(rfd, 1) == b"1", "the idle clients could not connect"
             others_are_repaired(nsdir, agent, healthy(""))
             assert agent.proc.poll() is None
-            assert agent.get("/readyz", timeout=30)[0] == 200
+            # The last repaired table is in the kernel a moment before its controller has taken the listing.
+            assert wait_until(lambda: agent.get("/readyz", timeout=30)[0] == 200, 30, 0.1), agent.get("/readyz")
             fds = [int(fd) for fd in os.listdir(f"/proc/{agent.proc.pid}/fd")]
             assert sum(fd < 1024 for fd in fds) < 50, sorted(fds)  # the low range stays free for libnftables
         finally:
