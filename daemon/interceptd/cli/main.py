@@ -202,10 +202,45 @@ def _unrecognized(extra: list[str], parser: argparse.ArgumentParser, command: st
     return ConfigError("".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message))
 
 
-def parse(argv: Sequence[str], env: Mapping[str, str] | None = None, alias: bool = False,
-          ) -> tuple[argparse.Namespace, Config]:
-    """The command line (and the environment, os.environ unless given) as arguments and a Config."""
-    args_list, bools = normalise_argv(argv)
+# `apply`'s flags by exact spelling: the option key a flag's value goes to (None: accepted and ignored).
+_TAKES_VALUE: dict[str, str | None] = {
+    "--config": "config", **{name: o.key for o in OPTIONS if o.kind != "bool" for name in _names(o)},
+    **dict.fromkeys((f"--{name}" for name in PILOT_AGENT_FLAGS), None)}
+_STANDS_ALONE: dict[str, str | None] = {
+    **{name: o.key for o in OPTIONS if o.kind == "bool" for name in _names(o)},
+    **dict.fromkeys((f"--{name}" for name in PILOT_AGENT_BOOLS), None)}
+
+
+def plain_apply(args_list: Sequence[str]) -> dict[str, str] | None:
+    """The flags of an `apply` command line written the plain way (every flag spelled out in full, a value as
+    the next argument, not beginning with '-'), read straight from the option table, `config` for --config.
+
+    Building argparse's parser for 60 flags is most of what parsing costs `istio-iptables`, an init container's
+    whole job. Anything else (help, --version, an abbreviation, `--flag=value`, `-p15001`, a value beginning
+    with '-', a stray word, a missing value) is None: argparse decides it, errors included, as always.
+    tests/unit/cli/test_plain_apply.py holds both ways to the same result.
+    """
+    if args_list[:1] != ["apply"]:
+        return None
+    flags: dict[str, str] = {}
+    words = iter(args_list[1:])
+    for word in words:
+        if word in _STANDS_ALONE:
+            key = _STANDS_ALONE[word]
+            value = "true"
+        elif word in _TAKES_VALUE:
+            key, value = _TAKES_VALUE[word], next(words, "-")
+            if value.startswith("-"):
+                return None
+        else:
+            return None
+        if key is not None:
+            flags[key] = value
+    return flags
+
+
+def parse_with_argparse(args_list: Sequence[str], alias: bool = False) -> tuple[argparse.Namespace, dict[str, str]]:
+    """Normalised argv as argparse reads it: the arguments, and the flags given (option key -> text)."""
     # The top level has no option taking a value, so its first non-option argument is the subcommand.
     command = next((arg for arg in args_list if not arg.startswith("-")), "")
     parser = build_parser(command, alias)
@@ -214,7 +249,18 @@ def parse(argv: Sequence[str], env: Mapping[str, str] | None = None, alias: bool
         raise _unrecognized(extra, parser, args.command)
     if args.command is None:
         raise ConfigError("a command is needed: " + ", ".join(COMMANDS))
-    flags = {o.key: getattr(args, o.key) for o in OPTIONS if getattr(args, o.key, None) is not None}
+    return args, {o.key: getattr(args, o.key) for o in OPTIONS if getattr(args, o.key, None) is not None}
+
+
+def parse(argv: Sequence[str], env: Mapping[str, str] | None = None, alias: bool = False,
+          ) -> tuple[argparse.Namespace, Config]:
+    """The command line (and the environment, os.environ unless given) as arguments and a Config."""
+    args_list, bools = normalise_argv(argv)
+    flags = plain_apply(args_list)
+    if flags is not None:
+        args = argparse.Namespace(command="apply", config=flags.pop("config", None))
+    else:
+        args, flags = parse_with_argparse(args_list, alias)
     flags.update(bools)
     args.option_flags = flags  # `run` re-reads file and environment on SIGHUP; the flags stay
     return args, load_all(flags, env, config_path=args.config)
