@@ -6,6 +6,7 @@ short reason; the caller adds which flag, variable or key it came from.
 
 from __future__ import annotations
 
+import functools
 import grp
 import ipaddress
 import pwd
@@ -36,6 +37,16 @@ _TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h)")
 _DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also takes other scripts' digits
 _DURATION_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+
+
+@functools.cache
+def _ipv4_cidr() -> re.Pattern[str]:
+    """A dotted IPv4 address with an optional prefix length, in the one spelling ipaddress accepts (no leading
+    zeros): one regex instead of ipaddress' octet-by-octet parsing, a fifth of parse_cidr's time at 10,000
+    CIDRs. Anything else (IPv6, a netmask after the '/', "/08") is for ipaddress to accept or refuse. Compiled
+    at the first CIDR (0.3 ms): the commands given none do not pay for it."""
+    return re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/(3[0-2]|[12]?[0-9]))?")
 
 
 @record(order=True)
@@ -99,6 +110,11 @@ def parse_inbound_ports(text: str) -> tuple[PortRange, ...] | None:
 
 
 def parse_cidr(text: str) -> IPNetwork:
+    plain = _ipv4_cidr().fullmatch(text)
+    if plain is not None:
+        a, b, c, d, length = plain.groups()
+        address = int(a) << 24 | int(b) << 16 | int(c) << 8 | int(d)
+        return ipaddress.IPv4Network((address, int(length or 32)), strict=False)
     # ipaddress accepts IPv6 zone ids ("fe80::1%eth0/128"): a zone has no meaning in a set of prefixes.
     if text != text.strip() or text == "" or "*" in text or "%" in text:
         raise ValueError(f"{text!r} is not a CIDR")
