@@ -43,9 +43,7 @@ _OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 @functools.cache
 def _ipv4_cidr() -> re.Pattern[str]:
     """A dotted IPv4 address with an optional prefix length, in the one spelling ipaddress accepts (no leading
-    zeros): one regex instead of ipaddress' octet-by-octet parsing, a fifth of parse_cidr's time at 10,000
-    CIDRs. Anything else (IPv6, a netmask after the '/', "/08") is for ipaddress to accept or refuse. Compiled
-    at the first CIDR (0.3 ms): the commands given none do not pay for it."""
+    zeros). Compiled at the first list item (0.4 ms): the commands given no CIDR list do not pay for it."""
     return re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/(3[0-2]|[12]?[0-9]))?")
 
 
@@ -110,11 +108,6 @@ def parse_inbound_ports(text: str) -> tuple[PortRange, ...] | None:
 
 
 def parse_cidr(text: str) -> IPNetwork:
-    plain = _ipv4_cidr().fullmatch(text)
-    if plain is not None:
-        a, b, c, d, length = plain.groups()
-        address = int(a) << 24 | int(b) << 16 | int(c) << 8 | int(d)
-        return ipaddress.IPv4Network((address, int(length or 32)), strict=False)
     # ipaddress accepts IPv6 zone ids ("fe80::1%eth0/128"): a zone has no meaning in a set of prefixes.
     if text != text.strip() or text == "" or "*" in text or "%" in text:
         raise ValueError(f"{text!r} is not a CIDR")
@@ -125,17 +118,29 @@ def parse_cidr(text: str) -> IPNetwork:
         raise ValueError(f"{text!r} is not a CIDR") from None
 
 
+def _cidr_item(text: str) -> IPNetwork:
+    """parse_cidr for an item of a list, which can be 200,000 items long: a dotted IPv4 prefix is read by one
+    regex instead of ipaddress' octet-by-octet parsing (a fifth of the time at 10,000 CIDRs); any other
+    spelling (IPv6, a netmask after the '/', "/08", a bad one) is parse_cidr's to accept or refuse."""
+    plain = _ipv4_cidr().fullmatch(text)
+    if plain is None:
+        return parse_cidr(text)
+    a, b, c, d, length = plain.groups()
+    address = int(a) << 24 | int(b) << 16 | int(c) << 8 | int(d)
+    return ipaddress.IPv4Network((address, int(length or 32)), strict=False)
+
+
 def parse_cidrs(text: str) -> tuple[IPNetwork, ...]:
     if text.strip() == "*":
         raise ValueError("'*' is not allowed here (it would exclude every destination)")
-    return tuple(parse_cidr(item) for item in split_list(text))
+    return tuple(_cidr_item(item) for item in split_list(text))
 
 
 def parse_include_cidrs(text: str) -> tuple[IPNetwork, ...] | None:
     """`*` (every destination: returned as None) or a CIDR list."""
     if text == "*":
         return None
-    return tuple(parse_cidr(item) for item in split_list(text))
+    return tuple(_cidr_item(item) for item in split_list(text))
 
 
 def parse_ifname(text: str) -> str:
