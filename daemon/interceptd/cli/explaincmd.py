@@ -16,6 +16,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from types import SimpleNamespace
 
 from interceptd.config import OPTIONS_BY_KEY, Config
 from interceptd.config.values import parse_mark, parse_port, resolve_gid, resolve_uid
@@ -121,7 +122,7 @@ def primary_gid(uid: int) -> int:
         return uid
 
 
-def connection(args: argparse.Namespace) -> Connection:
+def connection(args: SimpleNamespace) -> Connection:
     direction = args.direction or "outbound"
     if args.dst:
         dst, dport = split_hostport(args.dst, "--dst")
@@ -164,7 +165,7 @@ def _mark(text: str | None) -> int:
         raise ConfigError(f"--mark: invalid value {text!r}: {exc}") from None
 
 
-def proposing(args: argparse.Namespace) -> bool:
+def proposing(args: SimpleNamespace) -> bool:
     """Capture flags or --config describe a proposed configuration; without them the installed table is the truth.
     interceptd's own settings (--table, --log-level, ...) propose nothing: they say where to look."""
     return args.config is not None or any(OPTIONS_BY_KEY[key].scope != "agent" for key in args.option_flags)
@@ -178,7 +179,7 @@ def installed(config: Config) -> Ruleset | None:
     return None if listing is None else parse_listing(config.table, listing)
 
 
-def ruleset_for(args: argparse.Namespace, config: Config, facts: HostFacts) -> tuple[Ruleset, list[str]]:
+def ruleset_for(args: SimpleNamespace, config: Config, facts: HostFacts) -> tuple[Ruleset, list[str]]:
     """What to explain, and what to say first.
 
     Operators ask "is my traffic captured?", which only the kernel answers: so the installed table is
@@ -208,7 +209,7 @@ def ruleset_for(args: argparse.Namespace, config: Config, facts: HostFacts) -> t
     return borrow_why(kernel, rendered), []
 
 
-def run(args: argparse.Namespace, config: Config, facts: HostFacts) -> int:
+def run(args: SimpleNamespace, config: Config, facts: HostFacts) -> int:
     conn = connection(args)
     ruleset, notes = ruleset_for(args, config, facts)
     try:

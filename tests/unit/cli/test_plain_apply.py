@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from support.fuzz_strategies import value_for
 
 from interceptd.cli import main as cli
+from interceptd.cli import parser as cli_parser
 from interceptd.config import OPTIONS, Option, load_all
 from interceptd.errors import ConfigError
 
@@ -54,7 +55,7 @@ def apply_argv(draw: st.DrawFn) -> list[str]:
 
 def _argparse_outcome(args_list: list[str]) -> tuple[str | None, dict[str, str]] | str:
     try:
-        args, flags = cli.parse_with_argparse(args_list)
+        args, flags = cli_parser.parse_with_argparse(args_list)
     except ConfigError as exc:
         return f"error: {exc}"
     return args.config, flags
@@ -76,7 +77,7 @@ def test_the_seed_command_line_is_plain_and_gives_argparse_s_config() -> None:
     args_list, bools = cli.normalise_argv(["apply", *SEED])
     plain = cli.plain_apply(args_list)
     assert plain is not None and bools == {}
-    args, flags = cli.parse_with_argparse(args_list)
+    args, flags = cli_parser.parse_with_argparse(args_list)
     assert plain == flags and args.config is None
     assert load_all(plain, {}) == load_all(flags, {})
 
@@ -98,6 +99,6 @@ def test_parse_gives_the_same_result_both_ways(tmp_path: Path) -> None:
     toml.write_text('service_exclude_cidr = ["198.51.100.0/24"]\n')
     argv = ["apply", *SEED, "--config", str(toml), "--dry-run", "--log_output_level", "default:info"]
     args, config = cli.parse(argv, env={})
-    full_args, flags = cli.parse_with_argparse(cli.normalise_argv(argv)[0])
+    full_args, flags = cli_parser.parse_with_argparse(cli.normalise_argv(argv)[0])
     assert (args.command, args.config, args.option_flags) == (full_args.command, full_args.config, flags)
     assert config == load_all(flags, {}, config_path=str(toml))
