@@ -7,9 +7,9 @@ server) and each command's own extras are imported inside the command that uses 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from types import SimpleNamespace
 
 from interceptd.config import OPTIONS_BY_KEY, Config, load_all
 from interceptd.control import install
@@ -42,7 +42,7 @@ def printed(ruleset: Ruleset, fmt: str = "json") -> str:
     return json.dumps(transaction(ruleset, Existing.empty()), indent=2) + "\n"
 
 
-def cmd_render(args: argparse.Namespace, config: Config) -> int:
+def cmd_render(args: SimpleNamespace, config: Config) -> int:
     if config.cleanup_only:
         print(_removal(config), end="")
         return 0
@@ -70,7 +70,7 @@ def _removal(config: Config) -> str:
     return json.dumps(deletion(config.table), indent=2) + "\n"
 
 
-def cmd_apply(args: argparse.Namespace, config: Config) -> int:
+def cmd_apply(args: SimpleNamespace, config: Config) -> int:
     if config.cleanup_only:
         return cmd_cleanup(args, config)
     if config.own_table:
@@ -102,7 +102,7 @@ def _start_agent(config: Config, command: str) -> None:
     logs.configure(config.log_level, config.log_format)
 
 
-def cmd_run(args: argparse.Namespace, config: Config) -> int:
+def cmd_run(args: SimpleNamespace, config: Config) -> int:
     from interceptd.runtime.agent import Agent
 
     _start_agent(config, "run")
@@ -113,7 +113,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     return agent.run()
 
 
-def cmd_cleanup(args: argparse.Namespace, config: Config) -> int:
+def cmd_cleanup(args: SimpleNamespace, config: Config) -> int:
     if config.dry_run:
         # dry-run promises no kernel change: show what would be sent and stop.
         print(_removal(config), end="")
@@ -126,7 +126,7 @@ def cmd_cleanup(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def cmd_node(args: argparse.Namespace, config: Config) -> int:
+def cmd_node(args: SimpleNamespace, config: Config) -> int:
     from interceptd.runtime.node import Node
     from interceptd.runtime.podsettings import dir_loader
 
@@ -134,7 +134,7 @@ def cmd_node(args: argparse.Namespace, config: Config) -> int:
     return Node(config, dir_loader(args.option_flags, args.config, config.netns_config_dir)).run()
 
 
-def cmd_status(args: argparse.Namespace, config: Config) -> int:
+def cmd_status(args: SimpleNamespace, config: Config) -> int:
     kernel, table = NftKernel(), config.table
     if args.netns:
         from interceptd.runtime.node import agent_view, locate
@@ -164,7 +164,7 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace, config: Config) -> int:
+def cmd_validate(args: SimpleNamespace, config: Config) -> int:
     from interceptd.control.validate import run as run_validation
 
     run_validation(config, facts_for(config))
@@ -172,13 +172,13 @@ def cmd_validate(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def cmd_explain(args: argparse.Namespace, config: Config) -> int:
+def cmd_explain(args: SimpleNamespace, config: Config) -> int:
     from interceptd.cli import explaincmd
 
     return explaincmd.run(args, config, facts_for(config))
 
 
-def cmd_diff(args: argparse.Namespace, config: Config) -> int:
+def cmd_diff(args: SimpleNamespace, config: Config) -> int:
     from interceptd.cli.explaincmd import desired, installed
     from interceptd.control.reconcile import route_differences
     from interceptd.ruleset.tablediff import differences
@@ -196,7 +196,7 @@ def cmd_diff(args: argparse.Namespace, config: Config) -> int:
     return 1 if found else 0
 
 
-def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
+def cmd_doctor(args: SimpleNamespace, config: Config) -> int:
     from interceptd.cli.explaincmd import proposing
     from interceptd.control import doctor
     from interceptd.ruleset.doctor import text

@@ -14,7 +14,7 @@ import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from interceptd.cli import main as cli
+from interceptd.cli import parser as cli_parser
 from interceptd.config import OPTIONS, Option, values
 from interceptd.config.values import split_list
 from interceptd.errors import InterceptdError
@@ -89,7 +89,7 @@ def _own_flags(sub: argparse.ArgumentParser) -> list[argparse.Action]:
 
 def readme_reference() -> str:
     """The README's command and flag reference, read from the live parser and the option table."""
-    parser = cli.build_parser()
+    parser = cli_parser.build_parser()
     commands = _commands(parser)
     out = ["### Commands", "", "| command | what it does | its own flags |", "|---|---|---|"]
     for name, help_text, sub in commands:

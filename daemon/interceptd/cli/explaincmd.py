@@ -16,6 +16,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from types import SimpleNamespace
 
 from interceptd.config import OPTIONS_BY_KEY, Config
 from interceptd.config.values import parse_mark, parse_port, resolve_gid, resolve_uid
@@ -123,7 +124,7 @@ def primary_gid(uid: int) -> int:
         return uid
 
 
-def connection(args: argparse.Namespace) -> Connection:
+def connection(args: SimpleNamespace) -> Connection:
     direction = args.direction or "outbound"
     if args.dst:
         dst, dport = split_hostport(args.dst, "--dst")
@@ -166,7 +167,7 @@ def _mark(text: str | None) -> int:
         raise ConfigError(f"--mark: invalid value {text!r}: {exc}") from None
 
 
-def proposing(args: argparse.Namespace) -> bool:
+def proposing(args: SimpleNamespace) -> bool:
     """Capture flags or --config describe a proposed configuration; without them the installed table is the truth.
     interceptd's own settings (--table, --log-level, ...) propose nothing: they say where to look."""
     return args.config is not None or any(OPTIONS_BY_KEY[key].scope != "agent" for key in args.option_flags)
@@ -191,7 +192,7 @@ def desired(config: Config, current: Ruleset | None, facts: Callable[[], HostFac
     return render(config, facts())
 
 
-def ruleset_for(args: argparse.Namespace, config: Config, facts: HostFacts) -> tuple[Ruleset, list[str]]:
+def ruleset_for(args: SimpleNamespace, config: Config, facts: HostFacts) -> tuple[Ruleset, list[str]]:
     """What to explain, and what to say first.
 
     Operators ask "is my traffic captured?", which only the kernel answers: so the installed table is
@@ -221,7 +222,7 @@ def ruleset_for(args: argparse.Namespace, config: Config, facts: HostFacts) -> t
     return borrow_why(kernel, desired(config, kernel, lambda: facts)), []
 
 
-def run(args: argparse.Namespace, config: Config, facts: HostFacts) -> int:
+def run(args: SimpleNamespace, config: Config, facts: HostFacts) -> int:
     conn = connection(args)
     ruleset, notes = ruleset_for(args, config, facts)
     try:

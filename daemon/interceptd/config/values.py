@@ -6,6 +6,7 @@ short reason; the caller adds which flag, variable or key it came from.
 
 from __future__ import annotations
 
+import functools
 import grp
 import ipaddress
 import pwd
@@ -36,6 +37,14 @@ _TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h)")
 _DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also takes other scripts' digits
 _DURATION_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_OCTET = r"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+
+
+@functools.cache
+def _ipv4_cidr() -> re.Pattern[str]:
+    """A dotted IPv4 address with an optional prefix length, in the one spelling ipaddress accepts (no leading
+    zeros). Compiled at the first list item (0.4 ms): the commands given no CIDR list do not pay for it."""
+    return re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}(?:/(3[0-2]|[12]?[0-9]))?")
 
 
 @record(order=True)
@@ -109,17 +118,29 @@ def parse_cidr(text: str) -> IPNetwork:
         raise ValueError(f"{text!r} is not a CIDR") from None
 
 
+def _cidr_item(text: str) -> IPNetwork:
+    """parse_cidr for an item of a list, which can be 200,000 items long: a dotted IPv4 prefix is read by one
+    regex instead of ipaddress' octet-by-octet parsing (a fifth of the time at 10,000 CIDRs); any other
+    spelling (IPv6, a netmask after the '/', "/08", a bad one) is parse_cidr's to accept or refuse."""
+    plain = _ipv4_cidr().fullmatch(text)
+    if plain is None:
+        return parse_cidr(text)
+    a, b, c, d, length = plain.groups()
+    address = int(a) << 24 | int(b) << 16 | int(c) << 8 | int(d)
+    return ipaddress.IPv4Network((address, int(length or 32)), strict=False)
+
+
 def parse_cidrs(text: str) -> tuple[IPNetwork, ...]:
     if text.strip() == "*":
         raise ValueError("'*' is not allowed here (it would exclude every destination)")
-    return tuple(parse_cidr(item) for item in split_list(text))
+    return tuple(_cidr_item(item) for item in split_list(text))
 
 
 def parse_include_cidrs(text: str) -> tuple[IPNetwork, ...] | None:
     """`*` (every destination: returned as None) or a CIDR list."""
     if text == "*":
         return None
-    return tuple(parse_cidr(item) for item in split_list(text))
+    return tuple(_cidr_item(item) for item in split_list(text))
 
 
 def parse_ifname(text: str) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from interceptd.cli.main import COMMANDS, run_command
+from interceptd.cli.main import run_command
+from interceptd.cli.parser import COMMANDS
 
 
 def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 
 from interceptd.cli import main as cli
+from interceptd.cli import parser as cli_parser
 
 
 def _help(parser_argv: list[str], only: str | None, capsys: pytest.CaptureFixture[str]) -> str:
     with pytest.raises(SystemExit):
-        cli.build_parser(only).parse_args(parser_argv)
+        cli_parser.build_parser(only).parse_args(parser_argv)
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", list(cli.COMMANDS))
+@pytest.mark.parametrize("command", list(cli_parser.COMMANDS))
 def test_a_subcommand_built_alone_has_the_full_parsers_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     full = _help([command, "--help"], None, capsys)
     assert "--istio-service-exclude-cidr" in full

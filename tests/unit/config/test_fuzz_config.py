@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from support.fuzz_strategies import FACTS, SMUGGLE, culprit, inputs, toml_text, unsafe_strings, value_for
 
 from interceptd.cli import main as cli
+from interceptd.cli import parser as cli_parser
 from interceptd.config import OPTIONS, Config
 from interceptd.config import options as config
 from interceptd.errors import ConfigError
@@ -112,7 +113,7 @@ def test_command_line_yields_config_or_one_line_error(args: list[str], facts: Ho
     except ConfigError as exc:
         argv, bools = cli.normalise_argv(args)
         try:
-            ns = cli.build_parser().parse_args(argv)
+            ns = cli_parser.build_parser().parse_args(argv)
         except ConfigError:
             assert_names_the_bad_argument(exc, argv)
             return

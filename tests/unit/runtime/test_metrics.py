@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from interceptd.cli import main as cli
+from interceptd.cli import parser as cli_parser
 from interceptd.config import options as config
 from interceptd.control import install
 from interceptd.control.state import AgentState
@@ -235,7 +235,7 @@ def test_private_registry_has_no_default_python_collectors() -> None:
 
 def test_run_help_says_nat_chains_count_connections(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["run", "--help"])
+        cli_parser.build_parser().parse_args(["run", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
-    assert " ".join(cli.NAT_NOTE.split()) in shown
-    assert "count connections" in cli.NAT_NOTE
+    assert " ".join(cli_parser.NAT_NOTE.split()) in shown
+    assert "count connections" in cli_parser.NAT_NOTE
