@@ -77,8 +77,8 @@ class FakeNode:
     def cni(self, name: str, settings: dict[str, Any], *addresses: str, pod: Pod = NO_POD) -> str:
         """A namespace that interceptd-cni's ADD registered: its state record, as the plugin writes it."""
         path = self.add(name)
-        nodestate.write(str(self.state), nodestate.Record(name, path, "cni", settings, pod=pod,
-                                                          addresses=list(addresses)))
+        nodestate.write(str(self.state), nodestate.Record(name, path, "cni", settings, [], pod=pod,
+                                                          addresses=tuple(addresses)))
         return path
 
     def kernel(self, name: str) -> FakeKernel:

@@ -20,13 +20,13 @@ import json
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from interceptd.config import OPTIONS_BY_KEY, Config
 from interceptd.config.values import MAX_CONFIG_BYTES
 from interceptd.control import install
 from interceptd.errors import ConfigError, InterceptdError, KernelRefusedError, NamespaceError, ReadBackError
+from interceptd.records import record
 from interceptd.ruleset import drift
 from interceptd.ruleset.nftjson import Existing, normalise, transaction
 from interceptd.ruleset.render import render
@@ -98,7 +98,7 @@ class CniError(Exception):
         self.code, self.msg, self.details = code, msg, details
 
 
-@dataclass(frozen=True)
+@record
 class Request:
     command: str
     conf: dict[str, Any]
@@ -219,7 +219,7 @@ def _result(request: Request) -> dict[str, Any]:
     return result
 
 
-def pod_addresses(prev: object) -> list[str]:
+def pod_addresses(prev: object) -> tuple[str, ...]:
     """The pod's addresses in the previous plugin's result (`ips[].address`, CIDR notation), as plain
     addresses; entries that are not addresses are skipped (the result is another plugin's, not ours to judge)."""
     ips = prev.get("ips") if isinstance(prev, dict) else None
@@ -232,7 +232,7 @@ def pod_addresses(prev: object) -> list[str]:
             continue
         if address and address not in found:
             found.append(address)
-    return found
+    return tuple(found)
 
 
 def _config(request: Request) -> tuple[Config, dict[str, Any]] | None:
@@ -291,7 +291,7 @@ def cmd_add(request: Request) -> dict[str, Any]:
     if found is None:
         # Recorded all the same: a node agent that also watches the directory this namespace shows in (/run/netns)
         # must leave an opted-out pod alone, and learns it from this record.
-        nodestate.write(_state_dir(request), nodestate.Record(name, path, "cni", {}, container_id=request.container_id,
+        nodestate.write(_state_dir(request), nodestate.Record(name, path, "cni", {}, [], container_id=request.container_id,
                                                               opted_out=True))
         _tell_agent(_state_dir(request), {"op": "add", "name": name})
         return _result(request)
@@ -311,7 +311,7 @@ def cmd_add(request: Request) -> dict[str, Any]:
                 after_apply(kernel)
                 applied = install.verified(kernel, ruleset, applied)
                 nodestate.write(state_dir, nodestate.Record(
-                    name, path, "cni", settings, nodestate.ruleset_digest(ruleset), applied.listing,
+                    name, path, "cni", settings, applied.listing, nodestate.ruleset_digest(ruleset),
                     request.container_id, addresses=pod_addresses(request.conf.get("prevResult")), pod=_pod(request)))
             except (InterceptdError, OSError):
                 # A failed ADD leaves no rules: the runtime retries or gives up on the pod, and a half-made

@@ -431,9 +431,9 @@ class Node:
         settings = old.settings if old is not None and member.source.kind == "cni" else {}
         try:
             nodestate.write(self.state_dir, nodestate.Record(
-                member.name, member.source.path, member.source.kind, settings,
-                self.shared.digest(applied.ruleset), applied.listing, old.container_id if old else "",
-                addresses=old.addresses if old is not None and member.source.kind == "cni" else [], pod=member.pod))
+                member.name, member.source.path, member.source.kind, settings, applied.listing,
+                self.shared.digest(applied.ruleset), old.container_id if old else "",
+                addresses=old.addresses if old is not None and member.source.kind == "cni" else (), pod=member.pod))
         except (OSError, InterceptdError) as exc:
             # The record only lets a restart adopt the table untouched: without it the pod is still kept, and
             # a restart re-applies. Said once per apply, never the end of the node.

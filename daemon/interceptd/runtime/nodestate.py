@@ -15,11 +15,11 @@ import json
 import os
 import socket
 import stat
-from dataclasses import dataclass, field
 from typing import Any
 
 from interceptd.config import Config, load
 from interceptd.errors import NamespaceError, StateDirError
+from interceptd.records import record
 from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import Existing, Json, transaction
 from interceptd.runtime import statedir
@@ -30,21 +30,21 @@ SOCKET_NAME = "node.sock"
 SOURCES = ("cni", "dir")
 
 
-@dataclass(frozen=True)
+@record
 class Record:
     name: str
     path: str  # the namespace file (CNI_NETNS, or a file of the watched directory)
     source: str  # one of SOURCES
     settings: dict[str, Any]  # TOML keys: what the namespace's Config is built from
+    listing: list[Json]  # normalised, right after the apply; empty when nothing was applied
     ruleset_digest: str = ""  # of the ruleset the listing was taken after
-    listing: list[Json] = field(default_factory=list)  # normalised, right after the apply
     container_id: str = ""
     # The pod opted out (interceptionMode NONE, an excluded Kubernetes namespace): no rules, and a node agent
     # that also finds this namespace in its watched directory leaves it alone.
     opted_out: bool = False
     # The pod's addresses from the previous plugin's result (prevResult.ips), without prefix lengths: what the
     # node agent's host probe sets hold for an ambient pod, also after a restart of the agent.
-    addresses: list[str] = field(default_factory=list)
+    addresses: tuple[str, ...] = ()
     pod: tuple[str, str] = ("", "")  # the Kubernetes namespace and pod name from CNI_ARGS, where given
 
     def config(self) -> Config:
@@ -103,7 +103,8 @@ def read(state_dir: str, name: str) -> Record | None:
             if os.fstat(fd).st_uid != os.geteuid():
                 return None  # not written by us (nor by the CNI plugin, which runs as the same root)
             data = json.load(fh)
-        record = Record(**{**data, "pod": tuple(data.get("pod", ("", "")))})
+        record = Record(**{**data, "pod": tuple(data.get("pod", ("", ""))),
+                           "addresses": tuple(data.get("addresses", ()))})
     except (OSError, ValueError, TypeError, RecursionError, NamespaceError):
         return None
     usable = (record.source in SOURCES and isinstance(record.settings, dict) and len(record.pod) == 2

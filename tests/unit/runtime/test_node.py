@@ -159,13 +159,13 @@ def test_readyz_drift_schedules_a_check_of_that_namespace_only(world: World, nod
 def test_an_opted_out_pod_stays_out_whatever_directory_shows_it(world: World, node: Node) -> None:
     path = world.add("cni-late")
     world.add("cni-early")
-    nodestate.write(str(world.state), nodestate.Record("cni-early", str(world.netns / "cni-early"), "cni", {},
+    nodestate.write(str(world.state), nodestate.Record("cni-early", str(world.netns / "cni-early"), "cni", {}, [],
                                                        opted_out=True))
     start(node)
     assert sorted(node.members) == ["cni-late"] and TABLE not in world.kernel("cni-early").tables
     # The watched directory brought this one in before the CNI plugin said it opted out: the opt-out wins, and
     # the rules it got meanwhile go.
-    nodestate.write(str(world.state), nodestate.Record("cni-late", path, "cni", {}, opted_out=True))
+    nodestate.write(str(world.state), nodestate.Record("cni-late", path, "cni", {}, [], opted_out=True))
     assert node.handle({"op": "add", "name": "cni-late"}) == {"ok": True, "ready": True}
     assert node.members == {} and TABLE not in world.kernel("cni-late").tables
     assert node.ready() and nodestate.read(str(world.state), "cni-late") is not None

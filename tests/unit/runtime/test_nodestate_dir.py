@@ -12,7 +12,7 @@ import pytest
 from interceptd.errors import StateDirError
 from interceptd.runtime import nodestate
 
-RECORD = nodestate.Record("pod-a", "/run/netns/pod-a", "cni", {"envoy_port": 15001})
+RECORD = nodestate.Record("pod-a", "/run/netns/pod-a", "cni", {"envoy_port": 15001}, [])
 
 
 def test_records_are_written_into_private_directories(tmp_path: Path) -> None:
