@@ -291,8 +291,8 @@ def cmd_add(request: Request) -> dict[str, Any]:
     if found is None:
         # Recorded all the same: a node agent that also watches the directory this namespace shows in (/run/netns)
         # must leave an opted-out pod alone, and learns it from this record.
-        nodestate.write(_state_dir(request), nodestate.Record(name, path, "cni", {}, [], container_id=request.container_id,
-                                                              opted_out=True))
+        nodestate.write(_state_dir(request), nodestate.Record(name, path, "cni", {}, [],
+                                                              container_id=request.container_id, opted_out=True))
         _tell_agent(_state_dir(request), {"op": "add", "name": name})
         return _result(request)
     config, settings = found
