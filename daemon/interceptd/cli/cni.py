@@ -307,7 +307,8 @@ def cmd_add(request: Request) -> dict[str, Any]:
                 return _result(request)
             try:
                 kernel = NftKernel()
-                applied = install.apply(kernel, Netlink(), ruleset)
+                # No reference from apply's own listing: the read-back below takes it, stricter, once.
+                applied = install.apply(kernel, Netlink(), ruleset, reference=False)
                 after_apply(kernel)
                 applied = install.verified(kernel, ruleset, applied)
                 nodestate.write(state_dir, nodestate.Record(
