@@ -1,6 +1,8 @@
 """Apply and remove a ruleset: read our table, build one transaction, hand it to the kernel.
 
-Shared by `apply`, `cleanup`, the agent and the node daemon, so all of them install exactly alike.
+Shared by `apply`, `cleanup`, the agent and the node daemon, so all of them install exactly alike. The
+comparisons (drift, the read-back's parser and tablediff) are imported where they are used: a one-shot
+`apply` never compares, and an init container pays for every module it imports.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from typing import Any
 
 from interceptd.errors import KernelRefusedError, ReadBackError, UnexplainableError
 from interceptd.records import record
-from interceptd.ruleset.drift import compare, summary
 from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import (
     Existing,
@@ -23,8 +24,6 @@ from interceptd.ruleset.nftjson import (
     transaction,
     update,
 )
-from interceptd.ruleset.nftparse import parse_listing
-from interceptd.ruleset.tablediff import differences
 from interceptd.system import routes
 from interceptd.system.kernel import Kernel
 from interceptd.system.routes import Router
@@ -91,7 +90,11 @@ def _updated(kernel: Kernel, previous: Applied | None, ruleset: Ruleset, current
     """Apply the update from `previous` to `ruleset` if the kernel holds exactly `previous` (no drift) now and
     the shapes allow one; False when the whole table is to be replaced instead (also when the kernel refused
     the update, say a rule's handle went meanwhile: a refused transaction changed nothing)."""
-    if previous is None or current is None or not previous.listing or compare(previous.listing, normalise(current)):
+    if previous is None or current is None or not previous.listing:
+        return False
+    from interceptd.ruleset.drift import compare
+
+    if compare(previous.listing, normalise(current)):
         return False
     document = update(previous.ruleset, ruleset, current)
     if document is None:
@@ -108,6 +111,10 @@ def verified(kernel: Kernel, ruleset: Ruleset, applied: Applied) -> Applied:
     """Read the table back and compare it, decision by decision, with the rendered ruleset (the comparison
     behind `diff`, ruleset.tablediff); the Applied whose reference is that read-back, or ReadBackError naming
     what differs. For the CNI plugin's ADD: a pod is reported set up only with exactly its rules."""
+    from interceptd.ruleset.drift import summary
+    from interceptd.ruleset.nftparse import parse_listing
+    from interceptd.ruleset.tablediff import differences
+
     listing = kernel.list_table(ruleset.table, ruleset.family)
     where = f"table {ruleset.family} {ruleset.table} read back after the apply"
     try:

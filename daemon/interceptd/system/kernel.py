@@ -6,11 +6,11 @@ does not know. Other tables are not ours: only `doctor` reads them (system.inspe
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import json
 import re
 import signal
-import threading
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -93,7 +93,9 @@ class NftKernel:
         self._module = nftables
         self.netns = netns  # routes.router_for puts the TPROXY routes in the same namespace
         self._kept = self._new() if keep_context else None
-        self._lock = threading.Lock()  # one libnftables context is not safe for concurrent use
+        # One libnftables context is not safe for concurrent use. threading.Lock is this very lock; importing
+        # threading for it would cost a one-shot `apply` 0.6 ms.
+        self._lock = _thread.allocate_lock()
         self._owned: set[tuple[str, str]] = set()  # tables this context created with the owner flag
 
     def _new(self) -> Any:
