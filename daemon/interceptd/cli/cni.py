@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
+from interceptd.cli.main import exit_one_shot
 from interceptd.config import OPTIONS_BY_KEY, Config
 from interceptd.config.values import MAX_CONFIG_BYTES
 from interceptd.control import install
@@ -485,7 +486,7 @@ def main() -> NoReturn:
     code, out = run(os.environ, sys.stdin.read(MAX_CONFIG_BYTES + 1) if not sys.stdin.isatty() else "")
     if out or code:
         print(json.dumps(out))
-    sys.exit(code)
+    exit_one_shot(code)
 
 
 if __name__ == "__main__":

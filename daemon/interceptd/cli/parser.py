@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import NoReturn
 
 from interceptd import __version__
-from interceptd.cli.main import PILOT_AGENT_BOOLS, PILOT_AGENT_FLAGS, option_names
+from interceptd.cli.main import AGENT_COMMANDS, PILOT_AGENT_BOOLS, PILOT_AGENT_FLAGS, option_names
 from interceptd.config import OPTIONS, Option
 from interceptd.config.options import did_you_mean
 from interceptd.errors import ConfigError
@@ -61,7 +61,6 @@ EXAMPLES = {
     "doctor": "interceptd doctor --config /etc/interceptd/interceptd.toml",
     "node": "interceptd node --config /etc/interceptd/interceptd.toml --netns-dir /run/netns",
 }
-AGENT_COMMANDS = ("run", "node")
 # They read or remove the table: the capture flags are accepted (istio-iptables --cleanup-only passes them), not shown.
 TABLE_ONLY = ("status", "cleanup")
 SHOWN_EVERYWHERE = ("table", "resolv_conf")

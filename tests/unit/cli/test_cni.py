@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,7 @@ def test_install_chains_into_the_first_conflist_once(tmp_path: Path) -> None:
 
 def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     monkeypatch.setattr("sys.argv", ["interceptd-cni", *argv])
+    monkeypatch.setattr("os._exit", sys.exit)  # main ends the process at once (cli.main.exit_one_shot)
     with pytest.raises(SystemExit) as exited:
         cni.main()
     return int(exited.value.code or 0), capsys.readouterr().err

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from typing import Any
@@ -131,9 +132,10 @@ def test_the_plugin_process_answers_every_request_with_the_spec_json(given_reque
     names no namespace here, so the kernel is never reached: whatever is valid ends as error 3."""
     env, stdin = given_request
     out, err = io.StringIO(), io.StringIO()
+    # main ends the process at once (cli.main.exit_one_shot): here it raises SystemExit instead.
     with mock.patch.dict(os.environ, env, clear=True), mock.patch("sys.argv", ["interceptd-cni"]), \
-            mock.patch("sys.stdin", io.StringIO(stdin)), redirect_stdout(out), redirect_stderr(err), \
-            pytest.raises(SystemExit) as exited:
+            mock.patch("sys.stdin", io.StringIO(stdin)), mock.patch("os._exit", sys.exit), redirect_stdout(out), \
+            redirect_stderr(err), pytest.raises(SystemExit) as exited:
         cni.main()
     assert "Traceback" not in err.getvalue()
     code = exited.value.code

@@ -4,6 +4,7 @@ read-only root, command lines interceptd itself accepts, probes on its metrics p
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,7 @@ def test_istio_injection_template_spellings_all_apply(monkeypatch: pytest.Monkey
     seen: list[tuple[str, int]] = []
     monkeypatch.setattr(commands, "cmd_apply", lambda args, cfg: seen.append((args.command, cfg.envoy_port)) or 0)
     assert cli.run_command(["istio-iptables", "-p", "15009"]) == 0
+    monkeypatch.setattr("os._exit", sys.exit)  # the alias ends the process at once (cli.main.exit_one_shot)
     for argv in (["-p", "15010"], ["istio-iptables", "-p", "15011"]):
         monkeypatch.setattr("sys.argv", ["istio-iptables", *argv])
         with pytest.raises(SystemExit) as exit_:
