@@ -20,10 +20,12 @@ from __future__ import annotations
 import fcntl
 import os
 import resource
-import socket
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
 from interceptd.errors import ResourceError
+
+if TYPE_CHECKING:
+    import socket  # at run time only in move_high, whose caller with a socket has imported it: not on apply's path
 
 FD_SETSIZE = 1024  # the first descriptor select(2) cannot watch
 # Kept free below FD_SETSIZE for what libnftables and one apply open at once (a context, netlink sockets for
@@ -64,6 +66,8 @@ def move_high(fd: int | socket.socket) -> int | socket.socket:
     if isinstance(fd, int):
         os.close(fd)
         return high
+    import socket
+
     moved = socket.socket(fileno=high)
     moved.setblocking(fd.getblocking())
     fd.close()

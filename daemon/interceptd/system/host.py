@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Iterable
 
 from interceptd.config import Config
@@ -68,7 +67,7 @@ def pod_addresses() -> list[str]:
     a pod is reached at. 127.0.0.1 and ::1 (host scope), link-local addresses and whatever sits on lo (the ::6
     that interceptd's own TPROXY setup adds there) are never the pod's."""
     try:
-        lo = socket.if_nametoindex("lo")
+        lo = rtnl.if_nametoindex("lo")
     except OSError:
         lo = 0  # no loopback interface: no index is 0
     found = [a for a in rtnl.addresses() if a.scope == RT_SCOPE_UNIVERSE and a.index != lo]

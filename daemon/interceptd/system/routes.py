@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import socket
 from collections.abc import Iterable
 from typing import Literal, Protocol
 
@@ -22,7 +21,7 @@ from interceptd.system import rtnl
 ROUTE_PROTOCOL = 245  # "proto 245" in `ip rule` / `ip route`: unassigned in iproute2's rt_protos
 RULE_PRIORITY = 32765  # what the kernel picks for Istio's `ip rule add` in a fresh namespace
 RT_SCOPE_HOST = 254
-_FAMILY = {4: socket.AF_INET, 6: socket.AF_INET6}
+_FAMILY = {4: rtnl.AF_INET, 6: rtnl.AF_INET6}
 
 
 @record(order=True)
@@ -145,8 +144,8 @@ class Netlink:
                 for r in rtnl.routes(fam):
                     if r.protocol == ROUTE_PROTOCOL:
                         out.add(Entry("route", version, r.table))
-            lo = socket.if_nametoindex("lo")
-            for a in rtnl.addresses(socket.AF_INET6):
+            lo = rtnl.if_nametoindex("lo")
+            for a in rtnl.addresses(rtnl.AF_INET6):
                 if a.index == lo and a.prefixlen == 128 and a.address in self._addresses:
                     out.add(Entry("address", 6, address=a.address))
         return out
@@ -181,6 +180,6 @@ class Netlink:
 
 def _lo_index() -> int:
     try:
-        return socket.if_nametoindex("lo")
+        return rtnl.if_nametoindex("lo")
     except OSError:
         raise RoutingError("the namespace has no loopback interface 'lo'") from None

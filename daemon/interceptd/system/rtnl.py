@@ -9,13 +9,19 @@ the calling thread is in.
 
 from __future__ import annotations
 
+import _socket
+import contextlib
 import errno
 import ipaddress
 import os
-import socket
 import struct
 
 from interceptd.records import record
+
+# From _socket, the C module under `socket`: socket.py's enum wrappers and the selectors it imports cost an
+# init container's apply 2 ms at each start, and plain integers and a raw socket are all netlink needs.
+AF_UNSPEC, AF_INET, AF_INET6 = _socket.AF_UNSPEC, _socket.AF_INET, _socket.AF_INET6
+if_nametoindex = _socket.if_nametoindex
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x1, 0x4, 0x200, 0x400, 0x300
@@ -67,7 +73,8 @@ def _attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
 def _request(msg_type: int, body: bytes, flags: int = NLM_F_DUMP) -> list[tuple[bytes, int, int]]:
     """(datagram, body offset, end) of every answer: all messages of a dump (NLM_F_DUMP), the one answer of a
     get, none for a change (NLM_F_ACK: the kernel's acknowledgement ends it). A refusal raises OSError."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as sock:
+    sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, _socket.NETLINK_ROUTE)
+    with contextlib.closing(sock):
         sock.bind((0, 0))
         seq = os.getpid() & 0xFFFF
         sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | flags, seq, 0) + body)
@@ -126,17 +133,17 @@ def change_local_route(add: bool, family: int, table: int, oif: int, protocol: i
 def change_address(add: bool, index: int, address: str, prefixlen: int) -> None:
     """`ip address add|del ADDRESS/PREFIXLEN dev INDEX`."""
     addr = ipaddress.ip_address(address)
-    family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+    family = AF_INET if addr.version == 4 else AF_INET6
     _change(add, RTM_NEWADDR, RTM_DELADDR, _IFADDRMSG.pack(family, prefixlen, 0, 0, index)
             + _attr(IFA_ADDRESS, addr.packed))
 
 
-def addresses(family: int = socket.AF_UNSPEC) -> list[Address]:
+def addresses(family: int = AF_UNSPEC) -> list[Address]:
     out: list[Address] = []
     for data, body, end in _request(RTM_GETADDR, _IFADDRMSG.pack(family, 0, 0, 0, 0)):
         fam, prefixlen, _flags, scope, index = _IFADDRMSG.unpack_from(data, body)
         raw = _attrs(data, body + _IFADDRMSG.size, end).get(IFA_ADDRESS)
-        if raw is not None and fam in (socket.AF_INET, socket.AF_INET6):
+        if raw is not None and fam in (AF_INET, AF_INET6):
             out.append(Address(index, fam, prefixlen, str(ipaddress.ip_address(raw)), scope))
     return out
 
@@ -171,7 +178,7 @@ def route_get(dst: str) -> tuple[int, str | None]:
     """`ip route get DST`: the index of the interface the kernel routes DST through, and the preferred source
     address when the route names one (explain asks this for one connection: no pyroute2 for that)."""
     addr = ipaddress.ip_address(dst)
-    family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+    family = AF_INET if addr.version == 4 else AF_INET6
     packed = addr.packed
     header = _RTMSG.pack(family, len(packed) * 8, 0, 0, 0, 0, 0, 0, 0) + _attr(RTA_DST, packed)
     for data, body, end in _request(RTM_GETROUTE, header, flags=0):

@@ -78,8 +78,9 @@ def test_applying_flags_defines_no_dataclass_and_reads_no_toml(lab: Lab, script:
     # tomllib compiles its regular expressions, and argparse (with gettext and textwrap) is for help, errors
     # and unusual spellings (cli.main reads plain flags itself); the init container's command line needs none.
     # Nor does it compare tables (drift, the read-back's parser: the agent's and the CNI ADD's) or start threads.
-    unused = {"dataclasses", "tomllib", "inspect", "argparse", "threading", "interceptd.ruleset.drift",
-              "interceptd.ruleset.nftparse", "interceptd.ruleset.tablediff"}
+    # socket.py (with selectors) neither: netlink takes a raw socket from _socket (system.rtnl).
+    unused = {"dataclasses", "tomllib", "inspect", "argparse", "threading", "socket", "selectors",
+              "interceptd.ruleset.drift", "interceptd.ruleset.nftparse", "interceptd.ruleset.tablediff"}
     assert unused & _cli(lab, *args, script=script) == set()
 
 
@@ -116,6 +117,6 @@ def test_cni_add_check_del_import_no_agent_machinery() -> None:
                 names = imported(own.stderr)
                 assert forbidden(names) == set(), command
                 # A CNI ADD is a whole process per pod: no class of its path is a dataclass (see interceptd.records).
-                assert {"dataclasses", "inspect"} & names == set(), command
+                assert {"dataclasses", "inspect", "socket"} & names == set(), command
     finally:
         delete_ns(pod)
