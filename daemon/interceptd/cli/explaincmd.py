@@ -19,7 +19,7 @@ from dataclasses import replace
 from types import SimpleNamespace
 
 from interceptd.config import OPTIONS_BY_KEY, Config
-from interceptd.config.values import parse_mark, parse_port, resolve_gid, resolve_uid
+from interceptd.config.values import Prefix, parse_mark, parse_port, resolve_gid, resolve_uid
 from interceptd.errors import ConfigError, HostError, KernelSideError, NotInstalledError
 from interceptd.ruleset.explain import Connection, Explanation, as_json, borrow_why, explain, format_text
 from interceptd.ruleset.facts import HostFacts, IPAddress
@@ -187,8 +187,7 @@ def desired(config: Config, current: Ruleset | None, facts: Callable[[], HostFac
     any other table is a pod's, over the namespace's facts."""
     if config.table == HOST_TABLE:
         held = [e for s in (current.sets if current else ()) for e in s.elements]
-        return render_host(config, [e.network_address for e in held
-                                    if isinstance(e, ipaddress.IPv4Network | ipaddress.IPv6Network)])
+        return render_host(config, [e.network_address for e in held if isinstance(e, Prefix)])
     return render(config, facts())
 
 

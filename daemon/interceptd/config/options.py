@@ -247,7 +247,7 @@ class Config:
     force_iptables_binary: str
     outbound_owner_groups: tuple[int, ...] | None  # None = '*'
     outbound_owner_groups_exclude: tuple[int, ...]
-    outbound_ipv4_loopback_cidr: ipaddress.IPv4Network
+    outbound_ipv4_loopback_cidr: v.Prefix  # IPv4
     envoy_user: str
     table: str
     resolv_conf: str

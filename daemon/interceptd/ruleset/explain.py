@@ -23,7 +23,7 @@ import ipaddress
 from dataclasses import dataclass, field, replace
 
 from interceptd import records
-from interceptd.config.values import PortRange
+from interceptd.config.values import PortRange, Prefix
 from interceptd.ruleset.facts import IPAddress
 from interceptd.ruleset.model import (
     MARK_BITS,
@@ -168,9 +168,8 @@ def _elements_text(values: tuple[Scalar, ...]) -> str:
 def _contains(element: Scalar, value: object) -> bool:
     if isinstance(element, PortRange):
         return value in element
-    if isinstance(element, ipaddress.IPv4Network | ipaddress.IPv6Network):
-        return isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address) and \
-            value.version == element.version and value in element
+    if isinstance(element, Prefix):
+        return value in element
     return element == value
 
 
@@ -222,11 +221,9 @@ class _Evaluator:
             inside = any(_contains(e, actual) for e in elements)
             return inside != match.negate, f"{word} {shown} is {'' if inside else 'not '}in {where}"
         same = _contains(value, actual)
-        if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network) and \
-                value.prefixlen != value.max_prefixlen:
+        if isinstance(value, Prefix) and value.prefixlen != value.max_prefixlen:
             return same != match.negate, f"{word} {shown} is {'' if same else 'not '}in {value}"
-        shown_value = value.network_address if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network) \
-            else value
+        shown_value = value.address if isinstance(value, Prefix) else value
         return same != match.negate, f"{word} {shown} is {'' if same else 'not '}{shown_value}"
 
     def run_base(self, chain: Chain, pkt: _Packet, hook: str) -> _Outcome:

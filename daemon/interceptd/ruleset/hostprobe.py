@@ -15,10 +15,10 @@ the node's namespace, and `cleanup` of a pod's table never touches it.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 
 from interceptd.config import Config
+from interceptd.config.values import Prefix
 from interceptd.ruleset import names as N
 from interceptd.ruleset.facts import IPAddress
 from interceptd.ruleset.model import (
@@ -49,7 +49,7 @@ def render_host(config: Config, pods: Iterable[IPAddress]) -> Ruleset:
         family, source = probe[version]
         name = N.SET_PROBE_PODS[version]
         sets.append(NamedSet(name, f"ipv{version}_addr",
-                             tuple(ipaddress.ip_network(a) for a in sorted(by_family[version], key=int))))
+                             tuple(Prefix.of(a) for a in sorted(by_family[version], key=int))))
         rules.append(Rule(
             N.per_family(N.RULE_PROBE_SNAT, version),
             (protocol("tcp"), owner("skuid", config.kubelet_uid), address(version, "daddr", SetRef(name))),

@@ -8,12 +8,11 @@ kernel's listing of the table into a comparable form (no handles, no counter val
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
 from collections.abc import Iterable
 from typing import Any
 
-from interceptd.config.values import PortRange
+from interceptd.config.values import PortRange, Prefix
 from interceptd.records import record
 from interceptd.ruleset.model import (
     CT_KEYS,
@@ -46,12 +45,10 @@ Json = dict[str, Any]
 
 
 def _scalar(value: Scalar) -> Any:
+    if isinstance(value, Prefix):
+        return value.json()
     if isinstance(value, PortRange):
         return value.first if value.first == value.last else {"range": [value.first, value.last]}
-    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
-        if value.prefixlen == value.max_prefixlen:
-            return str(value.network_address)
-        return {"prefix": {"addr": str(value.network_address), "len": value.prefixlen}}
     return value
 
 
@@ -178,7 +175,11 @@ def same_elements(listed: list[Any], rendered: list[Any]) -> bool:
 
 @functools.lru_cache(maxsize=64)
 def elements_json(elements: tuple[Scalar, ...]) -> list[Any]:
-    """A set's elements as JSON, rendered once per distinct set (the agent re-applies the same sets)."""
+    """A set's elements as JSON, rendered once per distinct set (the agent re-applies the same sets). The
+    elements of a set are all of one type: an address set's (up to MAX_SET_ELEMENTS prefixes) are spelled by
+    their own method, without a type test each."""
+    if elements and isinstance(elements[0], Prefix):
+        return [e.json() for e in elements]  # type: ignore[union-attr]
     return [_scalar(e) for e in elements]
 
 

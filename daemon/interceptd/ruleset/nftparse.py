@@ -12,7 +12,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
-from interceptd.config.values import PortRange
+from interceptd.config.values import PortRange, Prefix
 from interceptd.errors import UnexplainableError
 from interceptd.ruleset.model import (
     CT_KEYS,
@@ -67,7 +67,7 @@ def _key(left: Json, where: str) -> str:
 def _scalar(raw: Any, address: bool, where: str) -> Scalar:
     if isinstance(raw, dict):
         if "prefix" in raw:
-            return ipaddress.ip_network(f"{raw['prefix']['addr']}/{raw['prefix']['len']}")
+            return Prefix.of(ipaddress.ip_network(f"{raw['prefix']['addr']}/{raw['prefix']['len']}"))
         if "range" in raw:
             first, last = raw["range"]
             if address:
@@ -75,7 +75,7 @@ def _scalar(raw: Any, address: bool, where: str) -> Scalar:
             return PortRange(int(first), int(last))
         raise UnexplainableError(f"{where}: cannot evaluate the value {raw}")
     if address:
-        return ipaddress.ip_network(str(raw))
+        return Prefix.of(ipaddress.ip_network(str(raw)))
     if isinstance(raw, bool) or not isinstance(raw, int | str):
         raise UnexplainableError(f"{where}: cannot evaluate the value {raw!r}")
     return raw

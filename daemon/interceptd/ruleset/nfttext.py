@@ -13,8 +13,7 @@ chains in evaluation order with their rules in order.
 
 from __future__ import annotations
 
-import ipaddress
-
+from interceptd.config.values import Prefix
 from interceptd.ruleset import model as m
 from interceptd.ruleset.names import BASE_CHAIN_POLICY, counter_name
 
@@ -23,9 +22,7 @@ INDENT = "\t"
 
 def scalar_text(value: m.Scalar) -> str:
     """One value as nft writes it: host prefixes as plain addresses, port ranges as first-last."""
-    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
-        return str(value.network_address) if value.prefixlen == value.max_prefixlen else str(value)
-    return str(value)
+    return value.nft_text() if isinstance(value, Prefix) else str(value)
 
 
 def _string_text(value: m.Scalar, quoted: bool) -> str:

@@ -3,7 +3,6 @@ derives them: docs/istio-compatibility.md, "How Istio calls it")."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from interceptd.cli import cni
+from interceptd.config.values import parse_cidr
 from interceptd.errors import ConfigError
 from interceptd.runtime.nodestate import settings_config
 
@@ -37,7 +37,7 @@ def test_annotations_beat_the_network_config_and_inbound_exclusions_are_merged()
     settings = cni.pod_settings(conf, args)
     assert settings is not None
     config = settings_config(settings, "test")
-    assert config.service_exclude_cidr == (ipaddress.ip_network("203.0.113.0/24"),)
+    assert config.service_exclude_cidr == (parse_cidr("203.0.113.0/24"),)
     assert [p.first for p in config.local_exclude_ports] == [8443, 15021, 15020, 15090]
     assert config.tproxy
     # Without the annotation, the network config's own value is used (then the sidecar's ports).

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 import pytest
 
 from interceptd.cli import main as cli
 from interceptd.config import OPTIONS, load, load_all
-from interceptd.config.values import PortRange
+from interceptd.config.values import PortRange, parse_cidr
 from interceptd.errors import ConfigError
 
 
@@ -25,7 +24,7 @@ def test_defaults_match_istio() -> None:
     assert (c.inbound_tproxy_mark, c.inbound_tproxy_route_table) == (1337, 133)
     assert c.inbound_ports == () and c.service_cidr == ()
     assert c.outbound_owner_groups is None  # '*'
-    assert c.outbound_ipv4_loopback_cidr == ipaddress.ip_network("127.0.0.1/32")
+    assert c.outbound_ipv4_loopback_cidr == parse_cidr("127.0.0.1/32")
     assert c.proxy_gid == c.proxy_uid
     assert c.table == "interceptd"
 
@@ -52,7 +51,7 @@ def test_list_syntax_drops_empty_elements_and_merges_nothing_yet() -> None:
 
 def test_cidrs_keep_meaning_with_host_bits() -> None:
     c = cfg(flags={"service_exclude_cidr": "10.0.0.1/8,192.0.2.1"})
-    assert c.service_exclude_cidr == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("192.0.2.1/32"))
+    assert c.service_exclude_cidr == (parse_cidr("10.0.0.0/8"), parse_cidr("192.0.2.1/32"))
 
 
 def test_uids_and_gids_by_name_and_number() -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from interceptd.cli.explaincmd import add_arguments, connection, split_hostport
 from interceptd.config import Config, load
+from interceptd.config.values import parse_cidr
 from interceptd.errors import ConfigError, UnexplainableError
 from interceptd.ruleset import names as N
 from interceptd.ruleset.explain import Connection, as_json, borrow_why, explain, format_text
@@ -223,7 +224,7 @@ def test_parser_reads_the_kernels_spelling() -> None:
     rs = parse_listing("t", [{"chain": {"family": "inet", "table": "t", "name": "c", "handle": 1}},
                              {"rule": rule}])
     parsed = rs.chain("c").rules[0]
-    assert parsed.matches[0] == Match("ip daddr", ipaddress.ip_network("127.0.0.1/32"), True)
+    assert parsed.matches[0] == Match("ip daddr", parse_cidr("127.0.0.1/32"), True)
     assert parsed.matches[2].value == ("established", "related")
     assert parsed.actions == (TProxy("ip", 15006),)
     assert rule_handles([{"rule": rule}]) == {("c", 7): "r"}

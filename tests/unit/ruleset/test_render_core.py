@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 from interceptd.config import OPTIONS_BY_KEY, Config, load
+from interceptd.config.values import parse_cidr
 from interceptd.control import install
 from interceptd.errors import ConfigError
 from interceptd.ruleset import names as N
@@ -54,7 +55,7 @@ def test_rule_count_does_not_grow_with_lists() -> None:
     assert len(big.set(N.SET_EXCLUDE_CIDRS[4]).elements) == 5000
     adjacent = ",".join(f"10.0.{i}.0/24" for i in range(256))
     collapsed = render(cfg(service_exclude_cidr=adjacent + ",10.0.0.1"), V4).set(N.SET_EXCLUDE_CIDRS[4])
-    assert collapsed.elements == (ipaddress.ip_network("10.0.0.0/16"),)  # interval sets refuse overlaps
+    assert collapsed.elements == (parse_cidr("10.0.0.0/16"),)  # interval sets refuse overlaps
 
 
 def test_inbound_empty_means_no_inbound_jump() -> None:
@@ -107,7 +108,7 @@ def test_dns_capture_changes_loopback_rules_and_adds_raw_chains() -> None:
     assert {N.ISTIO_OUTPUT_DNS, N.RAW_OUTPUT, N.RAW_PREROUTING} <= {c.name for c in rs.chains}
     out = [r.name for r in rs.chain(N.ISTIO_OUTPUT).rules]
     assert out.index(N.RULE_DNS_JUMP) < out.index(N.RULE_LOOPBACK_RETURN)
-    assert rs.set(N.SET_DNS_SERVERS[4]).elements == (ipaddress.ip_network("192.0.2.53/32"),)
+    assert rs.set(N.SET_DNS_SERVERS[4]).elements == (parse_cidr("192.0.2.53/32"),)
     # no servers and no capture-all: DNS capture is silently off, as in Istio
     assert N.ISTIO_OUTPUT_DNS not in {c.name for c in render(cfg(redirect_dns="true"), V4).chains}
 
