@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
-from operator import attrgetter
+from operator import attrgetter, le
 
 from interceptd.config import OPTIONS_BY_KEY, Config
 from interceptd.config.values import MAX_SET_ELEMENTS, IPNetwork, PortRange, Prefix, parse_cidr
@@ -117,21 +117,23 @@ def merge_cidrs(nets: Iterable[IPNetwork], version: int) -> tuple[IPNetwork, ...
     is, so 10,000 CIDRs take a few milliseconds."""
     bits = 32 if version == 4 else 128
     chosen = sorted((n for n in nets if n.version == version), key=_by_address)
-    merged: list[tuple[int, int, IPNetwork | None]] = []  # first, last, the prefix when it is exactly one
-    for n in chosen:
-        first = n.value
-        last = first | ((1 << (bits - n.prefixlen)) - 1)
-        if merged and first <= merged[-1][1] + 1:
-            if last > merged[-1][1]:
-                merged[-1] = (merged[-1][0], last, None)
+    firsts = [n.value for n in chosen]
+    ends = [n.value + (1 << (bits - n.prefixlen)) for n in chosen]  # one past each prefix's last address
+    if not any(map(le, firsts[1:], ends)):  # the usual list: no prefix overlaps or touches the next one
+        return tuple(chosen)
+    merged: list[tuple[int, int, IPNetwork | None]] = []  # first, end, the prefix when it is exactly one
+    for n, first, end in zip(chosen, firsts, ends, strict=True):
+        if merged and first <= merged[-1][1]:
+            if end > merged[-1][1]:
+                merged[-1] = (merged[-1][0], end, None)
         else:
-            merged.append((first, last, n))
+            merged.append((first, end, n))
     out: list[IPNetwork] = []
-    for first, last, single in merged:
+    for first, end, single in merged:
         if single is not None:
             out.append(single)
         else:
-            out += _summarize(version, bits, first, last)
+            out += _summarize(version, bits, first, end - 1)
     return tuple(out)
 
 
