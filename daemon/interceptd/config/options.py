@@ -287,10 +287,13 @@ def _toml_text(option: Option, value: object, path: str) -> str:
     if option.kind == "list" and isinstance(value, list):
         if len(value) > v.MAX_LIST_ITEMS:
             raise ConfigError(f"{where}: {len(value)} items, more than the limit of {v.MAX_LIST_ITEMS}")
+        kinds = set(map(type, value))  # one pass in C over what can be 200,000 items
+        if kinds == {str}:
+            return ",".join(value)
         for item in value:
             if isinstance(item, bool) or not isinstance(item, int | str):
                 raise ConfigError(f"{where}: list items must be numbers or strings, got {item!r}")
-        return ",".join(str(item) for item in value)
+        return ",".join(map(str, value))
     if option.kind == "list" and isinstance(value, int):
         return str(value)  # `proxy_uid = 1337`: one id is as natural as a list of one
     if option.kind in ("int", "float") and isinstance(value, int | float):

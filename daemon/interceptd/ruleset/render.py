@@ -165,7 +165,10 @@ class _Builder:
         """Each element once: the kernel lists a set without duplicates, and `install.holds` (the reference's
         read-back) must find exactly the rendered elements there (`-c eth1,eth1` never became ready). At most
         MAX_SET_ELEMENTS: a set is what the kernel must hold and every check reads back."""
-        items = tuple(dict.fromkeys(elements))
+        return self.store(name, type_, tuple(dict.fromkeys(elements)), interval)
+
+    def store(self, name: str, type_: str, items: tuple[Scalar, ...], interval: bool) -> SetRef:
+        """`named` for elements that are unique already (merged prefixes: no hash of each of 10,000 again)."""
         if len(items) > MAX_SET_ELEMENTS:
             option = OPTIONS_BY_KEY[SET_SOURCE[name]]
             raise ConfigError(f"{option.flag} (key {option.key!r}): {len(items)} elements after merging, more "
@@ -178,7 +181,7 @@ class _Builder:
         return self.named(name, "inet_service", merged, any(p.first != p.last for p in merged))
 
     def cidrs(self, names: dict[int, str], nets: Iterable[IPNetwork], version: int) -> SetRef:
-        return self.named(names[version], "ipv4_addr" if version == 4 else "ipv6_addr", merge_cidrs(nets, version),
+        return self.store(names[version], "ipv4_addr" if version == 4 else "ipv6_addr", merge_cidrs(nets, version),
                           True)
 
     # -- helpers -----------------------------------------------------------------------------------
