@@ -20,12 +20,15 @@ from __future__ import annotations
 import fcntl
 import os
 import resource
-from typing import TYPE_CHECKING, overload
 
 from interceptd.errors import ResourceError
 
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
 if TYPE_CHECKING:
     import socket  # at run time only in move_high, whose caller with a socket has imported it: not on apply's path
+    from typing import TypeVar
+
+    Fd = TypeVar("Fd", int, socket.socket)
 
 FD_SETSIZE = 1024  # the first descriptor select(2) cannot watch
 # Kept free below FD_SETSIZE for what libnftables and one apply open at once (a context, netlink sockets for
@@ -46,13 +49,7 @@ def raise_nofile_limit() -> int:
     return hard
 
 
-@overload
-def move_high(fd: int) -> int: ...
-@overload
-def move_high(fd: socket.socket) -> socket.socket: ...
-
-
-def move_high(fd: int | socket.socket) -> int | socket.socket:
+def move_high(fd: Fd) -> Fd:
     """`fd` (a socket, or a bare descriptor: pipe, inotify, netlink) moved to a close-on-exec descriptor
     >= FD_SETSIZE; the original descriptor is closed.
 
