@@ -38,8 +38,9 @@ def has_net_admin(status: str = "/proc/self/status") -> bool:
     libnftables prints "Operation not permitted (you must be root)" and "cache initialization failed" to
     stderr itself, and the command's own error would be a third, less clear line."""
     try:
-        with open(status, encoding="ascii") as fh:
-            caps = next(line.split()[1] for line in fh if line.startswith("CapEff:"))
+        # Bytes: the ascii codec would be one more import, and the Name line may hold any byte.
+        with open(status, "rb") as fh:
+            caps = next(line.split()[1] for line in fh if line.startswith(b"CapEff:"))
     except (OSError, StopIteration, IndexError):
         return True  # no /proc to ask: let libnftables answer
     return bool(int(caps, 16) >> CAP_NET_ADMIN & 1)
