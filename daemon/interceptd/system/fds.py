@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import resource
 
 from interceptd.errors import ResourceError
 
@@ -38,7 +37,10 @@ LOW_HEADROOM = 16
 
 def raise_nofile_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit (nothing to ask for: any process may); returns the
-    soft limit now in force. Idempotent, so every component that needs high descriptors may call it."""
+    soft limit now in force. Idempotent, so every component that needs high descriptors may call it.
+    The agents' call: `resource` is imported here, not by a one-shot apply."""
+    import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:  # the kernel caps the limit at fs.nr_open
         with open("/proc/sys/fs/nr_open") as f:
