@@ -12,11 +12,14 @@ gives a class the same behaviour from functions shared by every record, compiled
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from operator import attrgetter
-from typing import Any, TypeVar, dataclass_transform, overload
 
-T = TypeVar("T")
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, TypeVar, dataclass_transform, overload
+
+    T = TypeVar("T")
 _MISSING = object()
 
 
@@ -90,16 +93,7 @@ def _comparison(values: Callable[[Any], tuple[Any, ...]], compare: Callable[[tup
     return method
 
 
-@overload
-def record(cls: type[T], /) -> type[T]: ...
-
-
-@overload
-def record(*, order: bool = False) -> Callable[[type[T]], type[T]]: ...
-
-
-@dataclass_transform(frozen_default=True)
-def record(cls: type[T] | None = None, /, *, order: bool = False) -> type[T] | Callable[[type[T]], type[T]]:
+def _record(cls: type[T] | None = None, /, *, order: bool = False) -> type[T] | Callable[[type[T]], type[T]]:
     """`@record` or `@record(order=True)` on a class whose annotated attributes are its fields."""
     def wrap(cls: type[T]) -> type[T]:
         for attr, method in _methods(cls, order).items():
@@ -107,6 +101,20 @@ def record(cls: type[T] | None = None, /, *, order: bool = False) -> type[T] | C
                 setattr(cls, attr, method)
         return cls
     return wrap if cls is None else wrap(cls)
+
+
+if TYPE_CHECKING:  # how mypy sees `record`: both spellings, and what it makes of the class
+    @overload
+    def record(cls: type[T], /) -> type[T]: ...
+
+    @overload
+    def record(*, order: bool = False) -> Callable[[type[T]], type[T]]: ...
+
+    @dataclass_transform(frozen_default=True)
+    def record(cls: type[T] | None = None, /, *, order: bool = False) -> type[T] | Callable[[type[T]], type[T]]:
+        return _record(cls, order=order)
+else:
+    record = _record
 
 
 def replace(obj: T, **changes: Any) -> T:

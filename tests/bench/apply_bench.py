@@ -13,7 +13,9 @@ re-apply over the same ruleset already loaded:
 - a bare libnftables json_cmd of the very JSON `apply` sends (the floor for the transaction itself);
 - what-if: the same ruleset in nft's text syntax through libnftables (what JSON parsing costs);
 - `nft -j -f` and `nft -f` of Istio's nftables layout; `iptables-nft-restore` of its iptables layout.
-Creating the namespace, pre-loading it and building inputs are never timed.
+Creating the namespace, pre-loading it and building inputs are never timed. The commands are those of the
+installed copy `make bench` builds (support.netlab.VENV_BIN: a regular install laid out as the image's), the
+in-process rows run in the development venv that drives the benchmark.
 
 `interceptd-cni` ADD: Debian's bridge + host-local, then interceptd-cni, for one fresh pod namespace,
 beside the bridge plugin alone (CNI's own chain, as a runtime runs it), interleaved.

@@ -20,6 +20,8 @@ from typing import Any, TypeVar
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent.parent
 
+from support.netlab import VENV_BIN  # noqa: E402
+
 from interceptd.config import Config, load  # noqa: E402
 
 T = TypeVar("T")
@@ -129,7 +131,8 @@ class Report:
     def write(self) -> Path:
         RESULTS_DIR.mkdir(exist_ok=True)
         path = RESULTS_DIR / f"bench-{time.strftime('%Y%m%dT%H%M%S')}.json"
-        meta = {"cpus": os.cpu_count(), "kernel": os.uname().release, "time": time.strftime("%FT%T%z")}
+        meta = {"cpus": os.cpu_count(), "kernel": os.uname().release, "time": time.strftime("%FT%T%z"),
+                "interceptd_bin": str(VENV_BIN)}  # the copy whose processes were timed
         path.write_text(json.dumps({"meta": meta, "notes": self.notes, **self.data}, indent=1, default=str))
         return path
 

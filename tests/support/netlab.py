@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-VENV_BIN = ROOT / ".venv" / "bin"
+# The interceptd commands the tests start; `make bench` points INTERCEPTD_BIN_DIR at an installed copy.
+VENV_BIN = Path(os.environ.get("INTERCEPTD_BIN_DIR") or ROOT / ".venv" / "bin")
 INTERCEPTD = str(VENV_BIN / "interceptd")
 CLONE_NEWNET = 0x40000000
 IP_PKTINFO = 8  # linux/in.h; Python's socket module lacks the constant

@@ -19,8 +19,6 @@ import ipaddress
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any, NoReturn
 
 from interceptd.cli.main import exit_one_shot
 from interceptd.config import OPTIONS_BY_KEY, Config
@@ -35,6 +33,11 @@ from interceptd.runtime import nodestate
 from interceptd.system import host, netns
 from interceptd.system.kernel import Kernel, NftKernel
 from interceptd.system.routes import Netlink
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any, NoReturn
 
 SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0")
 CHECK_SINCE = "0.4.0"

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
 from types import SimpleNamespace
-from typing import NoReturn
 
 from interceptd.config import OPTIONS, Config, Option, load_all
 from interceptd.errors import InterceptdError
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import NoReturn
 
 # pilot-agent's logging flags reach istio-iptables in injected pods; accepted and ignored.
 PILOT_AGENT_FLAGS = ("log_output_level", "log_stacktrace_level", "log_target", "log_caller", "log_rotate",

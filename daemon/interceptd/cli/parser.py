@@ -9,15 +9,18 @@ import argparse
 import os
 import re
 import textwrap
-from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import NoReturn
 
 from interceptd import __version__
 from interceptd.cli.main import AGENT_COMMANDS, PILOT_AGENT_BOOLS, PILOT_AGENT_FLAGS, option_names
 from interceptd.config import OPTIONS, Option
 from interceptd.config.options import did_you_mean
 from interceptd.errors import ConfigError
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import NoReturn
 
 NAT_NOTE = ("Counters: nat chains see only the first packet of each connection, so their 'packets' count "
             "connections; mangle and raw chains count every packet.")

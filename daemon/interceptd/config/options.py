@@ -12,14 +12,17 @@ import ipaddress
 import os
 import pwd
 import re
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Literal
 
 from interceptd.config import values as v
 from interceptd.errors import ConfigError
 from interceptd.records import record
 
-Kind = Literal["bool", "int", "list", "str", "float"]
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping
+    from typing import Any, Literal
+
+    Kind = Literal["bool", "int", "list", "str", "float"]
 
 
 @record

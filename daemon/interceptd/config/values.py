@@ -27,16 +27,21 @@ MAX_SECONDS = 86400
 _BOOL_TRUE = {"1", "t", "T", "true", "TRUE", "True"}
 _BOOL_FALSE = {"0", "f", "F", "false", "FALSE", "False"}
 # Patterns are used with fullmatch (a `$` would also accept a trailing newline).
-# Linux dev_valid_name(): 1..15 bytes, not "." or "..", no '/', ':' or white space. Quotes and other
-# characters nft's parser would choke on are refused too, so a name can never smuggle syntax.
-# libnftables reads a leading '@' as a set reference, '$' as a variable and a trailing '*' as a wildcard.
-_IFNAME = re.compile(r"[A-Za-z0-9_.+-]{1,15}")
 _ID_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?")
 _TABLE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h)")
 _DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also takes other scripts' digits
 _DURATION_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+
+
+@functools.cache
+def _ifname() -> re.Pattern[str]:
+    """Compiled at the first interface name: the seed's command line (`-i '*'`, `-x ""`) has none."""
+    # Linux dev_valid_name(): 1..15 bytes, not "." or "..", no '/', ':' or white space. Quotes and other
+    # characters nft's parser would choke on are refused too, so a name can never smuggle syntax.
+    # libnftables reads a leading '@' as a set reference, '$' as a variable and a trailing '*' as a wildcard.
+    return re.compile(r"[A-Za-z0-9_.+-]{1,15}")
 
 
 @functools.cache
@@ -255,7 +260,7 @@ def parse_include_cidrs(text: str) -> tuple[IPNetwork, ...] | None:
 
 
 def parse_ifname(text: str) -> str:
-    if not _IFNAME.fullmatch(text) or text in (".", ".."):
+    if not _ifname().fullmatch(text) or text in (".", ".."):
         raise ValueError(f"{text!r} is not a valid interface name (1-15 characters of A-Z a-z 0-9 _ . - +)")
     return text
 

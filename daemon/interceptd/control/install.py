@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from typing import Any
 
 from interceptd.errors import KernelRefusedError, ReadBackError, UnexplainableError
 from interceptd.records import record
@@ -27,6 +26,10 @@ from interceptd.ruleset.nftjson import (
 from interceptd.system import routes
 from interceptd.system.kernel import Kernel
 from interceptd.system.routes import Router
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from typing import Any
 
 
 @record

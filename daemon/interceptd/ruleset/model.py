@@ -7,19 +7,24 @@ actions only counts: each chain starts with one, named "entry", which is the cha
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 from interceptd.config.values import IPNetwork, PortRange
 from interceptd.records import record
 from interceptd.ruleset.names import counter_name
 
-# Fields a match can test, spelled as nft spells them.
-InterfaceKey = Literal["iifname", "oifname"]
-OwnerKey = Literal["skuid", "skgid"]
-PortKey = Literal["tcp dport", "udp dport", "udp sport", "th dport"]
-AddressField = Literal["saddr", "daddr"]
-META_KEYS = (*get_args(InterfaceKey), "l4proto", "nfproto", *get_args(OwnerKey), "mark")
-PAYLOAD_KEYS = (*get_args(PortKey), "ip saddr", "ip daddr", "ip6 saddr", "ip6 daddr")
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from typing import Literal
+
+    # Fields a match can test, spelled as nft spells them.
+    InterfaceKey = Literal["iifname", "oifname"]
+    OwnerKey = Literal["skuid", "skgid"]
+    PortKey = Literal["tcp dport", "udp dport", "udp sport", "th dport"]
+    AddressField = Literal["saddr", "daddr"]
+_INTERFACE_KEYS: tuple[InterfaceKey, ...] = ("iifname", "oifname")  # every value of each Literal
+_OWNER_KEYS: tuple[OwnerKey, ...] = ("skuid", "skgid")
+_PORT_KEYS: tuple[PortKey, ...] = ("tcp dport", "udp dport", "udp sport", "th dport")
+META_KEYS = (*_INTERFACE_KEYS, "l4proto", "nfproto", *_OWNER_KEYS, "mark")
+PAYLOAD_KEYS = (*_PORT_KEYS, "ip saddr", "ip daddr", "ip6 saddr", "ip6 daddr")
 CT_KEYS = ("ct mark", "ct state")
 
 Scalar = int | str | IPNetwork | PortRange

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable
-from typing import Any
 
 from interceptd.config.values import PortRange, Prefix
 from interceptd.records import record
@@ -41,7 +39,14 @@ from interceptd.ruleset.model import (
 )
 from interceptd.ruleset.names import counter_name
 
-Json = dict[str, Any]
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
+
+    Json = dict[str, Any]
+else:
+    Json = dict  # the name other modules import; no annotation is evaluated at run time
 
 
 def _scalar(value: Scalar) -> Any:

@@ -9,8 +9,6 @@ plain addresses, single ports as numbers); anything interceptd never emits is re
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
-from typing import Any
 
 from interceptd.config.values import PortRange, Prefix
 from interceptd.errors import UnexplainableError
@@ -44,6 +42,11 @@ from interceptd.ruleset.model import (
 )
 from interceptd.ruleset.names import unnamed_rule
 from interceptd.ruleset.nftjson import Json
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from typing import Any
 
 _ADDRESS_TYPES = ("ipv4_addr", "ipv6_addr")
 

@@ -9,7 +9,6 @@ become named sets, so the number of rules does not depend on the list sizes.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 from operator import attrgetter, le
 
 from interceptd.config import OPTIONS_BY_KEY, Config
@@ -24,12 +23,10 @@ from interceptd.ruleset.model import (
     CtMarkFromMark,
     Drop,
     Hook,
-    InterfaceKey,
     Jump,
     MarkFromCtMark,
     Match,
     NamedSet,
-    OwnerKey,
     PolicyRoute,
     Redirect,
     Return,
@@ -51,6 +48,12 @@ from interceptd.ruleset.model import (
     port,
     protocol,
 )
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from interceptd.ruleset.model import InterfaceKey, OwnerKey
 
 DNS_PORT = 53
 DNS_AGENT_PORT = 15053

@@ -10,12 +10,10 @@ it. The socket only makes the agent act at once instead of at its next scan.
 from __future__ import annotations
 
 import _socket
-import contextlib
 import hashlib
 import json
 import os
 import stat
-from typing import Any
 
 from interceptd.config import Config, load
 from interceptd.errors import NamespaceError, StateDirError
@@ -24,6 +22,10 @@ from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.nftjson import Existing, Json, transaction
 from interceptd.runtime import statedir
 from interceptd.system.netns import is_name
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from typing import Any
 
 STATE_SUBDIR = "netns"
 SOCKET_NAME = "node.sock"
@@ -83,8 +85,7 @@ def write(state_dir: str, record: Record) -> None:
     statedir.ensure_private(state_dir_of(state_dir))
     final = _file(state_dir, record.name)
     tmp = f"{final}.{os.getpid()}.tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # our own leftover from a crash (unlink never follows a link planted there)
+    _unlink(tmp)  # our own leftover from a crash (unlink never follows a link planted there)
     # json.dumps, not json.dump: only the one-shot form has the C encoder; and the record's own fields, not
     # asdict's deep copy of the listing (together 60% of a CNI ADD's time after start-up).
     text = json.dumps(vars(record), separators=(",", ":"))
@@ -117,8 +118,15 @@ def exists(state_dir: str, name: str) -> bool:
 
 
 def remove(state_dir: str, name: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(_file(state_dir, name))
+    _unlink(_file(state_dir, name))
+
+
+def _unlink(path: str) -> None:
+    """os.unlink, a file already gone being fine."""
+    try:  # noqa: SIM105 (contextlib.suppress: contextlib is no import of a CNI ADD)
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def names(state_dir: str) -> list[str]:
@@ -141,7 +149,7 @@ def request(state_dir: str, message: dict[str, Any], timeout: float = 5.0) -> di
     """One JSON line to the node agent, one JSON line back. OSError/ValueError when it is not there."""
     # _socket, the C module under `socket`: socket.py's enum wrappers and selectors would cost each CNI ADD 2 ms.
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
-    with contextlib.closing(sock):
+    try:
         sock.settimeout(timeout)
         sock.connect(socket_path(state_dir))
         sock.sendall(json.dumps(message).encode() + b"\n")
@@ -151,5 +159,7 @@ def request(state_dir: str, message: dict[str, Any], timeout: float = 5.0) -> di
             if not chunk:
                 break
             data += chunk
+    finally:  # _socket's socket is no context manager
+        sock.close()
     reply: dict[str, Any] = json.loads(data)
     return reply

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import fcntl
 import os
-import resource
-from typing import TYPE_CHECKING, overload
 
 from interceptd.errors import ResourceError
 
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
 if TYPE_CHECKING:
     import socket  # at run time only in move_high, whose caller with a socket has imported it: not on apply's path
+    from typing import TypeVar
+
+    Fd = TypeVar("Fd", int, socket.socket)
 
 FD_SETSIZE = 1024  # the first descriptor select(2) cannot watch
 # Kept free below FD_SETSIZE for what libnftables and one apply open at once (a context, netlink sockets for
@@ -35,7 +37,10 @@ LOW_HEADROOM = 16
 
 def raise_nofile_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit (nothing to ask for: any process may); returns the
-    soft limit now in force. Idempotent, so every component that needs high descriptors may call it."""
+    soft limit now in force. Idempotent, so every component that needs high descriptors may call it.
+    The agents' call: `resource` is imported here, not by a one-shot apply."""
+    import resource
+
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:  # the kernel caps the limit at fs.nr_open
         with open("/proc/sys/fs/nr_open") as f:
@@ -46,13 +51,7 @@ def raise_nofile_limit() -> int:
     return hard
 
 
-@overload
-def move_high(fd: int) -> int: ...
-@overload
-def move_high(fd: socket.socket) -> socket.socket: ...
-
-
-def move_high(fd: int | socket.socket) -> int | socket.socket:
+def move_high(fd: Fd) -> Fd:
     """`fd` (a socket, or a bare descriptor: pipe, inotify, netlink) moved to a close-on-exec descriptor
     >= FD_SETSIZE; the original descriptor is closed.
 

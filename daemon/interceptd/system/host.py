@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 
 from interceptd.config import Config
 from interceptd.errors import ConfigError, HostError
 from interceptd.ruleset.facts import HostFacts, IPAddress
 from interceptd.system import rtnl
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 RT_SCOPE_UNIVERSE = 0  # ifa_scope of a global address
 

@@ -7,16 +7,22 @@ does not know. Other tables are not ours: only `doctor` reads them (system.inspe
 from __future__ import annotations
 
 import _thread
-import contextlib
+import functools
 import json
 import re
-import signal
-from collections.abc import Iterator
-from typing import Any, Protocol
 
 from interceptd.errors import BindingMissingError, KernelRefusedError, PermissionDeniedError
 from interceptd.ruleset.nftjson import Json
 from interceptd.system.fds import low_descriptor_free
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    import signal as _signal  # typeshed describes the C module through signal
+    from typing import Any, Protocol
+else:
+    import _signal  # the C module under signal, whose enums a one-shot apply need not import
+
+    Protocol = object  # Kernel is a plain class at run time, a protocol for mypy
 
 BINDING_HINT = ("the libnftables Python binding is missing: install Debian's python3-nftables "
                 "(apt-get install python3-nftables) and use a Python that sees it (a venv with "
@@ -32,8 +38,9 @@ def has_net_admin(status: str = "/proc/self/status") -> bool:
     libnftables prints "Operation not permitted (you must be root)" and "cache initialization failed" to
     stderr itself, and the command's own error would be a third, less clear line."""
     try:
-        with open(status, encoding="ascii") as fh:
-            caps = next(line.split()[1] for line in fh if line.startswith("CapEff:"))
+        # Bytes: the ascii codec would be one more import, and the Name line may hold any byte.
+        with open(status, "rb") as fh:
+            caps = next(line.split()[1] for line in fh if line.startswith(b"CapEff:"))
     except (OSError, StopIteration, IndexError):
         return True  # no /proc to ask: let libnftables answer
     return bool(int(caps, 16) >> CAP_NET_ADMIN & 1)
@@ -110,19 +117,10 @@ class NftKernel:
         nft.set_handle_output(True)  # an incremental update replaces rules by handle (normalise drops them)
         return nft
 
-    @contextlib.contextmanager
-    def _context(self) -> Iterator[Any]:
-        """The context for one call, used under the lock (a fresh one is freed when dropped).
-
-        The agent's signals are blocked meanwhile: a SIGHUP landing in libnftables' netlink exchange made
-        it fail with "Interrupted system call" (a refused reload). Blocked, they wait for the call to end.
-        """
-        with self._lock, _signals_blocked():
-            if self._kept is not None:
-                yield self._kept
-                return
-            low_descriptor_free("libnftables")  # a fresh context's socket must get a descriptor below 1024
-            yield self._new()
+    def _context(self) -> _Call:
+        """`with self._context() as nft`: the context for one call, used under the lock (a fresh one is freed
+        when dropped)."""
+        return _Call(self)
 
     def _run(self, document: Json, dry_run: bool = False) -> tuple[int, str]:
         document = self._for_owned(document)
@@ -282,9 +280,10 @@ class NftKernel:
             raise KernelRefusedError(f"cannot list table {family} {table}: {_one_line(err)}")
         # One command each: in one buffer, libnftables 1.0.6 filters its cache for the first `list chain` only.
         # One set at a time: its `list sets table` lists the sets of every table of the family.
+        _flags, chains, sets = _listing_lines()
         commands = [f"list counters table {family} {table}",
-                    *(f"list set {family} {table} {name}" for name in _SET.findall(listing)),
-                    *(f"list chain {family} {table} {name}" for name in _CHAIN.findall(listing))]
+                    *(f"list set {family} {table} {name}" for name in sets.findall(listing)),
+                    *(f"list chain {family} {table} {name}" for name in chains.findall(listing))]
         return [{"table": {"family": family, "name": table}}, *(i for c in commands for i in self._list(c) or [])]
 
     def list_counters(self, table: str, family: str = "inet") -> list[Json] | None:
@@ -301,25 +300,51 @@ class NftKernel:
         return [item for item in items if "metainfo" not in item]
 
 
-_AGENT_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+_AGENT_SIGNALS = {_signal.SIGHUP, _signal.SIGTERM, _signal.SIGINT}
 
 
-@contextlib.contextmanager
-def _signals_blocked() -> Iterator[None]:
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _AGENT_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+class _Call:
+    """One libnftables call: the kernel's lock held, the agent's signals blocked, the context handed out.
+
+    A SIGHUP landing in libnftables' netlink exchange made it fail with "Interrupted system call" (a refused
+    reload); blocked, signals wait for the call to end. A class, not contextlib.contextmanager: neither
+    contextlib nor signal (_signal is the C module under it) is imported by a one-shot apply.
+    """
+
+    def __init__(self, kernel: NftKernel) -> None:
+        self._kernel = kernel
+
+    def __enter__(self) -> Any:
+        kernel = self._kernel
+        kernel._lock.acquire()
+        self._mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _AGENT_SIGNALS)
+        try:
+            if kernel._kept is not None:
+                return kernel._kept
+            low_descriptor_free("libnftables")  # a fresh context's socket must get a descriptor below 1024
+            return kernel._new()
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, self._mask)
+        finally:
+            self._kernel._lock.release()
 
 
-_FLAGS = re.compile(r"^\tflags (.+)$", re.M)
-_CHAIN = re.compile(r"^\tchain (\S+) \{$", re.M)
-_SET = re.compile(r"^\tset (\S+) \{$", re.M)
+@functools.cache
+def _listing_lines() -> tuple[re.Pattern[str], re.Pattern[str], re.Pattern[str]]:
+    """The table's flags, chain and set lines of a text listing: for owned tables (an agent's `--own-table`)
+    and `doctor`, compiled at their first use, not by every apply."""
+    return (re.compile(r"^\tflags (.+)$", re.M), re.compile(r"^\tchain (\S+) \{$", re.M),
+            re.compile(r"^\tset (\S+) \{$", re.M))
 
 
 def _flags_of(listing: str) -> tuple[str, ...]:
-    match = _FLAGS.search(listing.partition("\n\n")[0])  # the table's own lines, before its first object
+    flags, _chains, _sets = _listing_lines()
+    match = flags.search(listing.partition("\n\n")[0])  # the table's own lines, before its first object
     return tuple(f.strip() for f in match.group(1).split(",")) if match else ()
 
 

@@ -8,14 +8,12 @@ only to create those handles and to change routes; reading a pod's table needs n
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import fcntl
 import os
 import re
 import sys
 import threading
-from collections.abc import Iterator
 
 from interceptd.errors import NamespaceError
 from interceptd.system.fds import move_high
@@ -88,17 +86,40 @@ def name_for(path: str) -> str:
 _one_at_a_time = threading.RLock()
 
 
-@contextlib.contextmanager
-def entered(path: str) -> Iterator[None]:
+class entered:  # lower case: it reads as a function, `with entered(path):`
     """Run the block with the calling thread inside the network namespace at `path`.
 
     One thread at a time (the node agent's loop, or a metrics scrape opening a pod's libnftables context).
+    A class, not contextlib.contextmanager: a CNI ADD does not import contextlib.
     """
-    with _one_at_a_time:
-        yield from _entered(path)
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._home = -1
+
+    def __enter__(self) -> None:
+        _one_at_a_time.acquire()
+        try:
+            self._home = _enter(self._path)
+        except BaseException:
+            _one_at_a_time.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            _setns(self._home)
+        except OSError as err:
+            # Carrying on would apply the next pod's rules in this one: stop, the restart re-adopts.
+            print(f"interceptd: fatal: cannot return from network namespace {self._path!r}: {err.strerror}",
+                  file=sys.stderr)
+            os._exit(70)
+        finally:
+            os.close(self._home)
+            _one_at_a_time.release()
 
 
-def _entered(path: str) -> Iterator[None]:
+def _enter(path: str) -> int:
+    """Move the calling thread into the namespace at `path`; returns a descriptor of the one it was in."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:
@@ -111,18 +132,10 @@ def _entered(path: str) -> Iterator[None]:
             raise NamespaceError(f"network namespace {path!r}: cannot enter: {exc.strerror}") from None
         finally:
             os.close(fd)
-        try:
-            yield
-        finally:
-            try:
-                _setns(home)
-            except OSError as exc:
-                # Carrying on would apply the next pod's rules in this one: stop, the restart re-adopts.
-                print(f"interceptd: fatal: cannot return from network namespace {path!r}: {exc.strerror}",
-                      file=sys.stderr)
-                os._exit(70)
-    finally:
+    except BaseException:
         os.close(home)
+        raise
+    return home
 
 
 IN_ATTRIB, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x4, 0x8, 0x40, 0x80, 0x100, 0x200
@@ -154,9 +167,11 @@ class DirWatch:
         return self._fd
 
     def drain(self) -> None:
-        with contextlib.suppress(BlockingIOError):
+        try:  # not contextlib.suppress: a CNI ADD does not import contextlib
             while os.read(self._fd, 65536):
                 pass
+        except BlockingIOError:
+            pass
 
     def close(self) -> None:
         os.close(self._fd)

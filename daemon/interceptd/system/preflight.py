@@ -10,12 +10,17 @@ names are refused earlier, while the configuration is parsed (config.options, co
 from __future__ import annotations
 
 import re
-from typing import Any, Protocol
 
 from interceptd.config import Config
 from interceptd.errors import KernelRefusedError, PreflightError
 from interceptd.records import record
 from interceptd.ruleset.nftjson import Json
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from typing import Any, Protocol
+else:
+    Protocol = object  # Probe is a plain class at run time, a protocol for mypy
 
 # Istio's own minimum for its nftables backend; interceptd is tested with 1.0.6.
 MIN_LIBNFTABLES = (1, 0, 1)

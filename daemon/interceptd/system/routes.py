@@ -8,15 +8,20 @@ exactly what interceptd put there, whatever configuration installed it, and neve
 
 from __future__ import annotations
 
-import contextlib
 import errno
-from collections.abc import Iterable
-from typing import Literal, Protocol
 
 from interceptd.errors import RoutingError
 from interceptd.records import record
 from interceptd.ruleset.model import MARK_BITS, Ruleset
 from interceptd.system import rtnl
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from contextlib import AbstractContextManager
+    from typing import Literal, Protocol
+else:
+    Protocol = object  # Router is a plain class at run time, a protocol for mypy
 
 ROUTE_PROTOCOL = 245  # "proto 245" in `ip rule` / `ip route`: unassigned in iproute2's rt_protos
 RULE_PRIORITY = 32765  # what the kernel picks for Istio's `ip rule add` in a fresh namespace
@@ -150,9 +155,9 @@ class Netlink:
                     out.add(Entry("address", 6, address=a.address))
         return out
 
-    def _entered(self) -> contextlib.AbstractContextManager[object]:
+    def _entered(self) -> AbstractContextManager[object]:
         if not self._netns:
-            return contextlib.nullcontext()
+            return _HERE
         from interceptd.system.netns import entered
 
         return entered(self._netns)
@@ -176,6 +181,20 @@ class Netlink:
         except OSError as exc:
             if exc.errno not in tolerated:
                 raise RoutingError(f"cannot {'add' if add else 'delete'} `{entry}`: {exc.strerror}") from None
+
+
+class _Here:
+    """The caller's own namespace: nothing to enter (contextlib.nullcontext, which a one-shot apply does not
+    import)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_HERE = _Here()
 
 
 def _lo_index() -> int:

@@ -10,7 +10,6 @@ the calling thread is in.
 from __future__ import annotations
 
 import _socket
-import contextlib
 import errno
 import ipaddress
 import os
@@ -74,7 +73,7 @@ def _request(msg_type: int, body: bytes, flags: int = NLM_F_DUMP) -> list[tuple[
     """(datagram, body offset, end) of every answer: all messages of a dump (NLM_F_DUMP), the one answer of a
     get, none for a change (NLM_F_ACK: the kernel's acknowledgement ends it). A refusal raises OSError."""
     sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_RAW | _socket.SOCK_CLOEXEC, _socket.NETLINK_ROUTE)
-    with contextlib.closing(sock):
+    try:
         sock.bind((0, 0))
         seq = os.getpid() & 0xFFFF
         sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | flags, seq, 0) + body)
@@ -95,6 +94,8 @@ def _request(msg_type: int, body: bytes, flags: int = NLM_F_DUMP) -> list[tuple[
                 offset += (length + 3) & ~3
             if not flags & (NLM_F_DUMP | NLM_F_ACK):
                 return out
+    finally:  # _socket's socket is no context manager
+        sock.close()
 
 
 def _attr(kind: int, value: bytes) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from support.netlab import VENV_BIN, Lab, delete_ns, new_ns, sh
@@ -20,10 +21,14 @@ pytest.importorskip("nftables")
 
 AGENT_ONLY = ("prometheus_client", "structlog", "asyncio", "http.server", "pyroute2", "interceptd.runtime.agent",
               "interceptd.runtime.metrics", "interceptd.runtime.logs")
+# For the type checker only on the one-shot path (docs/architecture.md): typing (with _typing and warnings),
+# contextlib and signal cost the seed's apply about 4 ms CPU, a fifth of Python's own start-up.
+TYPING_ONLY = {"typing", "_typing", "warnings", "contextlib", "signal"}
 PROFILE = {"PYTHONPROFILEIMPORTTIME": "1"}
 SEED = ("-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*",
         "-d", "15090,15021,15020")
 _IMPORTED = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", re.M)
+_NESTED = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|( *)(\S+)$", re.M)
 
 
 def imported(stderr: str) -> set[str]:
@@ -84,6 +89,46 @@ def test_applying_flags_defines_no_dataclass_and_reads_no_toml(lab: Lab, script:
     assert unused & _cli(lab, *args, script=script) == set()
 
 
+@pytest.mark.parametrize("script,args", [("istio-iptables", SEED), ("interceptd", ("apply", *SEED))])
+def test_applying_flags_imports_typing_for_the_type_checker_only(lab: Lab, script: str, args: tuple[str, ...]) -> None:
+    assert TYPING_ONLY & _cli(lab, *args, script=script) == set()
+
+
+@pytest.mark.parametrize("text,simple", [
+    ('envoy_port = 15001\ninbound_capture_port = 15006\nproxy_uid = "1337"\nservice_cidr = "*"\n'
+     'inbound_ports = "*"\nlocal_exclude_ports = [15090, 15021, 15020]\n# the seed\n', True),
+    ('envoy_port = 15001  # a comment after a value is tomllib\'s to read\nservice_cidr = "*"\n', False),
+], ids=["simple", "tomllib"])
+def test_a_config_file_imports_typing_only_through_tomllib(lab: Lab, tmp_path: Path, text: str, simple: bool,
+                                                           ) -> None:
+    # A file of the usual shape is read without tomllib (config.options.simple_toml). tomllib's parser imports
+    # typing (a NamedTuple) and with it contextlib and warnings: that is the standard library's cost of
+    # reading TOML, not ours. Nothing of interceptd's imports them before tomllib does.
+    config = tmp_path / "seed.toml"
+    config.write_text(text)
+    result = sh(str(VENV_BIN / "interceptd"), "apply", "--config", str(config), ns=lab.pod, check=False,
+                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **PROFILE})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "signal" not in imported(result.stderr)
+    assert ("tomllib" not in imported(result.stderr)) == simple
+    assert {top for name, top in first_importers(result.stderr).items() if name in TYPING_ONLY} <= \
+        (set() if simple else {"tomllib"})
+
+
+def first_importers(stderr: str) -> dict[str, str]:
+    """Each module and the top-level import it came in with: -X importtime prints a module's imports before it,
+    one level deeper, so a module's importer is the next line printed less deep."""
+    lines = [(len(indent), name) for indent, name in _NESTED.findall(stderr)]
+    out = {}
+    for i, (depth, name) in enumerate(lines):
+        top, level = name, depth
+        for later_depth, later in lines[i + 1:]:
+            if later_depth < level:
+                top, level = later, later_depth
+        out[name] = top
+    return out
+
+
 def test_tproxy_and_ipv6_route_changes_import_no_agent_machinery(lab6: Lab) -> None:
     # TPROXY adds policy rules and routes, IPv6 the ::6 address on lo; cleanup removes the rules again.
     assert forbidden(_cli(lab6, "apply", "-m", "TPROXY", "-i", "*", "-b", "*", "--dual-stack")) == set()
@@ -118,5 +163,6 @@ def test_cni_add_check_del_import_no_agent_machinery() -> None:
                 assert forbidden(names) == set(), command
                 # A CNI ADD is a whole process per pod: no class of its path is a dataclass (see interceptd.records).
                 assert {"dataclasses", "inspect", "socket"} & names == set(), command
+                assert TYPING_ONLY & names == set(), command
     finally:
         delete_ns(pod)
