@@ -10,6 +10,7 @@ import os
 import sys
 from types import SimpleNamespace
 
+from interceptd.cli.entry import AGENT_COMMANDS
 from interceptd.config import OPTIONS, Config, Option, load_all
 from interceptd.errors import InterceptdError
 
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 PILOT_AGENT_FLAGS = ("log_output_level", "log_stacktrace_level", "log_target", "log_caller", "log_rotate",
                      "log_rotate_max_age", "log_rotate_max_size", "log_rotate_max_backups")
 PILOT_AGENT_BOOLS = ("log_as_json",)
-AGENT_COMMANDS = ("run", "node")
 
 
 def option_names(option: Option) -> list[str]:

@@ -12,7 +12,8 @@ import textwrap
 from types import SimpleNamespace
 
 from interceptd import __version__
-from interceptd.cli.main import AGENT_COMMANDS, PILOT_AGENT_BOOLS, PILOT_AGENT_FLAGS, option_names
+from interceptd.cli.entry import AGENT_COMMANDS
+from interceptd.cli.main import PILOT_AGENT_BOOLS, PILOT_AGENT_FLAGS, option_names
 from interceptd.config import OPTIONS, Option
 from interceptd.config.options import did_you_mean
 from interceptd.errors import ConfigError
