@@ -244,18 +244,24 @@ def parse_inbound_ports(text: str) -> tuple[PortRange, ...] | None:
     return parse_ports(text)
 
 
+_LENGTH = {str(n): n for n in range(129)}  # a prefix length as ipaddress writes it
+
+
 def parse_cidr(text: str) -> IPNetwork:
     # ipaddress accepts IPv6 zone ids ("fe80::1%eth0/128"): a zone has no meaning in a set of prefixes.
     if text != text.strip() or text == "" or "*" in text or "%" in text:
         raise ValueError(f"{text!r} is not a CIDR")
+    # The spelling ipaddress writes (the defaults', the kernel's listing's) is read without importing ipaddress.
     address, slash, length = text.partition("/")
-    prefixlen = _PREFIXLEN.get(length if slash else None)
-    plain = None if prefixlen is None else address_value(address)
-    if prefixlen is not None and plain is not None and plain[0] == 4:
-        # The spelling ipaddress writes (and every default is in): no ipaddress import for that.
-        value = plain[1]
-        network = value >> (32 - prefixlen) << (32 - prefixlen)
-        return Prefix(4, network, prefixlen, address if network == value else _ipv4_text(network))
+    plain = address_value(address)
+    if plain is not None:
+        version, value = plain
+        bits = _MAX_PREFIXLEN[version]
+        prefixlen = _LENGTH.get(length, bits + 1) if slash else bits
+        if prefixlen <= bits:
+            network = value >> (bits - prefixlen) << (bits - prefixlen)
+            return (Prefix(version, value, prefixlen, address) if network == value
+                    else Prefix.from_int(version, network, prefixlen))
     import ipaddress
 
     try:
