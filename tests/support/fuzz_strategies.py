@@ -189,9 +189,9 @@ def culprit(flags: dict[str, str], env: dict[str, str], toml: dict[str, Any]) ->
     return "(nothing: these inputs are valid)"
 
 
-FACTS = [HostFacts(ipv6=True, host_ip=ipaddress.ip_address("192.0.2.2"),
+FACTS = [HostFacts(ipv6=True, host_ip="192.0.2.2",
                    dns_v4=(ipaddress.IPv4Address("192.0.2.53"),), dns_v6=(ipaddress.IPv6Address("2001:db8::53"),)),
-         HostFacts(ipv6=False, host_ip=ipaddress.ip_address("192.0.2.2"))]
+         HostFacts(ipv6=False, host_ip="192.0.2.2")]
 
 # Every string in a rendered document: names, addresses, keywords. No quote, space, brace, semicolon or
 # newline can reach libnftables, whatever the input was; neither '$' (a variable), '*' (a wildcard) nor '@'

@@ -101,7 +101,7 @@ def rendered() -> list[Json]:
                    "service_cidr": "198.51.100.0/24,2001:db8::/64", "service_exclude_cidr": "198.51.100.0/28",
                    "inbound_ports": "80,9000-9100", "local_outbound_ports_exclude": "8000-8100",
                    "exclude_interfaces": "eth1", "proxy_gid": "1337,1338", "drop_invalid": "true"}, {})
-    facts = HostFacts(ipv6=True, host_ip=ipaddress.ip_address("192.0.2.2"),
+    facts = HostFacts(ipv6=True, host_ip="192.0.2.2",
                       dns_v4=(ipaddress.IPv4Address("192.0.2.53"),), dns_v6=(ipaddress.IPv6Address("2001:db8::53"),))
     commands: list[Json] = transaction(render(config, facts), Existing.empty())["nftables"]
     return commands

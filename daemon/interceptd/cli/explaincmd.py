@@ -22,7 +22,7 @@ from interceptd.config import OPTIONS_BY_KEY, Config
 from interceptd.config.values import Prefix, parse_mark, parse_port, resolve_gid, resolve_uid
 from interceptd.errors import ConfigError, HostError, KernelSideError, NotInstalledError
 from interceptd.ruleset.explain import Connection, Explanation, as_json, borrow_why, explain, format_text
-from interceptd.ruleset.facts import HostFacts, IPAddress
+from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.hostprobe import render_host
 from interceptd.ruleset.model import Ruleset
 from interceptd.ruleset.names import HOST_TABLE
@@ -31,6 +31,10 @@ from interceptd.ruleset.nftparse import parse_listing
 from interceptd.ruleset.render import render
 from interceptd.ruleset.status import chain_stats
 from interceptd.ruleset.tablediff import differences
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from interceptd.ruleset.facts import IPAddress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

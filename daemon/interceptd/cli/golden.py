@@ -25,14 +25,17 @@ from pathlib import Path
 
 from interceptd.cli import commands, docs
 from interceptd.cli import main as cli
-from interceptd.ruleset.facts import IPAddress
 from interceptd.ruleset.hostprobe import render_host
 from interceptd.system import host
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from interceptd.ruleset.facts import IPAddress
 
 GOLDEN_DIR = "tests/golden"
 EXAMPLES_DIR = "config/examples"
 EXAMPLE_PREFIX = "example-"
-HOST_ADDRESSES: list[IPAddress] = [ipaddress.ip_address("192.0.2.2"), ipaddress.ip_address("2001:db8::2")]
+HOST_ADDRESSES = ["192.0.2.2", "2001:db8::2"]
 HOST_RESOLV_CONF = "nameserver 192.0.2.53\nnameserver 2001:db8::53\n"
 HOST_PROBE_PREFIX = "host-probe"
 HOST_PROBE_PODS: list[IPAddress] = [ipaddress.ip_address(a) for a in ("192.0.2.11", "192.0.2.10", "2001:db8::10")]

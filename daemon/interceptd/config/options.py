@@ -8,7 +8,6 @@ it, so a setting cannot exist in one place and be missing in another.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import os
 import pwd
 import re
@@ -241,8 +240,8 @@ class Config:
     ambient_connmark: int
     ambient_mark_mask: int
     ambient_route_table: int
-    ambient_probe_address: ipaddress.IPv4Address
-    ambient_probe_address_v6: ipaddress.IPv6Address
+    ambient_probe_address: v.Prefix  # an IPv4 host prefix (/32)
+    ambient_probe_address_v6: v.Prefix  # an IPv6 host prefix (/128)
     network_namespace: str
     cni_mode: bool
     reconcile: bool

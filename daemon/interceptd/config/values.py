@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import functools
 import grp
-import ipaddress
 import pwd
 import re
-from _socket import AF_INET, inet_pton  # the C module under socket, without socket.py's imports
+from _socket import AF_INET, AF_INET6, inet_ntop, inet_pton  # the C module under socket, not socket.py
 
 from interceptd.records import FrozenRecordError, record
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    import ipaddress
 
 # Limits on hostile or mistaken input. Without them 1,000,000 excluded CIDRs took 23 s and 1.1 GB to render
 # and the agent never became ready. Raw items are counted before any parsing, so parsing itself is bounded;
@@ -72,6 +75,8 @@ class Prefix:
     def of(net: ipaddress.IPv4Network | ipaddress.IPv6Network | ipaddress.IPv4Address | ipaddress.IPv6Address,
            ) -> Prefix:
         """The prefix of an ipaddress network, or the host prefix of an address."""
+        import ipaddress  # imported by whoever made `net`: a lookup here
+
         if isinstance(net, ipaddress.IPv4Address | ipaddress.IPv6Address):
             return Prefix(net.version, int(net), net.max_prefixlen, str(net))
         return Prefix(net.version, int(net.network_address), net.prefixlen, str(net.network_address))
@@ -81,7 +86,7 @@ class Prefix:
         """The prefix of `prefixlen` bits at `value` (whose host bits must be zero)."""
         if version == 4:
             return Prefix(4, value, prefixlen, _ipv4_text(value))
-        return Prefix(6, value, prefixlen, str(ipaddress.IPv6Address(value)))
+        return Prefix(6, value, prefixlen, ip_text(value.to_bytes(16, "big")))
 
     @property
     def max_prefixlen(self) -> int:
@@ -94,6 +99,8 @@ class Prefix:
 
     @property
     def network_address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        import ipaddress  # explain's and the host table's, not an apply's
+
         return ipaddress.IPv4Address(self.value) if self.version == 4 else ipaddress.IPv6Address(self.value)
 
     def json(self) -> str | dict[str, dict[str, str | int]]:
@@ -108,6 +115,8 @@ class Prefix:
 
     def __contains__(self, address: object) -> bool:
         """Does the ipaddress address lie in this prefix (an address of the other version never does)?"""
+        import ipaddress  # explain's, not an apply's
+
         return (isinstance(address, ipaddress.IPv4Address | ipaddress.IPv6Address)
                 and address.version == self.version and self.value <= int(address) <= self.last)
 
@@ -139,6 +148,32 @@ IPNetwork = Prefix  # the name the model and the configuration use for a CIDR
 
 def _ipv4_text(value: int) -> str:
     return f"{value >> 24}.{value >> 16 & 255}.{value >> 8 & 255}.{value & 255}"
+
+
+def address_value(text: str) -> tuple[int, int] | None:
+    """The version and integer of an address written the way ipaddress writes it (which ipaddress reads as
+    that address), found without importing ipaddress; None for any other text, for ipaddress to read or refuse.
+    The defaults, and the usual values, of the options that take an address are written so."""
+    version = 6 if ":" in text else 4
+    try:
+        packed = inet_pton(AF_INET6 if version == 6 else AF_INET, text)
+    except (OSError, ValueError):
+        return None
+    return (version, int.from_bytes(packed, "big")) if ip_text(packed) == text else None
+
+
+def ip_text(packed: bytes) -> str:
+    """An address's 4 or 16 bytes as ipaddress writes them, without importing ipaddress (an init container's
+    apply reads the namespace's addresses as bytes). inet_ntop writes what ipaddress does (RFC 5952) but for
+    ::/96 and ::ffff:0:0/96, which glibc writes with a dotted IPv4 tail: ipaddress writes those."""
+    if len(packed) == 4:
+        return inet_ntop(AF_INET, packed)
+    text = inet_ntop(AF_INET6, packed)
+    if "." not in text:
+        return text
+    import ipaddress
+
+    return str(ipaddress.IPv6Address(packed))
 
 
 @record(order=True)
@@ -201,21 +236,34 @@ def parse_inbound_ports(text: str) -> tuple[PortRange, ...] | None:
     return parse_ports(text)
 
 
+# A prefix length as ipaddress writes it: a lookup instead of an int() per item; any other text (a netmask,
+# "08") is not in it and goes to ipaddress.
+_LENGTH = {str(n): n for n in range(129)}
+
+
 def parse_cidr(text: str) -> IPNetwork:
     # ipaddress accepts IPv6 zone ids ("fe80::1%eth0/128"): a zone has no meaning in a set of prefixes.
     if text != text.strip() or text == "" or "*" in text or "%" in text:
         raise ValueError(f"{text!r} is not a CIDR")
+    # The spelling ipaddress writes (the defaults', the kernel's listing's) is read without importing ipaddress.
+    address, slash, length = text.partition("/")
+    plain = address_value(address)
+    if plain is not None:
+        version, value = plain
+        bits = _MAX_PREFIXLEN[version]
+        prefixlen = _LENGTH.get(length, bits + 1) if slash else bits
+        if prefixlen <= bits:
+            network = value >> (bits - prefixlen) << (bits - prefixlen)
+            return (Prefix(version, value, prefixlen, address) if network == value
+                    else Prefix.from_int(version, network, prefixlen))
+    import ipaddress
+
     try:
         # Host bits are allowed, as in Istio (10.0.0.1/8 means 10.0.0.0/8).
         net = ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ValueError(f"{text!r} is not a CIDR") from None
     return Prefix.of(net)
-
-
-# A prefix length as written after the '/': a lookup instead of an int() per item; any other text (a netmask,
-# "08", "33") is not in it and goes to parse_cidr.
-_PREFIXLEN = {str(n): n for n in range(33)}
 
 
 def _cidr_items(text: str) -> tuple[IPNetwork, ...]:
@@ -227,12 +275,12 @@ def _cidr_items(text: str) -> tuple[IPNetwork, ...]:
     out: list[IPNetwork] = []
     for item in split_list(text):
         dotted, slash, length = item.partition("/")
-        prefixlen = _PREFIXLEN.get(length) if slash else 32
+        prefixlen = _LENGTH.get(length, 33) if slash else 32
         try:
-            packed = None if prefixlen is None else inet_pton(AF_INET, dotted)
+            packed = inet_pton(AF_INET, dotted) if prefixlen <= 32 else None
         except (OSError, ValueError):  # not a dotted quad (ValueError: a NUL in it)
             packed = None
-        if packed is None or prefixlen is None:
+        if packed is None:
             out.append(parse_cidr(item))
             continue
         address = int.from_bytes(packed)
@@ -406,12 +454,15 @@ def parse_address(text: str) -> tuple[str, int] | None:
     if not sep or not host:
         raise ValueError("must be HOST:PORT")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        if host != "localhost":
-            raise ValueError(f"{host!r} is not an IP address") from None
-        host = "127.0.0.1"
+    if address_value(host) is None:
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host != "localhost":
+                raise ValueError(f"{host!r} is not an IP address") from None
+            host = "127.0.0.1"
     return host, parse_port(port)
 
 
@@ -454,15 +505,25 @@ def parse_mark(text: str) -> int:
     return value
 
 
-def parse_ipv4_host(text: str) -> ipaddress.IPv4Address:
-    try:
-        return ipaddress.IPv4Address(text)
-    except ValueError:
-        raise ValueError("not an IPv4 address") from None
+def parse_ipv4_host(text: str) -> Prefix:
+    """An IPv4 address, as its host prefix (/32)."""
+    return _parse_host(4, text)
 
 
-def parse_ipv6_host(text: str) -> ipaddress.IPv6Address:
+def parse_ipv6_host(text: str) -> Prefix:
+    """An IPv6 address, as its host prefix (/128)."""
+    return _parse_host(6, text)
+
+
+def _parse_host(version: int, text: str) -> Prefix:
+    """Every load parses the defaults of the ambient probe addresses: a text written the way ipaddress writes
+    it is taken as it is, any other is ipaddress' to accept (in its spelling: it keeps an IPv6 zone) or refuse."""
+    plain = address_value(text)
+    if plain is not None and plain[0] == version:
+        return Prefix(version, plain[1], _MAX_PREFIXLEN[version], text)
+    import ipaddress
+
     try:
-        return ipaddress.IPv6Address(text)
+        return Prefix.of(ipaddress.IPv4Address(text) if version == 4 else ipaddress.IPv6Address(text))
     except ValueError:
-        raise ValueError("not an IPv6 address") from None
+        raise ValueError(f"not an IPv{version} address") from None

@@ -127,7 +127,7 @@ def _explain(seen: Attempt, config: Config, target: tuple[str, int]) -> str:
 
 def run(config: Config, facts: HostFacts) -> None:
     """Probe until success or the deadline; ValidationFailedError (exit 126) says what went wrong."""
-    v6 = facts.host_ip is not None and facts.host_ip.version == 6
+    v6 = facts.host_ip is not None and ":" in facts.host_ip
     family = socket.AF_INET6 if v6 else socket.AF_INET
     loop, passthrough = ("::1", "::6") if v6 else ("127.0.0.1", "127.0.0.6")
     listeners, failed = _listeners(family, loop, (config.envoy_port, config.inbound_capture_port))

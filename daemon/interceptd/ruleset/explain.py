@@ -24,7 +24,6 @@ from dataclasses import dataclass, field, replace
 
 from interceptd import records
 from interceptd.config.values import PortRange, Prefix
-from interceptd.ruleset.facts import IPAddress
 from interceptd.ruleset.model import (
     MARK_BITS,
     Accept,
@@ -55,6 +54,10 @@ from interceptd.ruleset.names import (
     counter_name,
 )
 from interceptd.ruleset.nfttext import action_text
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from interceptd.ruleset.facts import IPAddress
 
 # What a redirect into each of interceptd's chains means (the chain names are part of the model).
 LISTENER_ROLE = {ISTIO_REDIRECT: "the proxy's outbound listener", ISTIO_IN_REDIRECT: "the proxy's inbound listener",

@@ -20,7 +20,6 @@ from collections.abc import Iterable
 from interceptd.config import Config
 from interceptd.config.values import Prefix
 from interceptd.ruleset import names as N
-from interceptd.ruleset.facts import IPAddress
 from interceptd.ruleset.model import (
     Chain,
     Hook,
@@ -34,6 +33,10 @@ from interceptd.ruleset.model import (
     protocol,
 )
 
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from interceptd.ruleset.facts import IPAddress
+
 POSTROUTING_HOOK = Hook("nat", "postrouting", 100)  # srcnat, as Istio's host rule
 
 
@@ -42,7 +45,7 @@ def render_host(config: Config, pods: Iterable[IPAddress]) -> Ruleset:
     by_family: dict[int, set[IPAddress]] = {4: set(), 6: set()}
     for pod in pods:
         by_family[pod.version].add(pod)
-    probe = {4: ("ip", str(config.ambient_probe_address)), 6: ("ip6", str(config.ambient_probe_address_v6))}
+    probe = {4: ("ip", config.ambient_probe_address.address), 6: ("ip6", config.ambient_probe_address_v6.address)}
     rules = [Rule(N.ENTRY)]
     sets = []
     for version in (4, 6):

@@ -8,9 +8,7 @@ plain addresses, single ports as numbers); anything interceptd never emits is re
 
 from __future__ import annotations
 
-import ipaddress
-
-from interceptd.config.values import PortRange, Prefix
+from interceptd.config.values import PortRange, parse_cidr
 from interceptd.errors import UnexplainableError
 from interceptd.ruleset.model import (
     CT_KEYS,
@@ -70,7 +68,7 @@ def _key(left: Json, where: str) -> str:
 def _scalar(raw: Any, address: bool, where: str) -> Scalar:
     if isinstance(raw, dict):
         if "prefix" in raw:
-            return Prefix.of(ipaddress.ip_network(f"{raw['prefix']['addr']}/{raw['prefix']['len']}"))
+            return parse_cidr(f"{raw['prefix']['addr']}/{raw['prefix']['len']}")
         if "range" in raw:
             first, last = raw["range"]
             if address:
@@ -78,7 +76,7 @@ def _scalar(raw: Any, address: bool, where: str) -> Scalar:
             return PortRange(int(first), int(last))
         raise UnexplainableError(f"{where}: cannot evaluate the value {raw}")
     if address:
-        return Prefix.of(ipaddress.ip_network(str(raw)))
+        return parse_cidr(str(raw))
     if isinstance(raw, bool) or not isinstance(raw, int | str):
         raise UnexplainableError(f"{where}: cannot evaluate the value {raw!r}")
     return raw

@@ -8,14 +8,13 @@ become named sets, so the number of rules does not depend on the list sizes.
 
 from __future__ import annotations
 
-import ipaddress
 from operator import attrgetter, le
 
 from interceptd.config import OPTIONS_BY_KEY, Config
-from interceptd.config.values import MAX_SET_ELEMENTS, IPNetwork, PortRange, Prefix, parse_cidr
+from interceptd.config.values import MAX_SET_ELEMENTS, IPNetwork, PortRange, Prefix, address_value
 from interceptd.errors import ConfigError
 from interceptd.ruleset import names as N
-from interceptd.ruleset.facts import HostFacts, IPAddress
+from interceptd.ruleset.facts import HostFacts, is_loopback
 from interceptd.ruleset.model import (
     Accept,
     Action,
@@ -53,14 +52,17 @@ TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from interceptd.ruleset.facts import IPAddress
     from interceptd.ruleset.model import InterfaceKey, OwnerKey
 
 DNS_PORT = 53
 DNS_AGENT_PORT = 15053
 OUTBOUND_MARK = 1338
-PASSTHROUGH_V4 = parse_cidr("127.0.0.6/32")
-PASSTHROUGH_V6 = parse_cidr("::6/128")
-LOOPBACK_V6 = parse_cidr("::1/128")
+# parse_cidr("127.0.0.6/32") and so on, written out: parse_cidr reads such spellings with ipaddress, which an
+# apply of the usual configuration otherwise never imports.
+PASSTHROUGH_V4 = Prefix(4, 0x7F000006, 32, "127.0.0.6")
+PASSTHROUGH_V6 = Prefix(6, 6, 128, "::6")
+LOOPBACK_V6 = Prefix(6, 1, 128, "::1")
 
 # The base chains, declared once: Istio's tables and priorities (nat -100, mangle -150, raw -300) folded into one
 # inet table; the policy is always accept, so a packet no rule decides goes on untouched.
@@ -224,7 +226,7 @@ class _Builder:
                     f"the HBONE tunnel port {self.c.inbound_tunnel_port} (-e) is exempt",
                     port("tcp dport", self.c.inbound_tunnel_port), Return())]
         addr = self.c.metrics_address
-        if addr is not None and not ipaddress.ip_address(addr[0]).is_loopback:
+        if addr is not None and not _is_loopback_host(addr[0]):
             out.append(rule(N.RULE_METRICS_PORT_RETURN, f"interceptd's metrics port {addr[1]} stays reachable",
                             port("tcp dport", addr[1]), Return()))
         return out
@@ -527,7 +529,7 @@ class _Builder:
 _OWNER_KEY: dict[str, OwnerKey] = {N.UID.kind: "skuid", N.GID.kind: "skgid"}
 
 
-LOOPBACK_V4 = parse_cidr("127.0.0.1/32")
+LOOPBACK_V4 = Prefix(4, 0x7F000001, 32, "127.0.0.1")
 
 
 class _AmbientBuilder(_Builder):
@@ -545,7 +547,7 @@ class _AmbientBuilder(_Builder):
 
     def probe(self, version: int) -> IPNetwork:
         c = self.c
-        return Prefix.of(c.ambient_probe_address if version == 4 else c.ambient_probe_address_v6)
+        return c.ambient_probe_address if version == 4 else c.ambient_probe_address_v6
 
     @property
     def dns_active(self) -> bool:
@@ -655,6 +657,17 @@ class _AmbientBuilder(_Builder):
                        for v in self.families)
         return Ruleset(c.table, tuple(chains), tuple(sorted(self.sets.values(), key=lambda s: s.name)),
                        routes=routes)
+
+
+def _is_loopback_host(host: str) -> bool:
+    """ipaddress' is_loopback of the metrics listener's host (127.0.0.1 by default): ipaddress reads only a
+    spelling other than its own."""
+    plain = address_value(host)
+    if plain is not None:
+        return is_loopback(*plain)
+    import ipaddress
+
+    return ipaddress.ip_address(host).is_loopback
 
 
 def render(config: Config, facts: HostFacts) -> Ruleset:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from interceptd.config import Config
 from interceptd.control.controller import TableController
 from interceptd.errors import InterceptdError
-from interceptd.ruleset.facts import HostFacts, IPAddress
+from interceptd.ruleset.facts import HostFacts
 from interceptd.ruleset.hostprobe import render_host
 from interceptd.ruleset.names import HOST_TABLE
 from interceptd.runtime import logs
@@ -29,6 +29,10 @@ from interceptd.runtime.loop import EventLoop
 from interceptd.runtime.metrics import Collector
 from interceptd.system.kernel import Kernel
 from interceptd.system.routes import NoRoutes
+
+TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
+if TYPE_CHECKING:
+    from interceptd.ruleset.facts import IPAddress
 
 OWN_NETNS = "/proc/self/ns/net"  # the node agent's own network namespace: the node's
 HOST_MODE = "host-probe"  # the `mode` label of its interceptd_ruleset_info

@@ -6,43 +6,44 @@
 
 from __future__ import annotations
 
-import ipaddress
+from _socket import AF_INET, AF_INET6, inet_pton  # the C module under socket, without socket.py's imports
 
 from interceptd.config import Config
 from interceptd.errors import ConfigError, HostError
-from interceptd.ruleset.facts import HostFacts, IPAddress
+from interceptd.ruleset.facts import HostFacts, is_link_local, is_link_local_multicast, is_loopback
 from interceptd.system import rtnl
 
 TYPE_CHECKING = False  # typing is for mypy only: see docs/architecture.md
 if TYPE_CHECKING:
+    import ipaddress
     from collections.abc import Iterable
 
 RT_SCOPE_UNIVERSE = 0  # ifa_scope of a global address
 
 
-def eligible(address: IPAddress) -> bool:
-    """Istio skips loopback, link-local unicast and link-local multicast addresses."""
-    return not (address.is_loopback or address.is_link_local
-                or (address.is_multicast and _is_link_local_multicast(address)))
+def eligible(address: str) -> bool:
+    """Istio skips loopback, link-local unicast and link-local multicast addresses. `address` is an address as
+    rtnetlink's bytes are written (ipaddress' text, no zone)."""
+    version = 6 if ":" in address else 4
+    value = int.from_bytes(inet_pton(AF_INET6 if version == 6 else AF_INET, address), "big")
+    return not (is_loopback(version, value) or is_link_local(version, value)
+                or is_link_local_multicast(version, value))
 
 
-def _is_link_local_multicast(address: IPAddress) -> bool:
-    if isinstance(address, ipaddress.IPv4Address):
-        return address in ipaddress.ip_network("224.0.0.0/24")
-    return (int(address) >> 112) & 0xFF0F == 0xFF02
-
-
-def decide_ipv6(addresses: Iterable[IPAddress], dual_stack: bool) -> tuple[bool, IPAddress]:
+def decide_ipv6(addresses: Iterable[str], dual_stack: bool) -> tuple[bool, str]:
     """Without dual-stack the first eligible address decides; with it, any eligible IPv6 address."""
     usable = [a for a in addresses if eligible(a)]
     if not usable:
         raise HostError("no valid local IP address found (the namespace has no global address)")
     if dual_stack:
-        return any(a.version == 6 for a in usable), usable[0]
-    return usable[0].version == 6, usable[0]
+        return any(":" in a for a in usable), usable[0]
+    return ":" in usable[0], usable[0]
 
 
 def parse_resolv_conf(text: str) -> tuple[tuple[ipaddress.IPv4Address, ...], tuple[ipaddress.IPv6Address, ...]]:
+    """The nameservers, deduplicated in order; read only when DNS is captured (ipaddress is imported here)."""
+    import ipaddress
+
     v4: list[ipaddress.IPv4Address] = []
     v6: list[ipaddress.IPv6Address] = []
     for line in text.splitlines():
@@ -58,11 +59,11 @@ def parse_resolv_conf(text: str) -> tuple[tuple[ipaddress.IPv4Address, ...], tup
     return tuple(v4), tuple(v6)
 
 
-def interface_addresses() -> list[IPAddress]:
+def interface_addresses() -> list[str]:
     """Addresses of this namespace in interface-index order, like Go's net.InterfaceAddrs()."""
     found = rtnl.addresses()
     order = sorted(range(len(found)), key=lambda n: (found[n].index, n))
-    return [ipaddress.ip_address(found[n].address) for n in order]
+    return [found[n].address for n in order]
 
 
 def pod_addresses() -> list[str]:
@@ -77,10 +78,10 @@ def pod_addresses() -> list[str]:
     return [a.address for a in sorted(found, key=lambda a: a.index)]
 
 
-def detect(config: Config, addresses: list[IPAddress] | None = None, resolv_text: str | None = None,
+def detect(config: Config, addresses: list[str] | None = None, resolv_text: str | None = None,
            ipv6_override: bool | None = None) -> HostFacts:
     """Read what the ruleset depends on from the current namespace (or use the given facts)."""
-    host_ip: IPAddress | None = None
+    host_ip: str | None = None
     if ipv6_override is None:
         ipv6, host_ip = decide_ipv6(interface_addresses() if addresses is None else addresses,
                                     config.dual_stack)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import _socket
 import errno
-import ipaddress
 import os
 import struct
 
+from interceptd.config.values import ip_text
 from interceptd.records import record
 
 # From _socket, the C module under `socket`: socket.py's enum wrappers and the selectors it imports cost an
@@ -133,6 +133,8 @@ def change_local_route(add: bool, family: int, table: int, oif: int, protocol: i
 
 def change_address(add: bool, index: int, address: str, prefixlen: int) -> None:
     """`ip address add|del ADDRESS/PREFIXLEN dev INDEX`."""
+    import ipaddress  # TPROXY's and IPv6's ::6 on lo, not the usual apply
+
     addr = ipaddress.ip_address(address)
     family = AF_INET if addr.version == 4 else AF_INET6
     _change(add, RTM_NEWADDR, RTM_DELADDR, _IFADDRMSG.pack(family, prefixlen, 0, 0, index)
@@ -145,7 +147,7 @@ def addresses(family: int = AF_UNSPEC) -> list[Address]:
         fam, prefixlen, _flags, scope, index = _IFADDRMSG.unpack_from(data, body)
         raw = _attrs(data, body + _IFADDRMSG.size, end).get(IFA_ADDRESS)
         if raw is not None and fam in (AF_INET, AF_INET6):
-            out.append(Address(index, fam, prefixlen, str(ipaddress.ip_address(raw)), scope))
+            out.append(Address(index, fam, prefixlen, ip_text(raw), scope))
     return out
 
 
@@ -178,6 +180,8 @@ def routes(family: int) -> list[RuleOrRoute]:
 def route_get(dst: str) -> tuple[int, str | None]:
     """`ip route get DST`: the index of the interface the kernel routes DST through, and the preferred source
     address when the route names one (explain asks this for one connection: no pyroute2 for that)."""
+    import ipaddress  # explain's
+
     addr = ipaddress.ip_address(dst)
     family = AF_INET if addr.version == 4 else AF_INET6
     packed = addr.packed

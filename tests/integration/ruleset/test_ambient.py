@@ -9,7 +9,6 @@ the IPv6 probe address) come from. Each variant's settings come from the CNI plu
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 from collections.abc import Iterator
@@ -57,7 +56,7 @@ def routes_missing(flags: list[str]) -> list[str]:
     from interceptd.system import routes
 
     _args, config = cli.parse(["render", *flags], env={})
-    facts = HostFacts(ipv6=False, host_ip=ipaddress.ip_address("192.0.2.2"))
+    facts = HostFacts(ipv6=False, host_ip="192.0.2.2")
     return routes.missing(render(config, facts), routes.Netlink(addresses=()))
 
 

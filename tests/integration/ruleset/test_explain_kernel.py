@@ -164,7 +164,7 @@ def _apply_and_list(config: Config, facts: HostFacts) -> list[dict[str, Any]]:
 
 
 def _facts(lab: Lab, flags: dict[str, str]) -> HostFacts:
-    return HostFacts(ipv6=lab.v6, host_ip=IP(lab.pod_ip), dns_v4=(IP(lab.peer_ip),),  # type: ignore[arg-type]
+    return HostFacts(ipv6=lab.v6, host_ip=lab.pod_ip, dns_v4=(IP(lab.peer_ip),),  # type: ignore[arg-type]
                      dns_v6=(IP(lab.peer_ip6),) if lab.v6 else ())  # type: ignore[arg-type]
 
 

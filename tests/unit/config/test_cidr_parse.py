@@ -82,6 +82,17 @@ def test_a_cidr_list_is_ipaddress_item_by_item(text: str) -> None:
     assert parse_cidrs(text) == got  # -x reads a list as -i does
 
 
+@settings(max_examples=3000 * SCALE)
+@given(st.one_of(_NEAR_IPV4, _NEAR_IPV6, st.text(alphabet="0123456789abcdef./: \n", max_size=20)))
+def test_one_cidr_is_ipaddress(text: str) -> None:
+    # parse_cidr reads a default (127.0.0.1/32) or a dotted item written as ipaddress writes it by itself.
+    try:
+        got: Network | str = as_ipaddress(parse_cidr(text))
+    except ValueError:
+        got = REFUSED
+    assert got == by_ipaddress(text), text
+
+
 @pytest.mark.parametrize("text", ["198.51.100.7/24", "0.0.0.0/0", "255.255.255.255", "10.0.0.1/8", "192.0.2.0/32"])
 def test_host_bits_are_dropped_as_istio_does(text: str) -> None:
     assert parse_cidrs(text) == (parse_cidr(text),)

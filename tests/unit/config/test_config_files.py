@@ -20,7 +20,7 @@ from interceptd.ruleset.render import render
 
 ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = sorted((ROOT / "config" / "examples").glob("*.toml"))
-FACTS = HostFacts(ipv6=True, host_ip=ipaddress.ip_address("192.0.2.2"),
+FACTS = HostFacts(ipv6=True, host_ip="192.0.2.2",
                   dns_v4=(ipaddress.IPv4Address("192.0.2.53"),), dns_v6=(ipaddress.IPv6Address("2001:db8::53"),))
 STALE = "is out of date: run `make docs` and commit the result"
 

@@ -6,7 +6,6 @@ so the agent never saw the flushed table as drift and the pod stayed uncaptured.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 import pytest
@@ -22,7 +21,7 @@ from interceptd.ruleset.render import render
 from interceptd.system.fake import FakeKernel, FakeRouter
 
 RULESET = render(load({"service_cidr": "198.51.100.0/24", "inbound_ports": "*"}, {}),
-                 HostFacts(ipv6=False, host_ip=ipaddress.ip_address("192.0.2.2")))
+                 HostFacts(ipv6=False, host_ip="192.0.2.2"))
 
 
 class RacingKernel(FakeKernel):

@@ -4,7 +4,6 @@ leaves no table, or a table with the rules and routes its marks need; the next a
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 
 import pytest
 
@@ -19,7 +18,7 @@ from interceptd.system import routes
 from interceptd.system.fake import FakeKernel, FakeRouter
 from interceptd.system.routes import Entry
 
-FACTS = HostFacts(ipv6=True, host_ip=ipaddress.ip_address("192.0.2.2"))
+FACTS = HostFacts(ipv6=True, host_ip="192.0.2.2")
 TPROXY = {"inbound_interception_mode": "TPROXY", "inbound_ports": "*", "service_cidr": "*"}
 OLD = render(load({**TPROXY, "inbound_tproxy_mark": "1337", "inbound_tproxy_route_table": "133"}, {}), FACTS)
 NEW = render(load({**TPROXY, "inbound_tproxy_mark": "1338", "inbound_tproxy_route_table": "134"}, {}), FACTS)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 from interceptd.config import load
@@ -17,7 +16,7 @@ from interceptd.ruleset.render import render
 from interceptd.ruleset.tablediff import differences
 from interceptd.system.fake import FakeKernel
 
-FACTS = HostFacts(ipv6=True, host_ip=ipaddress.ip_address("192.0.2.2"))
+FACTS = HostFacts(ipv6=True, host_ip="192.0.2.2")
 SEED = {"envoy_port": "15001", "inbound_capture_port": "15006", "proxy_uid": "1337", "service_cidr": "*",
         "inbound_ports": "*", "local_exclude_ports": "15090,15021,15020"}
 RULESET = render(load(SEED, {}), FACTS)

@@ -24,8 +24,8 @@ from interceptd.system.trace import NFT_MSG_TRACE, Observed, Report, frame, inte
 
 IP = ipaddress.ip_address
 POD, PEER = "192.0.2.2", "192.0.2.1"
-V4 = HostFacts(ipv6=False, host_ip=IP(POD))
-V6 = HostFacts(ipv6=True, host_ip=IP(POD))
+V4 = HostFacts(ipv6=False, host_ip=POD)
+V6 = HostFacts(ipv6=True, host_ip=POD)
 # Spec 2.7: istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020
 SEED = {"envoy_port": "15001", "inbound_capture_port": "15006", "proxy_uid": "1337", "service_cidr": "*",
         "inbound_ports": "*", "local_exclude_ports": "15090,15021,15020"}
@@ -148,7 +148,7 @@ def test_inbound_list_excluded_interface_and_ipv6_off() -> None:
 
 
 def test_dns_capture() -> None:
-    facts = HostFacts(ipv6=False, host_ip=IP(POD), dns_v4=(IP("192.0.2.1"),))  # type: ignore[arg-type]
+    facts = HostFacts(ipv6=False, host_ip=POD, dns_v4=(IP("192.0.2.1"),))  # type: ignore[arg-type]
     config = cfg(redirect_dns="true")
     assert verdict(out(PEER, 53, proto="udp"), config, facts) == ("redirect", "127.0.0.1", 15053)
     assert verdict(out("198.51.100.1", 53, proto="udp"), config, facts) == ("none", "198.51.100.1", 53)

@@ -24,8 +24,8 @@ from interceptd.runtime.nodestate import settings_config
 
 IP = ipaddress.ip_address
 POD, PEER, PROBE = "192.0.2.2", "198.51.100.1", "169.254.7.127"
-V4 = HostFacts(ipv6=False, host_ip=IP(POD))
-V6 = HostFacts(ipv6=True, host_ip=IP(POD))
+V4 = HostFacts(ipv6=False, host_ip=POD)
+V6 = HostFacts(ipv6=True, host_ip=POD)
 
 
 def cfg(**flags: str) -> Config:
@@ -46,8 +46,8 @@ def test_defaults_are_istios() -> None:
         (15001, 15006, 15008, 15053)
     assert (c.ambient_mark, c.ambient_mark_mask, c.ambient_connmark, c.ambient_route_table) == \
         (0x539, 0xFFF, 0x111, 100)
-    assert str(c.ambient_probe_address) == PROBE
-    assert str(c.ambient_probe_address_v6) == "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
+    assert c.ambient_probe_address.address == PROBE
+    assert c.ambient_probe_address_v6.address == "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
     assert load({}, {}).capture_mode == "sidecar"
 
 

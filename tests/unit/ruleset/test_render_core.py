@@ -16,7 +16,7 @@ from interceptd.ruleset.render import SET_SOURCE, render
 from interceptd.system.fake import FakeKernel, FakeRouter
 from interceptd.system.host import decide_ipv6, parse_resolv_conf
 
-V4 = HostFacts(ipv6=False, host_ip=ipaddress.ip_address("192.0.2.2"))
+V4 = HostFacts(ipv6=False, host_ip="192.0.2.2")
 SEED = {"envoy_port": "15001", "inbound_capture_port": "15006", "proxy_uid": "1337",
         "inbound_interception_mode": "REDIRECT", "service_cidr": "*", "service_exclude_cidr": "",
         "inbound_ports": "*", "local_exclude_ports": "15090,15021,15020"}
@@ -71,7 +71,7 @@ def test_inbound_port_list_uses_a_set() -> None:
 
 
 def test_ipv6_on_adds_twins_and_drops_the_ipv6_return() -> None:
-    v6 = HostFacts(ipv6=True, host_ip=ipaddress.ip_address("2001:db8::2"))
+    v6 = HostFacts(ipv6=True, host_ip="2001:db8::2")
     out = names(cfg(service_exclude_cidr="2001:db8::/48,192.0.2.0/24"), N.ISTIO_OUTPUT, v6)
     assert N.per_family(N.RULE_INBOUND_PASSTHROUGH_RETURN, 6) in out and N.per_family(N.UID.in_redirect, 6) in out
     assert N.per_family(N.RULE_EXCLUDE_CIDRS_RETURN, 6) in out and N.per_family(N.RULE_LOOPBACK_RETURN, 6) in out
@@ -119,7 +119,7 @@ def test_metrics_port_exempt_only_when_reachable() -> None:
 
 
 def test_host_facts() -> None:
-    a = [ipaddress.ip_address(x) for x in ("127.0.0.1", "fe80::1", "192.0.2.2", "2001:db8::2")]
+    a = ["127.0.0.1", "fe80::1", "192.0.2.2", "2001:db8::2"]
     assert decide_ipv6(a, dual_stack=False) == (False, a[2])
     assert decide_ipv6(a, dual_stack=True) == (True, a[2])
     assert decide_ipv6(a[1:2] + a[3:], dual_stack=False)[0] is True
@@ -189,7 +189,7 @@ def test_every_set_names_the_option_that_fills_it() -> None:
                      service_exclude_cidr="198.51.100.0/24,2001:db8:1::/48", outbound_ports="80",
                      local_outbound_ports_exclude="81", outbound_owner_groups="0", redirect_dns="true",
                      inbound_ports="82", inbound_interception_mode="TPROXY")
-    facts = HostFacts(ipv6=True, host_ip=ipaddress.ip_address("192.0.2.2"),
+    facts = HostFacts(ipv6=True, host_ip="192.0.2.2",
                       dns_v4=(ipaddress.IPv4Address("192.0.2.53"),), dns_v6=(ipaddress.IPv6Address("2001:db8::53"),))
     rendered = {s.name for s in render(everything, facts).sets}
     star = {s.name for s in render(cfg(outbound_owner_groups_exclude="0", local_exclude_ports="15090"), V4).sets}

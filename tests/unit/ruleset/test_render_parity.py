@@ -13,9 +13,9 @@ from interceptd.ruleset.render import render
 from interceptd.system import routes
 from interceptd.system.fake import FakeKernel, FakeRouter
 
-V4 = HostFacts(ipv6=False, host_ip=ipaddress.ip_address("192.0.2.2"))
-V6 = HostFacts(ipv6=True, host_ip=ipaddress.ip_address("192.0.2.2"))
-DNS = HostFacts(ipv6=False, host_ip=ipaddress.ip_address("192.0.2.2"),
+V4 = HostFacts(ipv6=False, host_ip="192.0.2.2")
+V6 = HostFacts(ipv6=True, host_ip="192.0.2.2")
+DNS = HostFacts(ipv6=False, host_ip="192.0.2.2",
                 dns_v4=(ipaddress.IPv4Address("203.0.113.1"),))
 TPROXY = {"inbound_interception_mode": "TPROXY", "inbound_ports": "*", "service_cidr": "*"}
 

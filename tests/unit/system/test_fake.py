@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import ipaddress
 import os
 from typing import Any
 
@@ -151,7 +150,7 @@ def test_every_rendered_ruleset_applies_through_the_fake_fresh_and_over_another(
 
 def test_router_refuses_the_next_changes_and_changes_nothing() -> None:
     ruleset = render(load({"inbound_interception_mode": "TPROXY", "inbound_ports": "*"}, {}),
-                     HostFacts(ipv6=True, host_ip=ipaddress.ip_address("192.0.2.2")))
+                     HostFacts(ipv6=True, host_ip="192.0.2.2"))
     router = FakeRouter()
     router.refuse = 2
     for _ in range(2):
