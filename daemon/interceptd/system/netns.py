@@ -8,12 +8,12 @@ only to create those handles and to change routes; reading a pod's table needs n
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import fcntl
 import os
 import re
 import sys
-import threading
 
 from interceptd.errors import NamespaceError
 from interceptd.system.fds import move_high
@@ -83,7 +83,7 @@ def name_for(path: str) -> str:
     return name
 
 
-_one_at_a_time = threading.RLock()
+_one_at_a_time = _thread.RLock()  # threading's RLock itself; importing threading costs a CNI ADD 0.5 ms
 
 
 class entered:  # lower case: it reads as a function, `with entered(path):`

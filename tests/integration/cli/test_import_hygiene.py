@@ -174,7 +174,7 @@ def test_cni_add_check_del_import_no_agent_machinery() -> None:
                 names = imported(own.stderr)
                 assert forbidden(names) == set(), command
                 # A CNI ADD is a whole process per pod: no class of its path is a dataclass (see interceptd.records).
-                assert {"dataclasses", "inspect", "socket"} & names == set(), command
+                assert {"dataclasses", "inspect", "socket", "threading"} & names == set(), command
                 assert TYPING_ONLY & names == set(), command
                 assert command != "ADD" or "ipaddress" not in names  # the pod's addresses are read without it
                 # The ruleset's digest comes from the C module under hashlib, which would load OpenSSL.
