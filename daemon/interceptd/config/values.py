@@ -84,9 +84,7 @@ class Prefix:
     @staticmethod
     def from_int(version: int, value: int, prefixlen: int) -> Prefix:
         """The prefix of `prefixlen` bits at `value` (whose host bits must be zero)."""
-        if version == 4:
-            return Prefix(4, value, prefixlen, _ipv4_text(value))
-        return Prefix(6, value, prefixlen, ip_text(value.to_bytes(16, "big")))
+        return Prefix(version, value, prefixlen, ip_text(value.to_bytes(4 if version == 4 else 16, "big")))
 
     @property
     def max_prefixlen(self) -> int:
@@ -144,10 +142,6 @@ class Prefix:
 _set_version, _set_value, _set_prefixlen, _set_address = (
     vars(Prefix)[field].__set__ for field in ("version", "value", "prefixlen", "address"))
 IPNetwork = Prefix  # the name the model and the configuration use for a CIDR
-
-
-def _ipv4_text(value: int) -> str:
-    return f"{value >> 24}.{value >> 16 & 255}.{value >> 8 & 255}.{value & 255}"
 
 
 def address_value(text: str) -> tuple[int, int] | None:
@@ -287,7 +281,7 @@ def _cidr_items(text: str) -> tuple[IPNetwork, ...]:
         host_bits = 32 - prefixlen
         network = address >> host_bits << host_bits
         # The text as written is the canonical one (inet_pton takes no leading zeros) unless host bits were dropped.
-        out.append(Prefix(4, network, prefixlen, dotted if network == address else _ipv4_text(network)))
+        out.append(Prefix(4, network, prefixlen, dotted if network == address else ip_text(network.to_bytes(4, "big"))))
     return tuple(out)
 
 
